@@ -1,0 +1,150 @@
+"""The four methods as presets of one layer spec.
+
+`AdapterConfig` is the `adapter:` section of a recipe (PEFT's key names); `layer_spec` turns it
+into the `LayerSpec` that `MultiHeadLoRA` runs. Nothing here knows about files or YAML: the
+paper defaults per method live in `configs/adapters/<method>.yaml` and are applied by the recipe
+loader before an `AdapterConfig` is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rlora_cli.errors import UserError, collect
+
+from .layer import LayerSpec
+
+METHODS = ("lora", "multilora", "hydralora", "rlora")
+ROUTER_METHODS = ("hydralora", "rlora")
+
+# R-LoRA's Multi-Head Random Init divides by sqrt(gamma); the paper and its code use gamma = 64.
+RLORA_GAMMA = 64.0
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which adapter to inject and how. Field names follow PEFT's `LoraConfig` where one exists."""
+
+    type: str = "rlora"
+    """Method: lora | multilora | hydralora | rlora."""
+    r: int = 8
+    """Rank of each low-rank factor (per head; MultiLoRA: per parallel module)."""
+    num_heads: int = 3
+    """B heads (hydralora/rlora) or parallel modules (multilora); lora has exactly 1."""
+    lora_alpha: float = 32.0
+    """Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.1
+    """Dropout probability: on the input x, or per head in rank space when head_dropout is on."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = lora_alpha / sqrt(r)."""
+    target_modules: tuple[str, ...] | str = ("gate_proj", "up_proj", "down_proj")
+    """Module names (matched on the name's last parts), one regex string, or 'all-linear'."""
+    router: str | None = None
+    """hydralora/rlora: softmax (token-wise router) | off (uniform 1/n: exactly mergeable)."""
+    init: str | None = None
+    """rlora (and hydralora with random_init): paper | reference (the released code's scaling)."""
+    random_init: bool | None = None
+    """Heads start random and compensated (rlora: on; hydralora: off). Ablation switch."""
+    head_dropout: bool | None = None
+    """Independent dropout masks per head on A·x instead of one mask on x (rlora: on)."""
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        if isinstance(tm, list):
+            object.__setattr__(self, "target_modules", tuple(tm))
+        defaults = {
+            "router": "softmax" if self.type in ROUTER_METHODS else None,
+            "init": "paper" if self.type in ROUTER_METHODS else None,
+            "random_init": self.type == "rlora",
+            "head_dropout": self.type == "rlora",
+        }
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        collect(self.problems(), "fix the adapter section (see configs/adapters/ for each method's defaults)")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def has_router(self) -> bool:
+        return self.type in ROUTER_METHODS and self.router == "softmax"
+
+    @property
+    def mergeable(self) -> bool:
+        """True when ΔW does not depend on the input (no softmax router)."""
+        return not self.has_router
+
+    def problems(self) -> list[str]:
+        """Every problem with this config, each naming its key (empty when valid)."""
+        p: list[str] = []
+        if self.type not in METHODS:
+            p.append(f"adapter.type: unknown method {self.type!r}; choose one of {', '.join(METHODS)}")
+            return p
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            p.append(f"adapter.r: must be a positive integer, got {self.r!r}")
+        if not isinstance(self.num_heads, int) or isinstance(self.num_heads, bool) or self.num_heads < 1:
+            p.append(f"adapter.num_heads: must be an integer >= 1, got {self.num_heads!r}")
+        elif self.type == "lora" and self.num_heads != 1:
+            p.append(f"adapter.num_heads: lora has one head, got {self.num_heads}; "
+                     "use multilora, hydralora or rlora for several")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+            p.append(f"adapter.lora_alpha: must be a number > 0, got {self.lora_alpha!r}")
+        d = self.lora_dropout
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0.0 <= d < 1.0:
+            p.append(f"adapter.lora_dropout: must be in [0, 1), got {d!r}")
+        if not isinstance(self.target_modules, (tuple, str)) or not self.target_modules:
+            p.append("adapter.target_modules: give module names, a regex string, or 'all-linear'")
+        if self.type in ROUTER_METHODS:
+            if self.router not in ("softmax", "off"):
+                p.append(f"adapter.router: must be softmax or off, got {self.router!r}")
+            if self.init not in ("paper", "reference"):
+                p.append(f"adapter.init: must be paper or reference, got {self.init!r}")
+        else:
+            for key in ("router", "init"):
+                if getattr(self, key) is not None:
+                    p.append(f"adapter.{key}: only hydralora and rlora have it; remove it for {self.type}")
+            for key in ("random_init", "head_dropout"):
+                if getattr(self, key):
+                    p.append(f"adapter.{key}: only hydralora and rlora have it; remove it for {self.type}")
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], tuple):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"adapter: unknown key(s) {', '.join(unknown)}",
+                            f"known keys are {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def layer_spec(cfg: AdapterConfig) -> LayerSpec:
+    """The layer computation a method asks for (DESIGN.md §1 table)."""
+    p = float(cfg.lora_dropout)
+    if cfg.type == "lora":
+        return LayerSpec(r=cfg.r, num_heads=1, scaling=cfg.scaling, shared_a=True, gate="none",
+                         input_dropout=p, head_dropout=0.0, init="lora", compensate=False)
+    if cfg.type == "multilora":
+        return LayerSpec(r=cfg.r, num_heads=cfg.num_heads, scaling=cfg.scaling, shared_a=False,
+                         gate="scalar", input_dropout=p, head_dropout=0.0, init="multilora",
+                         compensate=False)
+    random = bool(cfg.random_init)
+    init = ("reference" if cfg.init == "reference" else "random") if random else "hydralora"
+    return LayerSpec(
+        r=cfg.r, num_heads=cfg.num_heads, scaling=cfg.scaling, shared_a=True,
+        gate="router" if cfg.router == "softmax" else "uniform",
+        input_dropout=0.0 if cfg.head_dropout else p,
+        head_dropout=p if cfg.head_dropout else 0.0,
+        init=init, compensate=random, gamma=RLORA_GAMMA,
+    )

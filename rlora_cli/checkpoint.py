@@ -1,0 +1,165 @@
+"""Adapter files and atomic writes.
+
+An adapter directory holds `rlora_config.json` (format version, method, every layer option, the
+wrapped module names, the base model, its dtype and any metadata such as prompt templates) and
+`rlora_adapter.safetensors` (the `rlora_*` tensors, R-LoRA's A0/B0 included), plus the
+tokenizer files when one is given. Everything is written to a temporary sibling and renamed, so
+a crash never leaves a half-written directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters
+from rlora_cli.adapters.inject import remove_adapters
+from rlora_cli.errors import UserError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "rlora_config.json"
+WEIGHTS_FILE = "rlora_adapter.safetensors"
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}") if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def base_model_id(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
+                 metadata: dict[str, Any] | None = None) -> Path:
+    """Write the adapter of `model` to `directory` atomically; returns the directory."""
+    from safetensors.torch import save_file
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise UserError("this model has no rlora adapters to save", "call inject_adapters first")
+    cfg: AdapterConfig = model.rlora_config
+    first = next(iter(layers.values()))
+    config = {
+        "format_version": FORMAT_VERSION,
+        "rlora_version": _version(),
+        "method": cfg.type,
+        "adapter": cfg.to_dict(),
+        "layer": asdict(first.spec),
+        "modules": list(layers),
+        "base_model": base_model_id(model),
+        "base_dtype": str(first.base.weight.dtype).removeprefix("torch."),
+        **(metadata or {}),
+    }
+    tensors = {k: v.detach().contiguous() for k, v in adapter_state(model).items()}
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "rlora_format": str(FORMAT_VERSION)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The adapter's config, checked for presence, JSON and format version."""
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise UserError(f"{directory}: no such adapter directory", "give the folder that holds rlora_config.json")
+    if not path.is_file():
+        raise UserError(f"{directory} is not an rlora adapter (no {CONFIG_FILE})",
+                        "give an adapter folder such as RUN/adapter or RUN/checkpoint-<step>")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})", "the file is corrupt; save the adapter again") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if not isinstance(version, int) or not {"adapter", "modules"} <= set(config):
+        raise UserError(f"{path}: not an rlora adapter config", "save the adapter again with rlora")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: written in adapter format {version} by a newer rlora "
+                        f"(this one reads up to {FORMAT_VERSION})", "upgrade rlora: pip install -U rlora")
+    return config
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
+    """Re-create the saved adapter on an untouched base model (in place; no RNG is drawn)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(directory)
+    cfg = AdapterConfig.from_dict(config["adapter"])
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot read the adapter weights ({e})",
+                        "the file is missing or corrupt; save the adapter again or use another checkpoint") from None
+    dtype = next(iter(tensors.values())).dtype if tensors else None
+    inject_adapters(base_model, cfg, modules=config["modules"], init=False, dtype=dtype)
+    try:
+        _fill(adapter_state(base_model), tensors, path)
+    except UserError:
+        remove_adapters(base_model)
+        raise
+    base_model.rlora_metadata = config
+    return base_model
+
+
+@torch.no_grad()
+def _fill(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        names = ", ".join((missing or unexpected)[:3])
+        raise UserError(f"{path}: {'missing' if missing else 'unexpected'} tensors ({names})",
+                        "the weights do not belong to this rlora_config.json; save the adapter again")
+    for key, target in state.items():
+        if target.shape != tensors[key].shape:
+            raise UserError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this base "
+                            f"model needs {tuple(target.shape)}",
+                            "load the adapter onto the base model it was trained on (see rlora inspect)")
+        target.copy_(tensors[key])
+
+
+def _version() -> str:
+    from rlora_cli import __version__
+    return __version__
