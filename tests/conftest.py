@@ -1,0 +1,20 @@
+"""Shared fixtures: everything offline, one tiny Llama-style model per test session."""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers/datasets are imported anywhere, so nothing waits on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama-style model + byte-level BPE tokenizer (load it with from_pretrained)."""
+    from rlora_cli.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
