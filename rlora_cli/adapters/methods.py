@@ -32,8 +32,8 @@ class AdapterConfig:
     """Method: lora | multilora | hydralora | rlora."""
     r: int = 8
     """Rank of each low-rank factor (per head; MultiLoRA: per parallel module)."""
-    num_heads: int = 3
-    """B heads (hydralora/rlora) or parallel modules (multilora); lora has exactly 1."""
+    num_heads: int | None = None
+    """B heads (hydralora/rlora) or parallel modules (multilora); lora has exactly 1 (default 3)."""
     lora_alpha: float = 32.0
     """Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora)."""
     lora_dropout: float = 0.1
@@ -56,6 +56,7 @@ class AdapterConfig:
         if isinstance(tm, list):
             object.__setattr__(self, "target_modules", tuple(tm))
         defaults = {
+            "num_heads": 1 if self.type == "lora" else 3,
             "router": "softmax" if self.type in ROUTER_METHODS else None,
             "init": "paper" if self.type in ROUTER_METHODS else None,
             "random_init": self.type == "rlora",
