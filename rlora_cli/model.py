@@ -137,3 +137,34 @@ def _load_error(name: str, error: Exception) -> UserError:
     return UserError(f"cannot load model {name!r}: {first}",
                      "check the hub id, log in for gated models, or pass a local folder "
                      "(offline: HF_HUB_OFFLINE=1 and a downloaded copy)")
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
+    """Turn a GGUF checkpoint into a normal Hugging Face folder (needs the `gguf` package).
+
+    transformers dequantizes GGUF weights when it loads them in float32; we then drop the
+    quantizer so `save_pretrained` writes plain safetensors that load without `gguf`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlora_cli.checkpoint import atomic_dir
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise UserError(f"{gguf_path}: no such GGUF file", "give the path of a .gguf file")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("reading GGUF files needs the gguf package", 'pip install "rlora[demo]"') from None
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(resolve_dtype(dtype))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
