@@ -78,8 +78,13 @@ def base_model_id(model: nn.Module) -> str | None:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
-                 metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapter of `model` to `directory` atomically; returns the directory."""
+                 metadata: dict[str, Any] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter of `model` to `directory` atomically; returns the directory.
+
+    `state_dict` (optional) is a full state dict to take the tensors from, for models whose own
+    parameters are sharded (FSDP gathers a full one on the main process).
+    """
     from safetensors.torch import save_file
 
     layers = adapter_layers(model)
@@ -98,7 +103,9 @@ def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = No
         "base_dtype": str(first.base.weight.dtype).removeprefix("torch."),
         **(metadata or {}),
     }
-    tensors = {k: v.detach().contiguous() for k, v in adapter_state(model).items()}
+    source = adapter_state(model) if state_dict is None else state_dict
+    names = adapter_state(model).keys()
+    tensors = {k: source[k].detach().contiguous().cpu() for k in names}
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "rlora_format": str(FORMAT_VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -130,26 +137,35 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 
 def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     """Re-create the saved adapter on an untouched base model (in place; no RNG is drawn)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     config = read_adapter_config(directory)
     cfg = AdapterConfig.from_dict(config["adapter"])
-    path = Path(directory) / WEIGHTS_FILE
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot read the adapter weights ({e})",
-                        "the file is missing or corrupt; save the adapter again or use another checkpoint") from None
+    tensors = _read_weights(Path(directory) / WEIGHTS_FILE)
     dtype = next(iter(tensors.values())).dtype if tensors else None
     inject_adapters(base_model, cfg, modules=config["modules"], init=False, dtype=dtype)
     try:
-        _fill(adapter_state(base_model), tensors, path)
+        _fill(adapter_state(base_model), tensors, Path(directory) / WEIGHTS_FILE)
     except UserError:
         remove_adapters(base_model)
         raise
     base_model.rlora_metadata = config
     return base_model
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    """Copy saved adapter tensors into a model that already has the same adapters (resume)."""
+    path = Path(directory) / WEIGHTS_FILE
+    _fill(adapter_state(model), _read_weights(path), path)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot read the adapter weights ({e})",
+                        "the file is missing or corrupt; save the adapter again or use another checkpoint") from None
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ Heavy libraries (torch, transformers) are imported inside the commands, so `--he
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -39,10 +40,95 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """rlora: train, evaluate, merge and export multi-head low-rank adapters."""
 
 
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="The recipe YAML (see recipes/)."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="Dotted KEY=VALUE overrides, e.g. train.learning_rate=1e-4 adapter.r=16."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default: the recipe's output.dir)."),
+    resume: str = typer.Option("never", "--resume", help="never | auto (newest complete checkpoint in OUT) | a checkpoint folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty OUT and start over."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the data, show the mixture and one example per source; load no model weights."),
+) -> None:
+    """Train an adapter on a recipe's multi-task mixture (Ctrl-C saves a checkpoint)."""
+    _bad_override(overrides or [])
+    if dry_run:
+        from rlora_cli.data import dry_run as preview
+
+        preview(recipe, tuple(overrides or ()), Console())
+        return
+    from rlora_cli.train import TrainingDiverged, train as run_training
+
+    try:
+        run_training(recipe, tuple(overrides or ()), output=output, resume=resume, overwrite=overwrite)
+    except TrainingDiverged as e:
+        err.print(f"[bold red]training stopped:[/] {e}; the last good checkpoint is kept "
+                  "(lower train.learning_rate or check the data, then --resume auto)")
+        raise typer.Exit(1)
+
+
+@app.command("merge")
+def merge_cmd(
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged Hugging Face model."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model hub id or folder (default: the one recorded with the adapter)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: the dtype the adapter was trained over)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Fold the adapter into its base model: a plain Hugging Face model folder (no rlora needed to load it)."""
+    from rlora_cli.export import merge_to_folder
+
+    merge_to_folder(adapter, output, base=base, dtype=dtype, overwrite=overwrite,
+                    max_shard_size=max_shard_size, console=err)
+
+
+@app.command("export")
+def export_cmd(
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    format: str = typer.Option(..., "--format", "-f", help="peft (a PEFT LoRA adapter: vLLM, TGI, PEFT) | merged (same as rlora merge)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model hub id or folder (default: the one recorded with the adapter)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="--format merged only: bfloat16 | float16 | float32."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="--format merged only: largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Export the adapter as a PEFT LoRA (prints its rank) or as a merged model."""
+    from rlora_cli.export import export_adapter
+
+    export_adapter(adapter, output, format=format, base=base, dtype=dtype, overwrite=overwrite,
+                   max_shard_size=max_shard_size, console=err)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="An adapter folder or a run folder (OUT of rlora train)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a panel."),
+) -> None:
+    """What an adapter or a run folder holds: method, targets, sizes, base model, mergeability."""
+    import json
+
+    from rlora_cli.export import inspect_dir, render_inspect
+
+    info = inspect_dir(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        render_inspect(info, Console())
+
+
+def _bad_override(overrides: list[str]) -> None:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"override {bad[0]!r} is not KEY=VALUE", "write e.g. train.learning_rate=1e-4")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app and maps errors to exit codes."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns 130 for a Ctrl-C it caught itself
+            sys.exit(code)
     except UserError as e:
         err.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

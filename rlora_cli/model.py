@@ -64,8 +64,14 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
 
 
 def build_tiny_model(path: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                     vocab_size: int = 512, tie_word_embeddings: bool = True) -> Path:
-    """Write a random tiny Llama-style causal LM and its tokenizer to `path`; returns the path."""
+                     vocab_size: int = 512, tie_word_embeddings: bool = True,
+                     embedding_std: float | None = None) -> Path:
+    """Write a random tiny Llama-style causal LM and its tokenizer to `path`; returns the path.
+
+    `embedding_std` re-draws the (tied) embeddings at that scale. Llama's 0.02 init caps the
+    logits of a 64-wide model near ±1, so its frozen head cannot express a confident
+    prediction; ~0.1 gives a trained model's logit range, for tests where training must learn.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,6 +84,9 @@ def build_tiny_model(path: str | Path, *, seed: int = 0, hidden_size: int = 64, 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if embedding_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -18,3 +18,11 @@ def tiny_model_dir(tmp_path_factory):
     from rlora_cli.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def learnable_model_dir(tmp_path_factory):
+    """The tiny model with a trained model's logit range, for tests where training must learn."""
+    from rlora_cli.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("learnable") / "model", embedding_std=0.1)

@@ -1,0 +1,548 @@
+"""`rlora train RECIPE`: the Accelerate training loop, checkpoints and exact resume.
+
+    rlora train recipes/demo.yaml --output runs/demo
+    accelerate launch -m rlora_cli train recipes/mixed.yaml          # several GPUs (DDP)
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m rlora_cli train RECIPE
+
+One readable loop (`train`), in the spirit of Accelerate's examples. Choices that matter:
+- The loss of an optimizer step is the sum of token losses over every micro-batch of the step and
+  every process, divided by the number of label tokens in all of them. A per-batch mean is wrong
+  under prompt masking (batches hold different numbers of trained tokens), so we count the
+  window's tokens before the first backward.
+- Each process reads its own rank-strided share of a per-epoch permutation seeded by the recipe's
+  seed, so resuming is an index skip (no batch is read to be thrown away), and the RNG state is
+  snapshotted at every step boundary, so an interrupted run resumes bit-identically on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from itertools import islice
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from rlora_cli.checkpoint import atomic_write_text, load_adapter_weights, save_adapter
+from rlora_cli.errors import UserError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+RESUMABLE_DIFFS = ("train.max_steps", "train.num_epochs")  # and anything under output.
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the CLI exits 1 and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0            # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch consumed by completed steps
+    tokens: int = 0          # trained (label) tokens seen, all processes
+    total_steps: int = 0
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of a permutation seeded by (seed, epoch), from a start position.
+
+    The permutation is padded by wrapping around to a multiple of the world size, so every
+    process takes the same number of steps.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world) - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: (-len(order)) % self.world]
+        return iter(order[self.rank::self.world][self.start:])
+
+
+def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: str | Path | None = None,
+          resume: str = "never", overwrite: bool = False, console: Any = None) -> Path:
+    """Train the recipe's adapter; returns the run directory. Raises UserError for bad input."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from rich.console import Console
+    from transformers import get_scheduler
+
+    from rlora_cli.adapters import adapter_layers, inject_adapters, parameter_counts
+    from rlora_cli.config import load_recipe, recipe_to_dict
+    from rlora_cli.data import collate, prepare, write_mixture
+    from rlora_cli.model import load_model, load_tokenizer
+    from rlora_cli.report import MetricsLog, banner, format_count, plot_losses
+
+    recipe = load_recipe(recipe_path, overrides)
+    out = Path(output or recipe.output.dir)
+    start = plan_output(out, recipe_to_dict(recipe), resume, overwrite)
+    t = recipe.train
+    accelerator = Accelerator(mixed_precision=mixed_precision(t.precision),
+                              log_with=None if recipe.output.log_with == "none" else recipe.output.log_with,
+                              project_dir=str(out))
+    main = accelerator.is_main_process
+    console = (console or Console()) if main else Console(quiet=True)
+    set_seed(recipe.seed)
+    if main:
+        if overwrite and start is None and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", _yaml(recipe_to_dict(recipe)))
+
+    # Data first: a bad column fails in seconds, before any weights load.
+    tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    with accelerator.main_process_first():
+        data = prepare(recipe, tokenizer, console=console)
+    if main:
+        write_mixture(data.mixture, out / "mixture.json")
+
+    model, _ = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype,
+                          trust_remote_code=recipe.model.trust_remote_code,
+                          attn_implementation=recipe.model.attn_implementation)
+    inject_adapters(model, recipe.adapter)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
+    from rlora_cli.kernels import apply_kernels
+    kernels_note = apply_kernels(model, t.kernels, accelerator.device)
+    if t.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = EpochSampler(len(data.train), recipe.seed, rank, world)
+    pad_id = tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(
+        # Its own generator: iter(DataLoader) draws a worker seed, which must not shift the
+        # global RNG that dropout uses (a resumed run calls iter() at a different point).
+        data.train, batch_size=t.micro_batch_size, sampler=sampler, generator=torch.Generator(),
+        collate_fn=lambda rows: collate(rows, pad_id=pad_id, packing=recipe.data.packing))
+    micro_per_epoch = math.ceil(math.ceil(len(data.train) / world) / t.micro_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
+    total = t.max_steps if t.max_steps > 0 else t.num_epochs * steps_per_epoch
+    scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total),
+                              num_training_steps=total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    _state_hooks(accelerator)
+
+    state = TrainerState(total_steps=total)
+    if start is not None:
+        load_adapter_weights(accelerator.unwrap_model(model), start / "adapter")
+        accelerator.load_state(str(start / "state"))
+        state = TrainerState(**{**json.loads((start / STATE_FILE).read_text()), "total_steps": total})
+        console.print(f"[green]resuming[/] from {start} (step {state.step} of {total})")
+
+    trainable, all_params = parameter_counts(accelerator.unwrap_model(model))
+    if main:
+        banner(console, {
+            "model": recipe.model.name_or_path,
+            "method": f"{recipe.adapter.type} (r={recipe.adapter.r}, heads={recipe.adapter.num_heads}, "
+                      f"{len(adapter_layers(accelerator.unwrap_model(model)))} modules)",
+            "trainable": f"{format_count(trainable)} of {format_count(all_params)} "
+                         f"({100 * trainable / all_params:.3f}%)",
+            "data": f"{len(data.train)} examples, {len(data.tasks)} tasks; "
+                    f"{steps_per_epoch} steps/epoch, {total} steps",
+            "batch": f"{t.micro_batch_size} × {t.gradient_accumulation_steps} accumulation × {world} "
+                     f"process(es) = {t.micro_batch_size * t.gradient_accumulation_steps * world}",
+            "precision": f"{accelerator.mixed_precision} (base stored as {recipe.model.dtype})",
+            "kernels": kernels_note,
+            "device": f"{accelerator.device} × {world}",
+            "output": str(out),
+        })
+        atomic_write_text(out / "run_info.json", json.dumps(run_info(recipe, accelerator, trainable, all_params), indent=2))
+        if recipe.output.log_with != "none":
+            accelerator.init_trackers("rlora", config=_flat(recipe_to_dict(recipe)))
+    log = MetricsLog(out / "metrics.jsonl", resume_step=state.step) if main else None
+    meta = {"templates": data.templates, "recipe": str(recipe_path)}
+    save = lambda: save_checkpoint(accelerator, model, out, state, tokenizer, meta, recipe.output.save_total_limit)  # noqa: E731
+
+    window = _Window(len(data.tasks))
+    progress = _progress(console, total, state.step, main)
+    rng = _rng_snapshot()
+    try:
+        with progress:
+            while state.step < total:
+                sampler.epoch, sampler.start = state.epoch, state.batch_in_epoch * t.micro_batch_size
+                batches = iter(loader)
+                while state.step < total and (micro := list(islice(batches, t.gradient_accumulation_steps))):
+                    rng = _rng_snapshot()  # the state a resume of this step would start from
+                    n_tokens = _label_tokens(micro, accelerator)
+                    model.train()
+                    for i, batch in enumerate(micro):
+                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                        # Gradients are all-reduced once per step, on the last micro-batch.
+                        sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+                        with sync, accelerator.autocast():
+                            token_loss = token_losses(model, batch)
+                            # Σ over processes of (local sum · world / N), averaged by DDP = global sum / N.
+                            accelerator.backward(token_loss.sum() * world / n_tokens)
+                        window.add(token_loss.detach(), batch)
+                    grad_norm = (accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                                 if t.max_grad_norm > 0 else None)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    state.batch_in_epoch += len(micro)
+                    state.tokens += int(n_tokens)
+                    row = window.maybe_log(state, accelerator, scheduler, grad_norm, data.tasks,
+                                           every=recipe.output.logging_steps)
+                    if row is not None:
+                        if not math.isfinite(row["loss"]):
+                            raise TrainingDiverged(f"the loss became {row['loss']} at step {state.step}")
+                        if log:
+                            log.write(row)
+                        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state.step)
+                        progress.update(row)
+                    progress.advance(state.step)
+                    if recipe.output.eval_steps and state.step % recipe.output.eval_steps == 0 and state.step < total:
+                        _log_eval(model, data, accelerator, state, log, pad_id, recipe, console)
+                    if recipe.output.save_steps and state.step % recipe.output.save_steps == 0 and state.step < total:
+                        save()
+                if state.batch_in_epoch >= micro_per_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    except KeyboardInterrupt:
+        _rng_restore(rng)  # undo the dropout draws of the unfinished step, so resume is exact
+        optimizer.zero_grad(set_to_none=True)
+        if state.step > 0:
+            path = save()
+            console.print(f"[yellow]interrupted:[/] saved {path}; continue with --resume auto")
+        raise
+    _log_eval(model, data, accelerator, state, log, pad_id, recipe, console)
+    save()
+    if main:
+        save_adapter(accelerator.unwrap_model(model), out / "adapter", tokenizer=tokenizer, metadata=meta,
+                     state_dict=_full_state(accelerator, model))
+        plots = plot_losses(out / "metrics.jsonl", out / "plots")
+        console.print(f"[green]done:[/] {state.step} steps, adapter in {out / 'adapter'}"
+                      + (f", plots in {out / 'plots'}" if plots else ""))
+    accelerator.end_training()
+    return out
+
+
+# ---------------------------------------------------------------------------- the loss
+
+
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of every next-token prediction [B, T-1] in float32 (0 where unlabelled)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="none")
+    return loss.view(labels.shape)
+
+
+def _label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> torch.Tensor:
+    """Trained tokens in this step's micro-batches, summed over processes (≥ 1)."""
+    n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    total = accelerator.reduce(torch.tensor(float(n), device=accelerator.device), reduction="sum")
+    return total.clamp_min(1.0)
+
+
+class _Window:
+    """Sums of token losses per task between two log lines (reduced across processes on log)."""
+
+    def __init__(self, n_tasks: int) -> None:
+        self.n_tasks = n_tasks
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros(self.n_tasks, dtype=torch.float64)
+        self.count = torch.zeros(self.n_tasks, dtype=torch.float64)
+        self.started = time.perf_counter()
+
+    def add(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        tasks = _token_tasks(batch)[:, 1:][mask].cpu()
+        self.loss.index_add_(0, tasks, token_loss[mask].double().cpu())
+        self.count.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
+
+    def maybe_log(self, state: TrainerState, accelerator: Any, scheduler: Any, grad_norm: Any,
+                  tasks: list[str], every: int) -> dict[str, Any] | None:
+        if state.step % max(every, 1) and state.step != state.total_steps:
+            return None
+        both = accelerator.reduce(torch.stack([self.loss, self.count]).to(accelerator.device), reduction="sum").cpu()
+        loss, count = both[0], both[1]
+        elapsed = time.perf_counter() - self.started
+        row = {
+            "step": state.step, "epoch": state.epoch,
+            "loss": float(loss.sum() / count.sum().clamp_min(1)),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": state.tokens,
+            "tokens_per_s": float(count.sum()) / max(elapsed, 1e-9),
+            "task_loss": {tasks[i]: float(loss[i] / count[i]) for i in range(len(tasks)) if count[i] > 0},
+        }
+        self.reset()
+        return row
+
+
+def _token_tasks(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    tasks = batch["task_ids"]
+    return tasks if tasks.dim() == 2 else tasks[:, None].expand_as(batch["input_ids"])
+
+
+@torch.no_grad()
+def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: Any) -> dict[str, float]:
+    """Held-out loss per task: each process scores its share, sums are reduced."""
+    from rlora_cli.data import collate
+
+    model.eval()
+    world, rank, bs = accelerator.num_processes, accelerator.process_index, recipe.train.micro_batch_size
+    result = {}
+    for task, dataset in data.val.items():
+        rows = list(range(rank, len(dataset), world))
+        n_batches = math.ceil(math.ceil(len(dataset) / world) / bs)  # equal on every process
+        sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        for b in range(n_batches):
+            idx = rows[b * bs:(b + 1) * bs]
+            weight = 1.0 if idx else 0.0  # a process with no rows left runs a dummy batch
+            batch = collate([dataset[i] for i in (idx or [0])], pad_id=pad_id, packing=False)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss = token_losses(model, batch)
+            mask = batch["labels"][:, 1:] != -100
+            sums += weight * torch.stack([loss[mask].double().sum(), mask.sum().double()])
+        sums = accelerator.reduce(sums, reduction="sum")
+        if sums[1] > 0:
+            result[task] = float(sums[0] / sums[1])
+    model.train()
+    return result
+
+
+def _log_eval(model, data, accelerator, state, log, pad_id, recipe, console) -> None:
+    if not data.val:
+        return
+    losses = evaluate_loss(model, data, accelerator, pad_id, recipe)
+    row = {"step": state.step, "eval_loss": losses}
+    if log:
+        log.write(row)
+    accelerator.log({f"eval_loss/{k}": v for k, v in losses.items()}, step=state.step)
+    console.print(f"step {state.step} held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+
+
+# ---------------------------------------------------------------------------- set-up pieces
+
+
+def mixed_precision(precision: str) -> str:
+    """auto = bf16 where supported, else fp16 (with loss scaling) on GPU, fp32 on CPU."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision != "fp32" and not torch.cuda.is_available():
+        if precision == "fp16":
+            raise UserError("train.precision: fp16 needs a CUDA GPU", "use precision: auto or fp32 on the CPU")
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on A/B factors only, never on gates and routers."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(("rlora_gate", "rlora_router")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def plan_output(out: Path, recipe: dict[str, Any], resume: str, overwrite: bool) -> Path | None:
+    """Decide, before anything is written, whether to start fresh or which checkpoint to resume."""
+    from rlora_cli.config import recipe_diff
+
+    if resume not in ("never", "auto"):
+        start = Path(resume)
+        if not (start / STATE_FILE).is_file():
+            raise UserError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})",
+                            f"give OUT/{CHECKPOINT_PREFIX}<step> or use --resume auto")
+        _check_same_recipe(start.parent, recipe, recipe_diff)
+        return start
+    if resume == "auto" and out.is_dir():
+        found = latest_checkpoint(out)
+        if found is not None:
+            _check_same_recipe(out, recipe, recipe_diff)
+            return found
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"the output folder {out} is not empty",
+                        "pass --resume auto to continue a run there, --overwrite to start over, "
+                        "or --output another folder")
+    return None
+
+
+def _check_same_recipe(run_dir: Path, recipe: dict[str, Any], recipe_diff: Any) -> None:
+    import yaml
+
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        return
+    changed = [k for k in recipe_diff(yaml.safe_load(saved_path.read_text()), recipe)
+               if k not in RESUMABLE_DIFFS and not k.startswith("output.") and k != "output"]
+    if changed:
+        raise UserError(f"cannot resume {run_dir}: the recipe differs from its recipe.yaml in {', '.join(changed)}",
+                        "resume with the same recipe (only train.max_steps/num_epochs and output.* may change), "
+                        "or train into a new --output")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (complete = renamed into place, so it has its state file)."""
+    steps = []
+    for p in out.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = p.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (p / STATE_FILE).is_file():
+            steps.append((int(suffix), p))
+    return max(steps)[1] if steps else None
+
+
+def save_checkpoint(accelerator: Any, model: Any, out: Path, state: TrainerState, tokenizer: Any,
+                    meta: dict[str, Any], limit: int) -> Path:
+    """OUT/checkpoint-<step>: adapter + Accelerate state + trainer_state.json, renamed into place."""
+    final = out / f"{CHECKPOINT_PREFIX}{state.step}"
+    tmp = out / f".{final.name}.tmp"  # same name on every process: they all write into it
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    full = _full_state(accelerator, model)
+    if accelerator.is_main_process:
+        save_adapter(accelerator.unwrap_model(model), tmp / "adapter", tokenizer=tokenizer, metadata=meta,
+                     state_dict=full)
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(out, limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _full_state(accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
+    """A full state dict where parameters are sharded (FSDP); None means 'read the model'."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+
+
+def _prune(out: Path, limit: int) -> None:
+    if limit and limit > 0:
+        ckpts = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in out.glob(f"{CHECKPOINT_PREFIX}*")
+                       if p.name[len(CHECKPOINT_PREFIX):].isdigit())
+        for _, p in ckpts[:-limit]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _state_hooks(accelerator: Any) -> None:
+    """Keep the frozen base out of Accelerate's state: the adapter is saved on its own."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return  # FSDP saves sharded model state itself; the hooks do not apply to it
+
+    def drop_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+
+    def skip_models(models: list, input_dir: str) -> None:
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(drop_weights)
+    accelerator.register_load_state_pre_hook(skip_models)
+
+
+def _rng_snapshot() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    snap = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        snap["cuda"] = torch.cuda.get_rng_state_all()
+    return snap
+
+
+def _rng_restore(snap: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(snap["python"])
+    np.random.set_state(snap["numpy"])
+    torch.set_rng_state(snap["torch"])
+    if "cuda" in snap:
+        torch.cuda.set_rng_state_all(snap["cuda"])
+
+
+def run_info(recipe: Any, accelerator: Any, trainable: int, total: int) -> dict[str, Any]:
+    import platform
+
+    import accelerate
+    import transformers
+
+    from rlora_cli import __version__
+
+    return {
+        "rlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__, "python": platform.python_version(),
+        "seed": recipe.seed, "world_size": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "precision": accelerator.mixed_precision, "distributed": str(accelerator.distributed_type),
+        "trainable_parameters": trainable, "total_parameters": total,
+    }
+
+
+class _progress:
+    """A rich progress bar with step, loss, lr, tokens/s and ETA (silent off the main process)."""
+
+    def __init__(self, console: Any, total: int, done: int, enabled: bool) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, disable=not enabled, transient=False)
+        self.task = self.bar.add_task("train", total=total, completed=done, stats="")
+
+    def __enter__(self) -> "_progress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.bar.update(self.task, stats=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s")
+
+    def advance(self, step: int) -> None:
+        self.bar.update(self.task, completed=step)
+
+
+def _yaml(d: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            flat[f"{prefix}{k}"] = v
+    return flat

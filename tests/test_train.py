@@ -1,0 +1,190 @@
+"""Short CPU training runs on the tiny model: the loop, its files, exact resume, accumulation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import rlora_cli.train as train_mod
+from rlora_cli.cli import main
+from rlora_cli.errors import UserError
+from rlora_cli.train import TrainingDiverged, train
+
+COLORS = ["red", "blue", "green", "yellow"]
+THINGS = ["sky", "grass", "sun", "sea", "leaf", "lemon", "rose", "cloud"]
+
+
+def write_data(folder):
+    """Two small learnable tasks: a fixed thing→colour map (knowledge) and word sentiment (nlu)."""
+    rng = random.Random(0)
+    facts = [{"question": f"What color is the {t} number {i}?", "answer": COLORS[j % 4]}
+             for i in range(6) for j, t in enumerate(THINGS)]
+    reviews = []
+    for i in range(48):
+        good = i % 2 == 0
+        words = rng.sample(["nice", "great", "lovely", "fine"] if good else ["awful", "poor", "dull", "bad"], 2)
+        reviews.append({"text": f"The film was {words[0]} and {words[1]}.", "label": int(good)})
+    (folder / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in facts))
+    (folder / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+
+
+def write_recipe(folder, model_dir, **sections) -> str:
+    write_data(folder)
+    recipe = {
+        "seed": 0,
+        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
+        "adapter": {"type": "rlora", "r": 4, "num_heads": 2, "lora_alpha": 8, "lora_dropout": 0.1,
+                    "target_modules": "all-linear"},
+        "data": {"max_length": 64, "datasets": [
+            {"name": "facts", "path": str(folder / "facts.jsonl"), "kind": "knowledge", "val_size": 8},
+            {"name": "reviews", "path": str(folder / "reviews.jsonl"), "kind": "nlu",
+             "label_words": ["bad", "good"], "val_size": 8},
+        ]},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+                  "learning_rate": 5e-3, "warmup_ratio": 0.1, "precision": "fp32"},
+        "output": {"save_steps": 3, "logging_steps": 1, "save_total_limit": 2},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_tensors(run):
+    return load_file(str(run / "adapter" / "rlora_adapter.safetensors"))
+
+
+def test_loss_falls_and_the_run_directory_is_complete(tmp_path, learnable_model_dir):
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 30, "learning_rate": 1e-2,
+                                                            "lr_scheduler": "constant"},
+                          output={"save_steps": 10, "logging_steps": 5, "eval_steps": 15})
+    run = train(recipe, output=tmp_path / "run")
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+    assert set(rows[0]["task_loss"]) == {"facts", "reviews"}
+    assert {"lr", "grad_norm", "tokens", "tokens_per_s"} <= set(rows[0])
+    evals = [r for r in metrics(run) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30] and set(evals[0]["eval_loss"]) == {"facts", "reviews"}
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["max_steps"] == 30
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["world_size"] == 1 and info["seed"] == 0 and info["trainable_parameters"] > 0
+    mixture = (run / "mixture.json").read_text()
+    assert json.loads(mixture) and "facts" in mixture and "reviews" in mixture
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]  # limit 2
+    assert (run / "checkpoint-30" / "trainer_state.json").is_file()
+    config = json.loads((run / "adapter" / "rlora_config.json").read_text())
+    assert config["method"] == "rlora" and config["templates"]
+    assert (run / "adapter" / "tokenizer.json").is_file()
+    assert (run / "plots" / "loss.png").stat().st_size > 0 and (run / "plots" / "task_loss.png").is_file()
+
+
+def test_resume_after_ctrl_c_is_bit_identical(tmp_path, learnable_model_dir, monkeypatch):
+    recipe = write_recipe(tmp_path, learnable_model_dir)
+    straight = train(recipe, output=tmp_path / "straight")
+
+    calls = {"n": 0}
+    real = train_mod.token_losses
+
+    def interrupt_mid_step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 8:  # the 2nd micro-batch of step 4: step 4's first one already drew dropout
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(train_mod, "token_losses", interrupt_mid_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, output=tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    monkeypatch.setattr(train_mod, "token_losses", real)
+    resumed = train(recipe, output=tmp_path / "resumed", resume="auto")
+
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda run: [(r["step"], r["loss"], r["grad_norm"]) for r in metrics(run) if "loss" in r]  # noqa: E731
+    assert losses(straight) == losses(resumed) and len(losses(straight)) == 6
+
+
+def test_accumulation_4x2_equals_8x1(tmp_path, learnable_model_dir):
+    common = {"max_steps": 2, "lr_scheduler": "constant", "warmup_ratio": 0.0}
+    runs = {}
+    for micro, accum in ((4, 2), (8, 1)):
+        folder = tmp_path / f"{micro}x{accum}"
+        folder.mkdir()
+        recipe = write_recipe(folder, learnable_model_dir, adapter={"lora_dropout": 0.0},
+                              train={**common, "micro_batch_size": micro, "gradient_accumulation_steps": accum})
+        runs[micro] = adapter_tensors(train(recipe, output=folder / "run"))
+    for key in runs[4]:
+        torch.testing.assert_close(runs[4][key], runs[8][key], rtol=0, atol=1e-5)
+    routers = [k for k in runs[4] if k.endswith("rlora_router")]
+    assert routers and all(runs[4][k].abs().sum() > 0 for k in routers)  # trained: routers start at 0
+
+
+def test_a_non_empty_output_is_refused_unless_overwrite(tmp_path, learnable_model_dir):
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 1})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--resume auto") as e:
+        train(recipe, output=tmp_path / "run")
+    assert "--overwrite" in e.value.message
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # nothing touched
+    train(recipe, output=tmp_path / "run", overwrite=True)
+    assert not (tmp_path / "run" / "notes.txt").exists() and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, learnable_model_dir):
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 2}, output={"save_steps": 1})
+    train(recipe, output=tmp_path / "run")
+    with pytest.raises(UserError, match="adapter.r"):
+        train(recipe, ("adapter.r=8",), output=tmp_path / "run", resume="auto")
+    train(recipe, ("train.max_steps=3",), output=tmp_path / "run", resume="auto")  # allowed change
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, learnable_model_dir, monkeypatch):
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 4, "gradient_accumulation_steps": 1},
+                          output={"save_steps": 1})
+    real, calls = train_mod.token_losses, {"n": 0}
+
+    def nan_at_step_3(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "token_losses", nan_at_step_3)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train(recipe, output=tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_cli_exit_codes(tmp_path, learnable_model_dir, monkeypatch, capsys):
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 1})
+    with pytest.raises(SystemExit) as e:
+        main(["train", recipe, "train.max_steps=oops"])
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["train", recipe, "--output", str(tmp_path / "busy")])
+    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
+    monkeypatch.setattr(train_mod, "token_losses", lambda m, b: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        main(["train", recipe, "--output", str(tmp_path / "int")])
+    assert e.value.code == 130
+
+
+def test_train_help_documents_every_flag(capsys):
+    main(["train", "--help"])  # help returns normally: exit code 0
+    out = capsys.readouterr().out
+    for flag in ("--output", "--resume", "--overwrite", "--dry-run", "KEY=VALUE"):
+        assert flag in out
