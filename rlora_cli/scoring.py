@@ -1,0 +1,236 @@
+"""Score text with a causal LM: summed log-likelihoods of continuations, and greedy generation.
+
+`loglikelihoods(model, tokenizer, [(context, [continuation, ...]), ...])` is the one scorer
+behind MMLU, BIG-bench multiple choice, NLU label words and held-out losses. Tokenization follows
+lm-evaluation-harness: trailing whitespace of the context moves to the continuation, the
+continuation's tokens are those of `encode(context + continuation)` past `encode(context)`, and
+exactly those tokens are scored. Rows are right-padded with an attention mask, so a batched score
+equals the one-by-one score (up to float rounding); when every candidate of a request is one token
+the context is run once and all candidates are read off its last position.
+
+`greedy_generate` decodes greedily (left-padded batches) until a newline or EOS.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+Progress = Callable[[int], None]
+
+
+class Score(NamedTuple):
+    """Summed log-probability of a continuation's tokens, and how many tokens that was."""
+
+    logprob: float
+    n_tokens: int
+
+
+@dataclass
+class _Row:
+    """One forward pass input and what to read from it: (request, candidate, first position, targets)."""
+
+    ids: list[int]
+    reads: list[tuple[int, int, int, list[int]]]
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts in front of every text (BOS for Llama, nothing for Qwen)."""
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    n = len(full) - len(plain)
+    return list(full[:n]) if n > 0 and list(full[n:]) == list(plain) else []
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str,
+                prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) with lm-eval's rules; never an empty context."""
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
+    n_space = len(context) - len(context.rstrip())
+    if n_space:  # "Answer: " + "A" scores " A": BPE vocabularies put the space on the word
+        context, continuation = context[:-n_space], context[-n_space:] + continuation
+    ctx = prefix + tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = prefix + tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    if whole[:len(ctx)] == ctx:
+        cont = whole[len(ctx):]
+    else:  # a merge across the boundary: score the continuation's own tokens after the context
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not ctx:  # something must predict the first continuation token
+        ctx = [_fallback_token(tokenizer)]
+    return ctx, list(cont)
+
+
+def _fallback_token(tokenizer: Any) -> int:
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def max_length(model: Any, tokenizer: Any) -> int:
+    """The longest sequence the model takes: its position limit, or the tokenizer's if smaller."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < limit:
+        limit = tok_limit
+    return int(limit)
+
+
+def _rows(tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], limit: int) -> list[_Row]:
+    prefix = special_prefix(tokenizer)
+    rows = []
+    for i, (context, continuations) in enumerate(requests):
+        pairs = [encode_pair(tokenizer, context, c, prefix) for c in continuations]
+        if any(not cont for _, cont in pairs):
+            raise ValueError(f"request {i}: a continuation encodes to no tokens ({continuations!r})")
+        if all(len(cont) == 1 and ctx == pairs[0][0] for ctx, cont in pairs):
+            ids = pairs[0][0][-limit:]  # one pass; every candidate is read at the last position
+            rows.append(_Row(ids, [(i, j, len(ids) - 1, cont) for j, (_, cont) in enumerate(pairs)]))
+            continue
+        for j, (ctx, cont) in enumerate(pairs):
+            ids = (ctx + cont)[:-1][-limit:]  # truncate from the left, as lm-eval does
+            rows.append(_Row(ids, [(i, j, len(ids) - len(cont), cont)]))
+    return rows
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], *,
+                   batch_size: int = 8, progress: Progress | None = None) -> list[list[Score]]:
+    """For each (context, continuations) request, the Score of every continuation given the context.
+
+    `progress(k)` is called after each batch with the number of requests it finished.
+    """
+    limit = max_length(model, tokenizer)
+    rows = _rows(tokenizer, requests, limit)
+    out: list[list[Score | None]] = [[None] * len(c) for _, c in requests]
+    left = [len(c) for _, c in requests]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _fallback_token(tokenizer)
+    device = _model_device(model)
+    keep_ok = _accepts(model, "logits_to_keep")
+    order = sorted(range(len(rows)), key=lambda k: -len(rows[k].ids))  # similar lengths per batch
+    for start in range(0, len(order), max(1, batch_size)):
+        batch = [rows[k] for k in order[start:start + batch_size]]
+        width = max(len(r.ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, r in enumerate(batch):  # right padding: real tokens keep positions 0..L-1
+            ids[b, :len(r.ids)] = torch.tensor(r.ids)
+            mask[b, :len(r.ids)] = 1
+        first = min(pos for r in batch for _, _, pos, _ in r.reads)
+        kwargs = {"logits_to_keep": width - first} if keep_ok else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        offset = width - logits.shape[1]  # logits cover positions offset..width-1
+        done = 0
+        for b, r in enumerate(batch):
+            for i, j, pos, targets in r.reads:
+                span = logits[b, pos - offset:pos - offset + len(targets)].float().log_softmax(-1)
+                lp = span.gather(-1, torch.tensor(targets, device=span.device)[:, None]).sum().item()
+                out[i][j] = Score(lp, len(targets))
+                left[i] -= 1
+                done += left[i] == 0
+        if progress is not None:
+            progress(done)
+    return out  # type: ignore[return-value]
+
+
+class _StopAtNewline:
+    """Stop a row once its new text holds a newline (EOS is handled by generate itself)."""
+
+    def __init__(self, tokenizer: Any, start: int) -> None:
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t for t in texts], device=input_ids.device)
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 8,
+                    max_new_tokens: int = 64, progress: Progress | None = None) -> list[str]:
+    """Greedy continuation of each prompt up to the first newline or EOS (neither included)."""
+    from transformers import StoppingCriteriaList
+
+    prefix = special_prefix(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _fallback_token(tokenizer)
+    eos = stop_ids(model, tokenizer)
+    limit = max_length(model, tokenizer) - max_new_tokens
+    encoded = [(prefix + tokenizer(p, add_special_tokens=False)["input_ids"])[-limit:] or
+               [_fallback_token(tokenizer)] for p in prompts]
+    device = _model_device(model)
+    out: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda k: -len(encoded[k]))
+    for start in range(0, len(order), max(1, batch_size)):
+        chunk = order[start:start + batch_size]
+        width = max(len(encoded[k]) for k in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, k in enumerate(chunk):  # left padding: every row continues at the same column
+            ids[b, width - len(encoded[k]):] = torch.tensor(encoded[k])
+            mask[b, width - len(encoded[k]):] = 1
+        # Explicit settings override a checkpoint's sampling defaults (Qwen ships
+        # repetition_penalty and top_k), so this is plain greedy decoding whatever the model.
+        new = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, repetition_penalty=1.0, pad_token_id=pad,
+            eos_token_id=eos or None,
+            stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width)]),
+        )[:, width:]
+        for b, k in enumerate(chunk):
+            row = new[b].tolist()
+            end = next((n for n, t in enumerate(row) if t in eos), len(row))
+            out[k] = tokenizer.decode(row[:end], skip_special_tokens=True).split("\n", 1)[0]
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: the tokenizer's and the model's generation config's (chat models add one)."""
+    ids = [tokenizer.eos_token_id]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += config_eos if isinstance(config_eos, list) else [config_eos]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+@torch.no_grad()
+def label_losses(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,
+                 batch_size: int = 8, progress: Progress | None = None) -> list[Score]:
+    """Score of each (input_ids, labels) row as the trainer sees it: labels are aligned with
+    input_ids, -100 where untrained; logprob sums the trained tokens (shifted: token t+1 given ≤ t)."""
+    device = _model_device(model)
+    out: list[Score | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda k: -len(rows[k][0]))
+    for start in range(0, len(order), max(1, batch_size)):
+        chunk = order[start:start + batch_size]
+        width = max(len(rows[k][0]) for k in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, k in enumerate(chunk):
+            n = len(rows[k][0])
+            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(rows[k][0]), torch.tensor(rows[k][1]), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for b, k in enumerate(chunk):
+            targets = labels[b, 1:].to(device)
+            trained = targets != -100  # only those positions' log-softmax is ever built
+            picked = logits[b, :-1][trained].float().log_softmax(-1)
+            lp = picked.gather(-1, targets[trained][:, None]).sum().item()
+            out[k] = Score(lp, int(trained.sum().item()))
+        if progress is not None:
+            progress(len(chunk))
+    return out  # type: ignore[return-value]

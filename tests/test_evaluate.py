@@ -1,0 +1,594 @@
+"""`rlora eval`: prompts string-exact, scores against a one-by-one reference forward, batched equal
+to unbatched, BIG-bench scoring against `model.generate`, results files, compare, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+import typer
+from rich.console import Console
+from typer.testing import CliRunner
+
+from rlora_cli import evaluate as ev
+from rlora_cli.errors import UserError
+from rlora_cli.evalsets import bigbench_prompt, load_bigbench, load_mmlu, mmlu_prompt
+from rlora_cli.scoring import encode_pair, greedy_generate, loglikelihoods
+
+BIGBENCH = Path("/work/shared/data/bigbench")
+RESULT_KEYS = {"task", "model", "adapter", "shots", "limit", "rlora_version", "wall_s", "accuracy",
+               "n", "mean_accuracy", "tasks"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on 2 shared cores OpenMP's spinning threads
+    make generation 10x slower whenever another process is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from rlora_cli.model import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float32")
+    return model.eval(), tokenizer
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def mmlu_rows(subject: str, n: int, offset: int = 0) -> list[dict]:
+    words = ["red", "blue", "green", "cat", "dog", "river", "sun", "moon", "tree", "fish", "city", "star"]
+    return [{"question": f"What is {words[(i + offset) % 12]} number {i}?", "subject": subject,
+             "choices": [words[(i + k + offset) % 12] for k in range(4)], "answer": (i + offset) % 4}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def mmlu_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mmlu")
+    write_jsonl(folder / "dev.jsonl", mmlu_rows("astronomy", 3) + mmlu_rows("high_school_biology", 3, 5))
+    write_jsonl(folder / "test.jsonl", mmlu_rows("astronomy", 5, 2) + mmlu_rows("high_school_biology", 4, 7))
+    return folder
+
+
+# ---------------------------------------------------------------------------------- prompts
+
+
+def test_mmlu_prompt_two_shot_is_string_exact():
+    shots = [{"question": "What is 1+1?", "choices": ["1", "2", "3", "4"], "answer": 1},
+             {"question": "Which is red?", "choices": ["sky", "grass", "blood", "snow"], "answer": 2}]
+    question = {"question": "Which is a planet?", "choices": ["Mars", "Moon", "Sun", "Comet"], "answer": 0}
+    expected = (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+        "Which is red?\nA. sky\nB. grass\nC. blood\nD. snow\nAnswer: C\n\n"
+        "Which is a planet?\nA. Mars\nB. Moon\nC. Sun\nD. Comet\nAnswer:"
+    )
+    assert mmlu_prompt("high_school_physics", question, shots) == expected
+
+
+def test_bigbench_prompt_defaults_choices_and_shots():
+    task = {"task_prefix": "Pick one.\n"}
+    shot = {"input": "2+2?", "target_scores": {"3": 0, "4": 1}}
+    example = {"input": "1+1?", "target_scores": {"2": 1, "5": 0}}
+    assert bigbench_prompt(task, example, [shot]) == (
+        "Pick one.\n"
+        "\nQ: 2+2?\n  choice: 3\n  choice: 4\nA: 4"
+        "\n"
+        "\nQ: 1+1?\n  choice: 2\n  choice: 5\nA: ")
+    assert bigbench_prompt({}, {"input": "Say hi", "target": ["hi", "hello"]}, []) == "\nQ: Say hi\nA: "
+
+
+def test_bigbench_prompt_task_prefixes_without_appended_choices():
+    task = {"task_prefix": "T:", "example_input_prefix": "\nStatement: ", "example_output_prefix": " Answer: ",
+            "append_choices_to_input": False, "choice_prefix": " | "}
+    shots = [{"input": "a", "target": "x", "target_scores": {"y": 1, "x": 0}}]  # `target` wins for shots
+    assert bigbench_prompt(task, {"input": "b", "target_scores": {"x": 1}}, shots) == (
+        "T:\nStatement: a Answer: x\n\nStatement: b Answer: ")
+
+
+def test_bigbench_prompt_real_task_fields():
+    task = load_bigbench(BIGBENCH / "sports_understanding" / "task.json")
+    ex = task["examples"][0]
+    assert bigbench_prompt(task, ex, []) == (
+        "Determine whether the following statement or statements are plausible or implausible:"
+        f"\nStatement: {ex['input']}\nPlausible/implausible? ")
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+def reference_loglik(model, tokenizer, context: str, continuation: str) -> float:
+    """Plain forward on the whole text; lm-eval's rule: trailing context spaces go to the continuation."""
+    stripped = context.rstrip()
+    ids = tokenizer(context + continuation)["input_ids"]
+    n_ctx = len(tokenizer(stripped)["input_ids"])
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
+
+
+def test_encode_pair_moves_trailing_space_to_the_continuation(lm):
+    _, tok = lm
+    ctx, cont = encode_pair(tok, "Q: red cat\nA: ", "yes")
+    assert ctx == tok("Q: red cat\nA:")["input_ids"]
+    assert ctx + cont == tok("Q: red cat\nA: yes")["input_ids"]
+
+
+def test_loglikelihoods_match_reference_and_batching(lm):
+    model, tok = lm
+    single = ["A", "B", "C", "D"]  # one byte-level token each after ":" (the tiny BPE splits " A")
+    assert all(len(encode_pair(tok, "Red blue:", c)[1]) == 1 for c in single)
+    requests = [
+        ("The following is a question about the sun.\nAnswer:", [" A", " B", " C", " D"]),
+        ("Q: how many dogs\nA: ", ["three", "two dogs", "3"]),
+        ("Red blue:", single),  # every candidate one token: one pass over the context
+        ("x", ["y z"]),
+        ("A much longer context " * 12, [" end", " of the text."]),
+    ]
+    batched = loglikelihoods(model, tok, requests, batch_size=16)
+    one = loglikelihoods(model, tok, requests, batch_size=1)
+    for (context, conts), row_b, row_1 in zip(requests, batched, one):
+        for cont, b, o in zip(conts, row_b, row_1):
+            assert b.n_tokens == o.n_tokens and b.n_tokens >= 1
+            assert b.logprob == pytest.approx(o.logprob, abs=1e-5)
+            assert b.logprob == pytest.approx(reference_loglik(model, tok, context, cont), abs=1e-4)
+
+
+def reference_generate(model, tokenizer, prompt: str) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=64, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+    if tokenizer.eos_token_id in out:
+        out = out[:out.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(out, skip_special_tokens=True).split("\n", 1)[0]
+
+
+def test_greedy_generate_matches_model_generate_batched_or_not(lm):
+    model, tok = lm
+    prompts = ["\nQ: red cat\nA: ", "The sun is", "x",
+               "\nQ: a much longer question about the river and the moon?\nA:"]
+    reference = [reference_generate(model, tok, p) for p in prompts]
+    assert greedy_generate(model, tok, prompts, batch_size=1) == reference
+    assert greedy_generate(model, tok, prompts, batch_size=4) == reference
+
+
+# --------------------------------------------------------------------------------------- MMLU
+
+
+def test_mmlu_accuracy_equals_reference_one_question_at_a_time(lm, mmlu_dir):
+    model, tok = lm
+    data = load_mmlu(str(mmlu_dir), None, shots=2)
+    assert list(data) == ["astronomy", "high_school_biology"]
+    result = ev.run_mmlu(model, tok, data, shots=2, batch_size=8, console=quiet())
+    for subject, (dev, test) in data.items():
+        correct = []
+        for q in test:
+            prompt = mmlu_prompt(subject, q, dev[:2])
+            scores = [reference_loglik(model, tok, prompt, f" {letter}") for letter in "ABCD"]
+            correct.append(scores.index(max(scores)) == q["answer"])
+        assert result[subject] == {"accuracy": sum(correct) / len(correct), "n": len(test)}
+    assert ev.run_mmlu(model, tok, data, shots=2, batch_size=1, console=quiet()) == result
+
+
+def test_mmlu_local_formats_agree(tmp_path, mmlu_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {s: [json.loads(x) for x in (mmlu_dir / f"{s}.jsonl").read_text().splitlines()] for s in ("dev", "test")}
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "pq").mkdir()
+    for split, rs in rows.items():
+        lines = ["question,subject,choices,answer"] + [
+            f"\"{r['question']}\",{r['subject']},\"{json.dumps(r['choices']).replace(chr(34), chr(34) * 2)}\","
+            f"{'ABCD'[r['answer']]}" for r in rs]
+        (tmp_path / "csv" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        pq.write_table(pa.Table.from_pylist(rs), tmp_path / "pq" / f"{split}-00000-of-00001.parquet")
+    expected = load_mmlu(str(mmlu_dir), None, 3)
+    assert load_mmlu(str(tmp_path / "csv"), None, 3) == expected
+    assert load_mmlu(str(tmp_path / "pq"), ["astronomy"], 3) == {"astronomy": expected["astronomy"]}
+
+
+def test_evaluate_mmlu_writes_the_results_file(tiny_model_dir, mmlu_dir, tmp_path):
+    out = tmp_path / "sub" / "mmlu.json"
+    results = ev.evaluate("mmlu", model=str(tiny_model_dir), data=str(mmlu_dir), shots=2, limit=3,
+                          dtype="float32", output=str(out), console=quiet())
+    saved = json.loads(out.read_text())
+    assert saved == results
+    assert set(saved) == RESULT_KEYS
+    assert saved["task"] == "mmlu" and saved["model"] == str(tiny_model_dir) and saved["adapter"] is None
+    assert (saved["shots"], saved["limit"], saved["n"]) == (2, 3, 6)
+    tasks = saved["tasks"]
+    assert set(tasks) == {"astronomy", "high_school_biology"} and all(t["n"] == 3 for t in tasks.values())
+    accs = [t["accuracy"] for t in tasks.values()]
+    assert saved["mean_accuracy"] == pytest.approx(sum(accs) / 2)
+    assert saved["accuracy"] == pytest.approx(sum(a * 3 for a in accs) / 6)
+    assert saved["wall_s"] > 0 and isinstance(saved["rlora_version"], str)
+
+
+# ---------------------------------------------------------------------------------- BIG-bench
+
+
+def test_bigbench_multiple_choice_and_exact_match_against_references(lm, tmp_path):
+    model, tok = lm
+    task = {"task_prefix": "Answer the question.", "examples": [
+        {"input": "Is the sun hot?", "target_scores": {"yes": 1, "no": 0}},
+        {"input": "Which is an animal?", "target_scores": {"tree": 0, "cat": 1, "river": 0}},
+        {"input": "What color is the sky?", "target_scores": {"blue": 1, "red": 0}, "target": "blue"},
+        {"input": "Pick a number", "target_scores": {"one": 0.5, "two": 1, "three": 0}},
+        {"input": "Name a dog", "target": "?"},
+        {"input": "Name a cat", "target": ["?", "?"]},
+        {"input": "Say red", "target": "?"},
+    ]}
+    # Free-form targets: the reference greedy decode for two of the three (prompts do not depend
+    # on targets with 0 shots), so exact match must find exactly those two.
+    free = [ex for ex in task["examples"] if "target_scores" not in ex]
+    decoded = [reference_generate(model, tok, bigbench_prompt(task, ex, [])) for ex in free]
+    free[0]["target"] = f"  {decoded[0]} "  # compared stripped
+    free[1]["target"] = ["never this", decoded[1]]
+    free[2]["target"] = decoded[2] + " not"
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(task))
+    expected = []
+    for ex in task["examples"][:4]:
+        prompt = bigbench_prompt(task, ex, [])
+        ll = {c: reference_loglik(model, tok, prompt, c) for c in ex["target_scores"]}
+        best = max(ll, key=ll.get)
+        expected.append(ex["target_scores"][best] == max(ex["target_scores"].values()))
+    expected += [True, True, False]
+    for batch_size in (1, 8):
+        result = ev.run_bigbench(model, tok, {"mixed": load_bigbench(path)}, batch_size=batch_size, console=quiet())
+        assert result["mixed"] == {"accuracy": sum(expected) / 7, "n": 7, "multiple_choice": 4, "exact_match": 3}
+
+
+def test_bigbench_real_folder_with_shots_and_limit(tiny_model_dir, tmp_path):
+    results = ev.evaluate("bbh", model=str(tiny_model_dir), data=str(BIGBENCH), shots=1, limit=2,
+                          dtype="float32", output=str(tmp_path / "bbh.json"), console=quiet())
+    assert set(results) == RESULT_KEYS
+    assert set(results["tasks"]) == {p.name for p in BIGBENCH.iterdir() if p.is_dir()}
+    assert all(t["n"] == 2 for t in results["tasks"].values()) and results["n"] == 18
+    assert results["tasks"]["object_counting"]["exact_match"] == 2
+    assert results["tasks"]["penguins_in_a_table"]["multiple_choice"] == 2  # target_scores wins
+
+
+def test_bigbench_single_file_limit(tiny_model_dir):
+    results = ev.evaluate("bbh", model=str(tiny_model_dir), data=str(BIGBENCH / "snarks" / "task.json"),
+                          limit=3, dtype="float32", console=quiet())
+    assert list(results["tasks"]) == ["snarks"] and results["n"] == 3 and results["shots"] == 0
+
+
+# ------------------------------------------------------------------------------------ adapters
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from rlora_cli.adapters import AdapterConfig, inject_adapters
+    from rlora_cli.checkpoint import save_adapter
+    from rlora_cli.model import load_model
+
+    model, tok = load_model(str(tiny_model_dir), dtype="float32")
+    inject_adapters(model, AdapterConfig(type="lora", r=2, lora_dropout=0.0, target_modules="all-linear"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rlora" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", tokenizer=tok), model.eval()
+
+
+def test_adapter_loads_on_its_recorded_base(adapter_dir, lm):
+    path, adapted = adapter_dir
+    model, tok, base = ev.load_eval_model(None, str(path), dtype="float32")
+    ids = lm[1]("The red cat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, adapted(ids).logits)
+        assert not torch.allclose(model(ids).logits, lm[0](ids).logits)
+
+
+def test_adapter_on_another_base_warns_and_refuses_on_shape_mismatch(adapter_dir, tmp_path):
+    from rlora_cli.model import build_tiny_model
+
+    path, _ = adapter_dir
+    console = quiet()
+    same_shape = build_tiny_model(tmp_path / "copy")
+    ev.load_eval_model(str(same_shape), str(path), dtype="float32", console=console)
+    assert "warning" in console.file.getvalue() and "was trained on" in console.file.getvalue()
+    smaller = build_tiny_model(tmp_path / "small", hidden_size=32)
+    with pytest.raises(UserError, match="shape"):
+        ev.load_eval_model(str(smaller), str(path), dtype="float32", console=quiet())
+
+
+# ------------------------------------------------------------------------------------- lm-eval
+
+
+def test_lm_eval_missing_gives_the_install_hint(monkeypatch, tiny_model_dir):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
+    with pytest.raises(UserError, match=r"pip install 'rlora\[eval\]'"):
+        ev.evaluate("hellaswag", backend="lm-eval", model=str(tiny_model_dir), console=quiet())
+
+
+def test_lm_eval_results_convert_to_the_results_shape():
+    raw = {
+        "results": {
+            "mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.01, "alias": "mmlu"},
+            "mmlu_astronomy": {"alias": " - astronomy", "acc,none": 0.5, "acc_stderr,none": 0.04},
+            "mmlu_virology": {"alias": " - virology", "acc,none": 0.25, "acc_stderr,none": 0.03},
+            "hellaswag": {"acc,none": 0.3, "acc_norm,none": 0.35, "alias": "hellaswag"},
+            "gsm8k": {"exact_match,flexible-extract": 0.2, "exact_match,strict-match": 0.1, "alias": "gsm8k",
+                      "exact_match_stderr,strict-match": "N/A"},
+        },
+        "groups": {"mmlu": {"acc,none": 0.4}},
+        "group_subtasks": {"mmlu": ["mmlu_astronomy", "mmlu_virology"], "hellaswag": [], "gsm8k": []},
+        "n-samples": {"mmlu_astronomy": {"original": 152, "effective": 10},
+                      "mmlu_virology": {"original": 166, "effective": 30},
+                      "hellaswag": {"original": 10042, "effective": 10042},
+                      "gsm8k": {"original": 1319, "effective": 20}},
+    }
+    tasks = ev.lm_eval_tasks(raw)
+    assert tasks["mmlu_astronomy"] == {"accuracy": 0.5, "n": 10, "acc": 0.5, "acc_stderr": 0.04}
+    assert tasks["hellaswag"]["accuracy"] == 0.3 and tasks["hellaswag"]["acc_norm"] == 0.35
+    assert tasks["gsm8k"]["accuracy"] == 0.1 and tasks["gsm8k"]["exact_match,flexible-extract"] == 0.2
+    assert "mmlu" not in tasks
+    results = ev.results_dict("mmlu,hellaswag,gsm8k", "m", None, None, None, 1.0, tasks)
+    assert set(results) == RESULT_KEYS and results["n"] == 10 + 30 + 10042 + 20
+    assert results["mean_accuracy"] == pytest.approx((0.5 + 0.25 + 0.3 + 0.1) / 4)
+
+
+# ------------------------------------------------------------------------------------- compare
+
+
+def results_file(path: Path, accs: dict[str, float | None], **extra) -> Path:
+    tasks = {k: {"accuracy": v, "n": 10, **extra.get(k, {})} for k, v in accs.items()}
+    path.write_text(json.dumps(ev.results_dict("bbh", "m", None, 0, None, 1.0, tasks)))
+    return path
+
+
+def test_compare_deltas_and_plot(tmp_path):
+    a = results_file(tmp_path / "a.json", {"snarks": 0.5, "physics": 0.25, "chat": None}, chat={"loss": 2.0})
+    b = results_file(tmp_path / "b.json", {"snarks": 0.75, "physics": 0.125, "chat": None, "new": 1.0},
+                     chat={"loss": 1.5})
+    console = quiet()
+    out = ev.compare(a, b, plot=tmp_path / "plots" / "cmp.png", console=console)
+    assert out["tasks"]["snarks"] == {"metric": "accuracy", "a": 0.5, "b": 0.75, "delta": 0.25}
+    assert out["tasks"]["physics"]["delta"] == -0.125
+    assert out["tasks"]["chat"] == {"metric": "loss", "a": 2.0, "b": 1.5, "delta": -0.5}
+    assert out["tasks"]["new"] == {"metric": "accuracy", "a": None, "b": 1.0, "delta": None}
+    assert out["mean_accuracy"]["delta"] == pytest.approx((0.75 + 0.125 + 1.0) / 3 - 0.375)
+    assert (tmp_path / "plots" / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "+0.2500" in console.file.getvalue()
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(tmp_path, mmlu_dir, tiny_model_dir):
+    m = str(tiny_model_dir)
+
+    def fails(match, fn, *args, **kw):
+        with pytest.raises(UserError, match=match) as info:
+            fn(*args, **kw)
+        assert "\n" not in info.value.message, "one line"
+
+    fails("no such file", ev.evaluate, "mmlu", model=m, data=str(tmp_path / "nope"), console=quiet())
+    write_jsonl(tmp_path / "dev.jsonl", [{"question": "q", "subject": "s", "choices": ["a"] * 4, "answer": 0}] * 5)
+    write_jsonl(tmp_path / "test.jsonl", [{"question": "q", "subject": "s", "answer": 0}])
+    fails("no choices column", ev.evaluate, "mmlu", model=m, data=str(tmp_path), console=quiet())
+    fails("--shots 4 is more than the 3 dev", ev.evaluate, "mmlu", model=m, data=str(mmlu_dir), shots=4,
+          console=quiet())
+    fails("unknown MMLU subject.*virology", ev.evaluate, "mmlu", model=m, data=str(mmlu_dir),
+          subjects=["astronomy", "virology"], console=quiet())
+    fails("unknown task 'hellaswag'", ev.evaluate, "hellaswag", model=m, console=quiet())
+    fails("cannot load cais/mmlu from the hub", ev.evaluate, "mmlu", model=m, console=quiet())  # offline
+    fails("not an rlora adapter", ev.evaluate, "mmlu", model=m, data=str(mmlu_dir), shots=2, adapter=str(tmp_path),
+          console=quiet())
+    fails("no such adapter directory", ev.load_eval_model, m, str(tmp_path / "none"))
+    fails("--task bbh needs --data", ev.evaluate, "bbh", model=m, console=quiet())
+    (tmp_path / "bad.json").write_text(json.dumps({"examples": [{"input": "x"}]}))
+    fails("example 0 needs `input` and `target` or `target_scores`", ev.evaluate, "bbh", model=m,
+          data=str(tmp_path / "bad.json"), console=quiet())
+    (tmp_path / "empty.json").write_text(json.dumps({"name": "x"}))
+    fails("no `examples` list", ev.evaluate, "bbh", model=m, data=str(tmp_path / "empty.json"), console=quiet())
+    fails("leaves no example", ev.evaluate, "bbh", model=m, data=str(BIGBENCH / "snarks"), shots=500,
+          console=quiet())
+    fails("--limit must be at least 1", ev.evaluate, "mmlu", model=m, limit=0, console=quiet())
+    (tmp_path / "wrong.json").write_text(json.dumps({"accuracy": 0.5, "tasks": {"a": 0.5}}))
+    good = results_file(tmp_path / "good.json", {"a": 0.5})
+    fails("not an rlora results file", ev.compare, good, tmp_path / "wrong.json", console=quiet())
+    fails("no such results file", ev.compare, good, tmp_path / "missing.json", console=quiet())
+
+
+# --------------------------------------------------------------------------- the CLI layout
+# The exact code proposed for cli.py, built on a stand-in app (cli.py belongs to the lead).
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _root() -> None:
+    """stand-in for rlora's root callback"""
+
+
+eval_app = typer.Typer(help="Evaluate a model or an adapter; `rlora eval compare A.json B.json` "
+                            "compares two results files.", pretty_exceptions_enable=False)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_cmd(
+    ctx: typer.Context,
+    task: Optional[str] = typer.Option(
+        None, "--task", help="mmlu | bbh | recipe; with --backend lm-eval, lm-eval task names (comma-separated)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Base model: hub id or local folder (a merged model too). "
+                              "Default: the adapter's recorded base (or the recipe's model)."),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="mmlu: folder with dev and test files (default: hub cais/mmlu); "
+                             "bbh: a task.json, a BBH .json, or a folder of them."),
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe", help="--task recipe: the recipe whose held-out splits to score "
+                               "(default: the run's recipe.yaml beside --adapter)."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Few-shot examples (mmlu: 5, bbh: 0)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score at most N examples per subject / task."),
+    subjects: Optional[str] = typer.Option(None, "--subjects", help="mmlu: only these subjects (comma-separated)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    backend: str = typer.Option(
+        "rlora", "--backend", help="rlora | lm-eval (lm-evaluation-harness: install the eval extra)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32."),
+    output: Optional[str] = typer.Option(None, "--output", help="Write the results JSON here."),
+) -> None:
+    """Score a model (+ adapter) on MMLU, BIG-bench tasks, the recipe's held-out tasks, or lm-eval."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if task is None:
+        raise UserError("rlora eval needs --task",
+                        "use --task mmlu|bbh|recipe, or: rlora eval compare A.json B.json")
+    from rlora_cli.evaluate import evaluate
+
+    evaluate(task, model=model, adapter=adapter, data=data, shots=shots, limit=limit,
+             subjects=[s.strip() for s in subjects.split(",") if s.strip()] if subjects else None,
+             recipe=recipe, batch_size=batch_size, backend=backend, dtype=dtype, output=output)
+
+
+@eval_app.command("compare")
+def eval_compare_cmd(
+    a: str = typer.Argument(..., help="Results file A (the baseline)."),
+    b: str = typer.Argument(..., help="Results file B (deltas are B - A)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Also write a PNG bar chart here."),
+) -> None:
+    """Per-task deltas between two `rlora eval --output` files."""
+    from rlora_cli.evaluate import compare
+
+    compare(a, b, plot=plot)
+
+
+def test_cli_layout_runs_eval_and_compare(tiny_model_dir, mmlu_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval", "--task", "mmlu", "--model", str(tiny_model_dir), "--data", str(mmlu_dir),
+                              "--shots", "1", "--limit", "2", "--subjects", "astronomy", "--dtype", "float32",
+                              "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out.read_text())
+    assert list(saved["tasks"]) == ["astronomy"] and saved["n"] == 2 and saved["shots"] == 1
+    res = runner.invoke(app, ["eval", "compare", str(out), str(out), "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    assert "+0.0000" in res.output and (tmp_path / "p.png").exists()
+    res = runner.invoke(app, ["eval"])
+    assert isinstance(res.exception, UserError) and "needs --task" in str(res.exception)
+    res = runner.invoke(app, ["eval", "--help"])
+    assert res.exit_code == 0 and "compare" in res.output and "--task" in res.output
+
+
+# ---------------------------------------------------------------------------------- recipe task
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tiny_model_dir, tmp_path_factory):
+    import yaml
+
+    folder = tmp_path_factory.mktemp("recipe")
+    words = ["red", "blue", "green", "cat", "dog", "river", "sun", "moon"]
+    write_jsonl(folder / "ops.jsonl", [{"instruction": f"Repeat {w}", "output": f"{w} {w}"} for w in words])
+    write_jsonl(folder / "reviews.jsonl", [{"sentence": f"the {w} was good" if i % 2 else f"bad {w}",
+                                            "label": i % 2} for i, w in enumerate(words)])
+    write_jsonl(folder / "quiz.jsonl", [{"question": f"Which is {w}?", "choices": [w, "tree", "fish"],
+                                         "answer": i % 3} for i, w in enumerate(words)])
+    write_jsonl(folder / "facts.jsonl", [{"question": f"Color of the {w}?", "answer": w} for w in words])
+    write_jsonl(folder / "chats.jsonl", [{"messages": [{"role": "user", "content": f"Say {w}"},
+                                                       {"role": "assistant", "content": w}]} for w in words])
+    recipe = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+              "adapter": {"type": "lora", "r": 2},
+              "data": {"max_length": 128, "datasets": [
+                  {"name": "ops", "path": str(folder / "ops.jsonl"), "kind": "instruction", "val_size": 3},
+                  {"name": "reviews", "path": str(folder / "reviews.jsonl"), "kind": "nlu", "val_size": 4,
+                   "columns": {"text": "sentence"}, "label_words": ["negative", "positive"]},
+                  {"name": "quiz", "path": str(folder / "quiz.jsonl"), "kind": "knowledge", "val_size": 4},
+                  {"name": "facts", "path": str(folder / "facts.jsonl"), "kind": "knowledge", "val_size": 3},
+                  {"name": "chats", "path": str(folder / "chats.jsonl"), "kind": "chat", "val_size": 2},
+                  {"name": "snarks", "path": str(BIGBENCH / "snarks" / "task.json"), "format": "bigbench",
+                   "val_size": 3},
+              ]}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_recipe_eval_reports_every_task_against_references(recipe_path, lm, tmp_path):
+    from rlora_cli.config import load_recipe
+    from rlora_cli.data import load_splits, tokenize_example
+    from rlora_cli.eval_recipe import token_f1
+    from rlora_cli.templates import choices, gold_index, prompt_and_response, prompt_text
+
+    model, tok = lm
+    results = ev.evaluate("recipe", recipe=str(recipe_path), dtype="float32", batch_size=4,
+                          output=str(tmp_path / "recipe.json"), console=quiet())
+    assert set(results) == RESULT_KEYS and results["model"] == str(load_recipe(recipe_path).model.name_or_path)
+    tasks = results["tasks"]
+    assert list(tasks) == ["ops", "reviews", "quiz", "facts", "chats", "snarks"]
+    assert {k: (v["kind"], v["n"]) for k, v in tasks.items()} == {
+        "ops": ("instruction", 3), "reviews": ("nlu", 4), "quiz": ("knowledge", 4), "facts": ("knowledge", 3),
+        "chats": ("chat", 2), "snarks": ("knowledge", 3)}
+    assert results["n"] == 4 + 4 + 3 + 3  # examples with an accuracy
+    val = {t: v for t, (_, v) in load_splits(load_recipe(recipe_path)).items()}
+    for task in ("reviews", "quiz", "snarks"):  # choices by summed log-likelihood
+        hits = []
+        for ex in val[task]:
+            prompt = prompt_and_response(ex, tok)[0]
+            scores = [reference_loglik(model, tok, prompt, c) for c in choices(ex, tok)]
+            hits.append(scores.index(max(scores)) == gold_index(ex))
+        assert tasks[task]["accuracy"] == sum(hits) / len(hits), task
+    texts = [reference_generate(model, tok, prompt_text(ex, tok)) for ex in val["facts"]]
+    answers = [ex.fields["answer"] for ex in val["facts"]]
+    assert tasks["facts"]["accuracy"] == sum(t.strip() == a for t, a in zip(texts, answers)) / 3
+    assert tasks["facts"]["f1"] == pytest.approx(sum(token_f1(t, a) for t, a in zip(texts, answers)) / 3)
+    for task in ("ops", "chats"):  # loss per trained token, as training tokenizes
+        nll = count = 0
+        for ex in val[task]:
+            e = tokenize_example(ex, tok, max_length=128)
+            n = sum(1 for x in e.labels[1:] if x != -100)
+            with torch.no_grad():
+                nll += model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item() * n
+            count += n
+        assert tasks[task]["accuracy"] is None and tasks[task]["tokens"] == count
+        assert tasks[task]["loss"] == pytest.approx(nll / count, rel=1e-5)
+        assert tasks[task]["perplexity"] == pytest.approx(torch.tensor(nll / count).exp().item(), rel=1e-5)
+
+
+def test_token_f1_and_exact_match():
+    from rlora_cli.eval_recipe import exact_match, token_f1
+
+    assert token_f1("The Eiffel tower", "eiffel tower!") == 1.0
+    assert token_f1("red blue", "red green") == pytest.approx(0.5)
+    assert token_f1("", "x") == 0.0 and token_f1("the", "a") == 1.0
+    assert exact_match(" Paris \n", ["London", "Paris"]) and not exact_match("paris", ["Paris"])
+
+
+def test_run_folder_means_its_adapter_and_recipe(adapter_dir, recipe_path, lm):
+    import shutil
+
+    path, _ = adapter_dir
+    run = path.parent  # a run folder: RUN/adapter and RUN/recipe.yaml
+    assert ev.adapter_dir(str(run)) == str(path) and ev.adapter_dir(str(path)) == str(path)
+    shutil.copy(recipe_path, run / "recipe.yaml")
+    results = ev.evaluate("recipe", adapter=str(run), dtype="float32", limit=1, console=quiet())
+    assert results["adapter"] == str(path) and results["model"] == str(lm[0].name_or_path)
+    assert len(results["tasks"]) == 6 and all(t["n"] == 1 for t in results["tasks"].values())
