@@ -4,11 +4,9 @@ y = base(x) + s · Σ_i gate_i · B_i · drop_i(A_i · drop(x))  [− s · B0 ·
 
 computed as one GEMM into rank space and one GEMM out of it (DESIGN.md §1, "The fused layer"):
 
-    H = x · [A; W_router; A0]ᵀ              [T, n_A·r + n + r]   (one GEMM: same input)
-    Z = [gate ⊙ drop_heads(H_A as [T,n,r]) | −H_A0]              (rank space, cheap)
-    y = base(x) + s · Z · [B_1 … B_n | B0]ᵀ                      (addmm fuses the residual add)
-
-`function.LowRankDelta` computes it with a hand-written backward (see there why).
+    H = x · [A; W_router; A0]ᵀ          [T, n_A·r + n + r]    (one GEMM: same input)
+    Z = gate ⊙ drop_heads(H_A viewed as [T, n, r])             (rank space, cheap)
+    y = base(x) + s · Z · B_catᵀ − s · H_A0 · B0ᵀ              (addmm fuses the residual add)
 
 Nothing of size T×n×d_out is ever built. Every adapter tensor is named `rlora_*`, so freezing,
 saving and counting are one name test. The base module is wrapped, never edited.
@@ -20,11 +18,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlora_cli.errors import UserError
-
-from .function import LowRankDelta, router_softmax
 
 PREFIX = "rlora_"
 GATES = ("none", "scalar", "router", "uniform")
@@ -144,23 +141,47 @@ class MultiHeadLoRA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        spec = self.spec
-        cfg = {"n": spec.num_heads, "r": spec.r, "a_heads": spec.a_heads, "gate": spec.gate,
-               "scaling": spec.scaling, "compensate": spec.compensate,
-               "input_dropout": spec.input_dropout if self.training else 0.0,
-               "head_dropout": spec.head_dropout if self.training else 0.0}
-        out = LowRankDelta.apply(
-            y.reshape(-1, self.out_features), x.reshape(-1, self.in_features), self.rlora_A,
-            getattr(self, "rlora_router", None), getattr(self, "rlora_A0", None), self.rlora_B,
-            getattr(self, "rlora_B0", None), getattr(self, "rlora_gate", None), cfg)
-        return out.reshape(*y.shape[:-1], self.out_features)
+        lead = y.shape[:-1]
+        y = y.reshape(-1, self.out_features)
+        z, h0 = self._rank_space(x.reshape(-1, self.in_features))
+        s = self.spec.scaling / (self.spec.num_heads if self.spec.gate == "uniform" else 1)
+        y = _add_matmul(y, z, self.rlora_B, s)
+        if h0 is not None:
+            y = _add_matmul(y, h0, self.rlora_B0, -self.spec.scaling)
+        return y.reshape(*lead, self.out_features)
+
+    def _rank_space(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Gated, dropped-out head activations Z [T, n·r] and the compensation input A0·x [T, r]."""
+        spec, n, r = self.spec, self.spec.num_heads, self.spec.r
+        A = self.rlora_A
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        clean = [w for w in (getattr(self, "rlora_router", None), getattr(self, "rlora_A0", None))
+                 if w is not None]  # rows that read the clean x
+        if self.training and spec.input_dropout > 0:
+            h = F.dropout(x, spec.input_dropout, True) @ A.t()
+            rest = x @ torch.cat(clean).t() if clean else None
+        else:
+            H = x @ (torch.cat([A, *clean]) if clean else A).t()
+            h, rest = H[:, : A.shape[0]], H[:, A.shape[0]:]
+        h = h.view(-1, spec.a_heads, r)
+        if spec.a_heads != n:
+            h = h.expand(-1, n, r)
+        if self.training and spec.head_dropout > 0:
+            h = F.dropout(h, spec.head_dropout, True)  # one independent mask per head
+        if spec.gate == "scalar":
+            h = h * self.rlora_gate.to(h.dtype).view(1, n, 1)
+        elif spec.gate == "router":
+            h = h * router_weights(rest[:, :n]).to(h.dtype).unsqueeze(-1)
+        h0 = rest[:, rest.shape[1] - r:] if spec.compensate else None
+        return h.reshape(-1, n * r), h0
 
     def router_weights(self, x: Tensor) -> Tensor:
         """ω(x) [.., n] for inputs x [.., d_in] (analysis and tests; forward fuses this GEMM)."""
         if self.spec.gate != "router":
             return torch.full((*x.shape[:-1], self.spec.num_heads), 1.0 / self.spec.num_heads,
                               dtype=torch.float32, device=x.device)
-        return router_softmax(x.to(self.rlora_router.dtype) @ self.rlora_router.t())
+        return router_weights(x.to(self.rlora_router.dtype) @ self.rlora_router.t())
 
     def static_factors(self) -> tuple[Tensor, Tensor]:
         """(B', A') with ΔW = B'·A' equal to the eval-mode delta, in float32 (or wider).
@@ -197,3 +218,15 @@ class MultiHeadLoRA(nn.Module):
         return (f"r={s.r}, heads={s.num_heads}, gate={s.gate}, scaling={s.scaling:g}, "
                 f"input_dropout={s.input_dropout}, head_dropout={s.head_dropout}, "
                 f"init={s.init}, compensate={s.compensate}")
+
+
+def router_weights(logits: Tensor) -> Tensor:
+    """Softmax over heads in float32 or wider (float64 stays float64)."""
+    return torch.softmax(logits.float() if logits.dtype in _HALF else logits, dim=-1)
+
+
+def _add_matmul(y: Tensor, z: Tensor, B: Tensor, alpha: float) -> Tensor:
+    """y + alpha · z · Bᵀ, as one addmm when the dtypes allow (it fuses the residual add)."""
+    if y.dtype == z.dtype == B.dtype or torch.is_autocast_enabled(y.device.type):
+        return torch.addmm(y, z, B.t(), alpha=alpha)
+    return y + (alpha * (z.to(B.dtype) @ B.t())).to(y.dtype)

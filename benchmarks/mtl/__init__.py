@@ -1,0 +1,12 @@
+"""Multi-task benchmark: LoRA, MultiLoRA, HydraLoRA, R-LoRA and R-LoRA's ablations trained on a
+mixture of BIG-bench tasks and scored on each task's held-out examples, over several seeds.
+
+    make bigbench-data                                   # data/bigbench/<task>/task.json
+    python -m benchmarks.mtl --tasks-dir data/bigbench --model /models/SmolLM2-135M-Instruct \
+        --seeds 0,1,2 --out runs/mtl                     # on the GPU machine
+    python -m benchmarks.mtl --smoke --out /tmp/mtl      # CPU, tiny model, two tiny tasks, < 1 min
+
+`plan.py` says what runs (variants, budgets, recipes), `run.py` runs it (train with
+`rlora_cli.train`, score with `rlora_cli.eval_recipe`), `report.py` writes the table and plots,
+`smoke.py` holds the smoke setting, `fetch_bigbench.py` extracts BIG-bench's task files.
+"""

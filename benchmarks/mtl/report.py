@@ -1,0 +1,113 @@
+"""The benchmark's results: mean ± sample std over seeds per task and on average, the markdown
+table, and the plots (accuracy per method; head similarity rlora vs hydralora and ΔW spectra
+multilora vs lora, drawn by `rlora_cli.analyze`)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .plan import VARIANTS, Settings
+
+
+def _stats(values: list[float | None]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+
+
+def summarize(settings: Settings, tasks: dict[str, Any], base: dict[int, dict[str, Any]],
+              runs: list[dict[str, Any]], counts: dict[str, int], matched_r: int) -> dict[str, Any]:
+    """results.json: settings, the base model and each method, per task and on average."""
+    names = list(tasks)
+    methods: dict[str, Any] = {}
+    for m in settings.methods:
+        mine = [r for r in runs if r["method"] == m]
+        methods[m] = {
+            "description": VARIANTS[m][1] + (f" (r = {matched_r})" if m == "lora-matched" else ""),
+            "trainable_parameters": mine[0]["trainable_parameters"] if mine else counts.get(m),
+            "seeds": [r["seed"] for r in mine],
+            "tasks": {t: _stats([r["tasks"].get(t, {}).get("accuracy") for r in mine]) for t in names},
+            "average": _stats([r["mean_accuracy"] for r in mine]),
+            "wall_s": _stats([r["wall_s"] for r in mine]),
+            "train_s": _stats([r["train_s"] for r in mine]),
+        }
+    base_runs = list(base.values())
+    return {
+        "settings": settings.to_dict(), "lora_matched_r": matched_r,
+        "tasks": {t: {"held_out": base_runs[0]["tasks"][t]["n"] if base_runs else None} for t in names},
+        "base": {"tasks": {t: _stats([b["tasks"][t]["accuracy"] for b in base_runs]) for t in names},
+                 "average": _stats([b["mean_accuracy"] for b in base_runs])},
+        "methods": methods, "runs": runs,
+    }
+
+
+def _pct(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """One table: accuracy (%) per task and on average, mean ± std over seeds, then cost."""
+    tasks = list(results["tasks"])
+    st = results["settings"]
+    head = ["method", "trainable params", *tasks, "average", "Δ avg vs base", "s / run"]
+    lines = [f"Held-out accuracy (%), mean ± std over seeds {', '.join(map(str, st['seeds']))}; "
+             f"model {st['model']}; r = {st['r']}, heads = {st['num_heads']}, targets {st['target_modules']}; "
+             f"held-out per task: " + ", ".join(f"{t} {v['held_out']}" for t, v in results["tasks"].items()) + ".",
+             "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    b = results["base"]
+    lines.append("| base model (before training) | 0 | " + " | ".join(_pct(b["tasks"][t]) for t in tasks)
+                 + f" | {_pct(b['average'])} | | |")
+    for m, r in results["methods"].items():
+        delta = (r["average"]["mean"] - b["average"]["mean"]
+                 if r["average"]["mean"] is not None and b["average"]["mean"] is not None else None)
+        lines.append(f"| {m} | {r['trainable_parameters']:,} | " + " | ".join(_pct(r["tasks"][t]) for t in tasks)
+                     + f" | {_pct(r['average'])} | {'-' if delta is None else f'{100 * delta:+.1f}'}"
+                     + f" | {'-' if r['wall_s']['mean'] is None else round(r['wall_s']['mean'])} |")
+    lines += ["", "Methods: " + "; ".join(f"`{m}` = {r['description']}" for m, r in results["methods"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], analyses: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
+    """accuracy.png always; head_similarity.png (rlora vs hydralora) and spectra.png (multilora vs
+    lora) when those methods ran."""
+    from rlora_cli.analyze import plot_head_similarity, plot_spectra
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [plot_accuracy(results, folder / "accuracy.png")]
+    heads = {m: analyses[m] for m in ("rlora", "hydralora") if m in analyses}
+    if heads:
+        written.append(plot_head_similarity(heads, folder / "head_similarity.png"))
+    spectra = {m: analyses[m] for m in ("multilora", "lora") if m in analyses}
+    if spectra:
+        written.append(plot_spectra(spectra, folder / "spectra.png"))
+    return [p for p in written if p is not None]
+
+
+def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: accuracy per task and on average, one bar per method (base first), ±std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*results["tasks"], "average"]
+    series = {"base": results["base"], **results["methods"]}
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(groups) * max(1, len(series) / 4)), 4.5))
+    for i, (name, r) in enumerate(series.items()):
+        stats = [r["average"] if g == "average" else r["tasks"][g] for g in groups]
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [s["mean"] or 0 for s in stats], width, yerr=[s["std"] or 0 for s in stats],
+               capsize=2, label=name, color="grey" if name == "base" else f"C{i - 1}")
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="held-out accuracy", ylim=(0, 1.05), title="Accuracy per task (mean ± std over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

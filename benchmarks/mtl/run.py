@@ -1,0 +1,166 @@
+"""The benchmark loop: per seed, score the base model on each task's held-out examples; per
+(variant, seed), train with `rlora_cli.train.train` and score the adapter the same way
+(`rlora_cli.eval_recipe.run_recipe`: highest log-likelihood choice for multiple choice, greedy
+exact match for free-form). Finished runs are kept: run it again to continue after a crash.
+
+    OUT/settings.json                  what was run
+    OUT/recipes/<variant>-seed<s>.yaml one recipe per run (train any of them alone with rlora train)
+    OUT/runs/<variant>-seed<s>/        the run directory; + result.json and eval.json (results shape)
+    OUT/base/seed<s>.json              the base model on seed s's held-out split (results shape)
+    OUT/analysis/<variant>.json        rlora analyze of the first seed's adapter
+    OUT/results.json, OUT/results.md   per task and average: mean ± std over seeds, parameters, time
+    OUT/plots/*.png                    accuracy per method, head similarity, ΔW spectra
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rlora_cli.errors import UserError
+
+from . import plan, report
+
+
+def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: str | Path, *,
+                  smoke: bool = False, methods_given: bool = True, overwrite: bool = False,
+                  console: Any = None) -> dict[str, Any]:
+    """Run every (variant, seed) and write the results; returns the results.json object."""
+    from rich.console import Console
+
+    from . import smoke as smoke_mod
+
+    console = console or Console()
+    out = Path(out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        settings = smoke_mod.smoke_settings(settings, str(smoke_mod.tiny_model(out)), methods_given)
+        if tasks_dir is None:
+            tasks_dir = smoke_mod.write_tasks(out / "tasks")
+    if tasks_dir is None:
+        raise UserError("--tasks-dir is required (except with --smoke)",
+                        "give a folder of BIG-bench task folders, e.g. data/bigbench (make bigbench-data)")
+    plan.check_methods(settings.methods)
+    tasks = plan.find_tasks(tasks_dir, settings.tasks)
+    if smoke:
+        tasks = dict(list(tasks.items())[:2])
+    matched_r = plan.matched_lora_rank(settings.model, settings)
+    counts = plan.trainable_counts(settings.model, settings, settings.methods, matched_r)
+    _claim(out / "settings.json", {**settings.to_dict(), "tasks_dir": str(tasks_dir), "smoke": smoke,
+                                   "tasks": {n: {"path": str(p), "examples": k} for n, (p, k) in tasks.items()},
+                                   "lora_matched_r": matched_r, "planned_trainable": counts})
+    console.print(f"[bold]multi-task benchmark[/]: {len(tasks)} tasks, methods {', '.join(settings.methods)}, "
+                  f"seeds {', '.join(map(str, settings.seeds))}; lora-matched r = {matched_r}", highlight=False)
+
+    recipes = {(m, s): plan.write_recipe(out / "recipes" / f"{m}-seed{s}.yaml",
+                                         plan.recipe(m, s, settings, tasks, matched_r))
+               for s in settings.seeds for m in settings.methods}
+    base = {s: score_base(recipes[(settings.methods[0], s)], settings, out / "base" / f"seed{s}.json", console)
+            for s in settings.seeds}
+    runs = [train_and_score(m, s, recipes[(m, s)], out / "runs" / f"{m}-seed{s}", settings, console)
+            for s in settings.seeds for m in settings.methods]
+    analyses = analyze_first_seed(runs, out / "analysis", console)
+    results = report.summarize(settings, tasks, base, runs, counts, matched_r)
+    _write_json(out / "results.json", results)
+    (out / "results.md").write_text(report.markdown(results))
+    report.plots(results, analyses, out / "plots")
+    console.print(report.markdown(results), markup=False, highlight=False)
+    console.print(f"[green]done[/]: {out / 'results.md'}, {out / 'results.json'}, plots in {out / 'plots'}")
+    return results
+
+
+def _claim(path: Path, wanted: dict[str, Any]) -> None:
+    """Write settings.json, or check that OUT's finished runs were made with these settings
+    (methods and seeds may grow: new ones are added to the same benchmark)."""
+    if path.is_file():
+        had = json.loads(path.read_text())
+        differ = sorted(k for k in set(had) | set(wanted)
+                        if k not in ("methods", "seeds", "planned_trainable") and had.get(k) != wanted.get(k))
+        if differ:
+            raise UserError(f"{path.parent} holds a benchmark run with other settings ({', '.join(differ)})",
+                            "give another --out, or --overwrite to delete it and start over")
+    _write_json(path, wanted)
+
+
+def score_base(recipe_path: Path, settings: plan.Settings, path: Path, console: Any) -> dict[str, Any]:
+    """The base model's held-out accuracy per task for one seed's split (cached in `path`)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    from rlora_cli.evaluate import load_eval_model
+
+    start = time.perf_counter()
+    lm, tokenizer, _ = load_eval_model(settings.model, None, dtype=settings.dtype, console=console)
+    tasks = _score(lm, tokenizer, recipe_path, settings, console)
+    return _results_file(path, settings.model, None, time.perf_counter() - start, tasks)
+
+
+def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, settings: plan.Settings,
+                    console: Any) -> dict[str, Any]:
+    """Train one variant for one seed, score its adapter; returns (and caches) its result."""
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        console.print(f"[dim]{run_dir.name}: done before, kept[/]")
+        return json.loads(result_path.read_text())
+    from rlora_cli.evaluate import load_eval_model
+    from rlora_cli.train import train
+
+    console.rule(f"{method}, seed {seed}")
+    start = time.perf_counter()
+    train(recipe_path, output=run_dir, overwrite=True, console=console)  # overwrite: a crashed attempt
+    train_s = time.perf_counter() - start
+    lm, tokenizer, _ = load_eval_model(None, str(run_dir / "adapter"), dtype=settings.dtype, console=console)
+    tasks = _score(lm, tokenizer, recipe_path, settings, console)
+    eval_s = time.perf_counter() - start - train_s
+    _results_file(run_dir / "eval.json", settings.model, str(run_dir / "adapter"), eval_s, tasks)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    result = {"method": method, "seed": seed, "run_dir": str(run_dir),
+              "trainable_parameters": info["trainable_parameters"], "train_s": round(train_s, 2),
+              "eval_s": round(eval_s, 2), "wall_s": round(train_s + eval_s, 2),
+              "tasks": {t: {"accuracy": r["accuracy"], "n": r["n"]} for t, r in tasks.items()},
+              "mean_accuracy": _mean([r["accuracy"] for r in tasks.values()])}
+    _write_json(result_path, result)
+    return result
+
+
+def _score(lm: Any, tokenizer: Any, recipe_path: Path, settings: plan.Settings, console: Any) -> dict[str, Any]:
+    from rlora_cli.eval_recipe import prepare_recipe, run_recipe
+
+    return run_recipe(lm, tokenizer, prepare_recipe(str(recipe_path), None),
+                      batch_size=settings.eval_batch_size, console=console)
+
+
+def _results_file(path: Path, model: str, adapter: str | None, wall_s: float, tasks: dict[str, Any]) -> dict[str, Any]:
+    """The `rlora eval` results shape, so `rlora eval compare` reads these files too."""
+    from rlora_cli.evaluate import results_dict
+
+    results = results_dict("recipe", model, adapter, None, None, wall_s, tasks)
+    _write_json(path, results)
+    return results
+
+
+def analyze_first_seed(runs: list[dict[str, Any]], folder: Path, console: Any) -> dict[str, dict[str, Any]]:
+    """rlora analyze of each variant's first-seed adapter (head similarity and spectra)."""
+    from rlora_cli.analyze import analyze_adapter
+
+    analyses: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if run["method"] not in analyses:
+            analyses[run["method"]] = analyze_adapter(Path(run["run_dir"]) / "adapter")
+            _write_json(folder / f"{run['method']}.json", analyses[run["method"]])
+    return analyses
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from rlora_cli.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
