@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip --disable-pip-version-check -q
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all demo clean bigbench-data
 
 install: $(STAMP)
 
@@ -23,3 +23,8 @@ test-all: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# BIG-bench's JSON tasks (~360 MB sdist, 1041 task.json files) into data/bigbench/ (git-ignored)
+bigbench-data: install
+	$(PIP) download --no-deps --no-binary :all: bigbench==1.0.0 -d data/.bigbench-sdist
+	$(PY) -m benchmarks.mtl.fetch_bigbench data/.bigbench-sdist --out data/bigbench

@@ -172,6 +172,45 @@ def inspect_cmd(
         render_inspect(info, Console())
 
 
+@app.command("analyze")
+def analyze_cmd(
+    adapter: Path = typer.Argument(..., help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    other: Optional[Path] = typer.Argument(None, help="A second adapter to compare with; its analysis goes to OUT/analysis_2.json."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Measure router use per task on this recipe's held-out split (softmax routers only)."),
+    output: Path = typer.Option(Path("analysis"), "--output", "-o", help="Folder for analysis.json and the PNG plots."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="--recipe: at most N held-out examples per task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="--recipe: examples per forward pass."),
+) -> None:
+    """What an adapter learned: head similarity, ΔW spectra, router use per task (two adapters: compared)."""
+    from rlora_cli.analyze import analyze
+
+    analyze(adapter, other, recipe=recipe, output=output, limit=limit, batch_size=batch_size, console=Console())
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: Optional[str] = typer.Argument(None, help="The prompt (or --file for many)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model hub id or folder, or a merged model (default: the adapter's recorded base)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help='JSONL of {"prompt": str, "kind"?: str} lines.'),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help='JSONL to write: each input line plus "completion".'),
+    kind: str = typer.Option("instruction", "--kind", help="instruction | knowledge | nlu | chat | raw (no template); a line's own \"kind\" wins."),
+    template: Optional[str] = typer.Option(None, "--template", help="default | chat (default: the one the adapter was trained with)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="--file: prompts per batch (left-padded)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32."),
+) -> None:
+    """Try a model: base, base + adapter, or a merged folder, in the adapter's own prompt template."""
+    from rlora_cli.generate import generate
+
+    generate(prompt, model=model, adapter=str(adapter) if adapter else None, file=file, output=output,
+             kind=kind, template=template, max_new_tokens=max_new_tokens, temperature=temperature,
+             top_p=top_p, batch_size=batch_size, seed=seed, dtype=dtype, console=err)
+
+
 def _bad_override(overrides: list[str]) -> None:
     bad = [o for o in overrides if "=" not in o]
     if bad:

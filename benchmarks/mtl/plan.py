@@ -20,11 +20,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "lora": ({"type": "lora"}, "LoRA, rank r"),
     "lora-matched": ({"type": "lora"}, "LoRA with rlora's trainable count"),
     "multilora": ({"type": "multilora"}, "MultiLoRA: n parallel LoRAs, scalar gates"),
-    "hydralora": ({"type": "hydralora"}, "HydraLoRA: shared A, n B heads, softmax router"),
-    "hydralora-ri": ({"type": "hydralora", "random_init": True}, "HydraLoRA + multi-head random init"),
-    "hydralora-hd": ({"type": "hydralora", "head_dropout": True}, "HydraLoRA + multi-head dropout"),
-    "rlora": ({"type": "rlora"}, "R-LoRA: random init + multi-head dropout"),
-    "rlora-router-off": ({"type": "rlora", "router": "off"}, "R-LoRA with uniform 1/n heads"),
+    "hydralora": ({"type": "hydralora", "random_init": False, "head_dropout": False},
+                  "HydraLoRA: shared A, n B heads, softmax router"),
+    "hydralora-ri": ({"type": "hydralora", "random_init": True, "head_dropout": False},
+                     "HydraLoRA + multi-head random init"),
+    "hydralora-hd": ({"type": "hydralora", "random_init": False, "head_dropout": True},
+                     "HydraLoRA + multi-head dropout"),
+    "rlora": ({"type": "rlora", "random_init": True, "head_dropout": True},
+              "R-LoRA: random init + multi-head dropout"),
+    "rlora-router-off": ({"type": "rlora", "random_init": True, "head_dropout": True, "router": "off"},
+                         "R-LoRA with uniform 1/n heads"),
 }
 SMOKE_METHODS = ("lora", "rlora")
 
@@ -151,8 +156,10 @@ def matched_lora_rank(model: str, settings: Settings) -> int:
 def adapter_section(method: str, settings: Settings, *, lora_r: int | None = None) -> dict[str, Any]:
     keys, _ = VARIANTS[method]
     targets = settings.target_modules
+    # Every key is explicit: the recipe loader fills missing ones from each method's own preset
+    # (configs/adapters/), which differ in alpha, dropout and rslora.
     section: dict[str, Any] = {"r": settings.r, "lora_alpha": settings.lora_alpha,
-                               "lora_dropout": settings.lora_dropout,
+                               "lora_dropout": settings.lora_dropout, "use_rslora": False,
                                "target_modules": list(targets) if isinstance(targets, tuple) else targets, **keys}
     if keys["type"] == "lora":
         section["num_heads"] = 1
@@ -162,6 +169,8 @@ def adapter_section(method: str, settings: Settings, *, lora_r: int | None = Non
             section["lora_alpha"] = settings.lora_alpha * lora_r / settings.r
     else:
         section["num_heads"] = settings.num_heads
+    if keys["type"] in ("hydralora", "rlora"):
+        section = {"router": "softmax", "init": "paper", **section}
     return section
 
 
