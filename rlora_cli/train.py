@@ -225,9 +225,10 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
         raise
     _log_eval(model, data, accelerator, state, log, pad_id, recipe, console)
     save()
+    full = _full_state(accelerator, model)  # a collective under FSDP: every process must call it
     if main:
         save_adapter(accelerator.unwrap_model(model), out / "adapter", tokenizer=tokenizer, metadata=meta,
-                     state_dict=_full_state(accelerator, model))
+                     state_dict=full)
         plots = plot_losses(out / "metrics.jsonl", out / "plots")
         console.print(f"[green]done:[/] {state.step} steps, adapter in {out / 'adapter'}"
                       + (f", plots in {out / 'plots'}" if plots else ""))
