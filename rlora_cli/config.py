@@ -1,0 +1,521 @@
+"""Recipes: one YAML file says what to train on what, and `load_recipe` checks all of it at once.
+
+    recipe = load_recipe("recipes/demo.yaml", ["train.learning_rate=1e-4"])
+
+A recipe is frozen typed dataclasses with a docstring and a default per field (below). Loading
+reads the YAML, applies dotted `KEY=VALUE` overrides (values parsed as YAML), starts the adapter
+from its preset in `configs/adapters/<type>.yaml`, then reports every problem in one `UserError`,
+each with its YAML path: unknown keys (with "did you mean" and other tools' names translated,
+see `recipe_schema.py`), types, ranges, missing local files and columns. Checks are offline and
+cheap; a hub source is checked by its schema alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlora_cli.adapters.methods import METHODS, AdapterConfig
+from rlora_cli.errors import UserError, collect
+from rlora_cli.recipe_schema import about, build, join, unknown_key_problems
+from rlora_cli.templates import KIND_FIELDS, KINDS, TEMPLATE_NAMES
+
+DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+KERNELS = ("auto", "liger", "none")
+SCHEDULERS = ("linear", "cosine", "constant")
+FORMATS = ("bigbench",)
+# Accelerate's tracker names (`output.log_with`), plus none and all.
+TRACKERS = ("none", "all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive",
+            "swanlab", "trackio")
+# Keys that may change between a run and its resume (everything else must match OUT/recipe.yaml).
+RESUMABLE = ("train.max_steps", "train.num_epochs", "output.")
+
+FIX = "fix the recipe (recipes/demo.yaml is a complete example; DESIGN.md §3 lists every key)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The frozen base model."""
+
+    name_or_path: str
+    """Hub id (Qwen/Qwen2.5-0.5B) or a local folder written by save_pretrained."""
+    dtype: str = "auto"
+    """Storage dtype of the frozen base: auto (bf16 where the device has it, else fp32) | bf16 | fp16 | fp32."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for repositories you trust)."""
+    attn_implementation: str = "sdpa"
+    """sdpa | eager | flash_attention_2 (or another transformers attention backend)."""
+
+    def problems(self, where: str = "model") -> list[str]:
+        p = []
+        if not self.name_or_path.strip():
+            p.append(f"{where}.name_or_path: empty; give a hub id or a local model folder")
+        if self.dtype not in DTYPES:
+            p.append(_choice(f"{where}.dtype", self.dtype, DTYPES))
+        if self.attn_implementation not in ATTENTION and "/" not in self.attn_implementation:
+            p.append(_choice(f"{where}.attn_implementation", self.attn_implementation, ATTENTION))
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    """One training source; its name is the task id in logs, metrics and evaluation."""
+
+    name: str = ""
+    """Task name ('' = from the path: the subset, the BIG-bench folder or the file name)."""
+    path: str
+    """Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or folder of them (relative to
+    the working directory); with format: bigbench, a BIG-bench task.json or its folder."""
+    kind: str = ""
+    """instruction | nlu | knowledge | chat ('' only with format: bigbench, which is knowledge)."""
+    format: str | None = None
+    """None (rows with the kind's fields) | bigbench (a BIG-bench task.json)."""
+    subset: str | None = None
+    """Hub sources: the configuration name (GLUE's sst2, mnli...)."""
+    split: str | None = None
+    """Hub sources: the split to read (None = train); slices such as train[:10%] work."""
+    weight: float = 1.0
+    """Relative share of training examples (before data.temperature); must be > 0."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Kind field -> source column, for columns named differently ({text: sentence})."""
+    label_words: tuple[str, ...] | None = None
+    """nlu: the word for each label (integer labels index it); None = the labels are words."""
+    template: str = "default"
+    """default (the kind's template, see templates.py) | chat (the tokenizer's chat template)."""
+    val_size: float | int = 0.05
+    """Held-out rows: a fraction in [0, 1) or an integer count; split off before sampling."""
+    max_samples: int | None = None
+    """At most this many training examples drawn from this source per epoch (None = no cap)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.label_words, list):
+            object.__setattr__(self, "label_words", tuple(self.label_words))
+
+    def problems(self, where: str) -> list[str]:
+        p = []
+        if self.format is not None and self.format not in FORMATS:
+            p.append(_choice(f"{where}.format", self.format, FORMATS))
+        if self.format == "bigbench":
+            p += [f"{where}.{k}: a BIG-bench task has fixed fields; remove {k}"
+                  for k in ("columns", "label_words", "subset", "split") if getattr(self, k)]
+            if self.kind not in ("", "knowledge"):
+                p.append(f"{where}.kind: BIG-bench tasks become knowledge rows; remove kind or set it to knowledge")
+        elif self.kind not in KINDS:
+            p.append(f"{where}.kind: missing; choose one of {', '.join(KINDS)}" if not self.kind
+                     else _choice(f"{where}.kind", self.kind, KINDS))
+        if self.weight <= 0:
+            p.append(f"{where}.weight: must be > 0, got {self.weight:g}")
+        if self.template not in TEMPLATE_NAMES:
+            p.append(_choice(f"{where}.template", self.template, TEMPLATE_NAMES))
+        p += self._size_problems(where) + self._field_problems(where)
+        return p
+
+    def _size_problems(self, where: str) -> list[str]:
+        p, v = [], self.val_size
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            p.append(f"{where}.val_size: a fraction must be in [0, 1), got {v:g} (or give an integer count)")
+        if isinstance(v, int) and v < 0:
+            p.append(f"{where}.val_size: a count must be >= 0, got {v}")
+        if self.max_samples is not None and self.max_samples < 1:
+            p.append(f"{where}.max_samples: must be >= 1 (or null for no cap), got {self.max_samples}")
+        return p
+
+    def _field_problems(self, where: str) -> list[str]:
+        if self.kind not in KIND_FIELDS or self.format:
+            return []
+        required, optional = KIND_FIELDS[self.kind]
+        p = [f"{where}.columns.{k}: {self.kind} has no field {k!r}; its fields are "
+             f"{', '.join(required + optional)}" for k in self.columns if k not in required + optional]
+        if self.label_words is not None:
+            if self.kind != "nlu":
+                p.append(f"{where}.label_words: only nlu sources have label words; remove it")
+            elif len(self.label_words) < 2 or len(set(self.label_words)) != len(self.label_words):
+                p.append(f"{where}.label_words: give at least two different words, got {list(self.label_words)}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The training mixture and how examples become token sequences."""
+
+    max_length: int = 512
+    """Tokens per sequence; longer examples lose tokens from the prompt side, never the response."""
+    packing: bool = False
+    """Pack several examples per row up to max_length (positions restart, no cross-attention)."""
+    train_on_prompt: bool = False
+    """Also compute the loss on prompt tokens (default: only on responses)."""
+    temperature: float = 1.0
+    """Example shares follow weight^(1/temperature): 1 = weights as given; >1 flattens toward uniform."""
+    num_samples: int | None = None
+    """Training examples per epoch over all sources (None = the sum of every source's usable
+    training rows, each capped by its max_samples)."""
+    datasets: tuple[DatasetConfig, ...]
+    """The sources; each becomes one task."""
+
+    def problems(self, where: str = "data") -> list[str]:
+        p = []
+        if self.max_length < 8:
+            p.append(f"{where}.max_length: must be >= 8, got {self.max_length}")
+        if self.temperature <= 0:
+            p.append(f"{where}.temperature: must be > 0, got {self.temperature:g}")
+        if self.num_samples is not None and self.num_samples < 1:
+            p.append(f"{where}.num_samples: must be >= 1 (or null), got {self.num_samples}")
+        if not self.datasets:
+            p.append(f"{where}.datasets: empty; list at least one source")
+        seen: dict[str, int] = {}
+        for i, d in enumerate(self.datasets):
+            if d.name in seen:
+                p.append(f"{where}.datasets[{i}].name: {d.name!r} is also data.datasets[{seen[d.name]}]'s "
+                         "name; task names must be unique (set name:)")
+            seen.setdefault(d.name, i)
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimisation loop."""
+
+    num_epochs: int = 1
+    """Passes over the mixture (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = num_epochs over the mixture."""
+    micro_batch_size: int = 8
+    """Rows per device per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (effective batch = micro x accumulation x devices)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+    lr_scheduler: str = "cosine"
+    """linear | cosine | constant, after warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming up linearly from 0."""
+    precision: str = "auto"
+    """Compute precision: auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    kernels: str = "auto"
+    """auto | liger | none: Liger's fused kernels on CUDA (auto = when installed)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; never applied to gates and routers."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    compile: bool = False
+    """torch.compile the model."""
+
+    def problems(self, where: str = "train") -> list[str]:
+        p = [f"{where}.{k}: must be >= 1, got {getattr(self, k)}"
+             for k in ("num_epochs", "micro_batch_size", "gradient_accumulation_steps") if getattr(self, k) < 1]
+        if self.max_steps == 0 or self.max_steps < -1:
+            p.append(f"{where}.max_steps: must be > 0, or -1 for num_epochs, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            p.append(f"{where}.learning_rate: must be > 0, got {self.learning_rate:g}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            p.append(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio:g}")
+        p += [f"{where}.{k}: must be >= 0, got {getattr(self, k):g}"
+              for k in ("weight_decay", "max_grad_norm") if getattr(self, k) < 0]
+        for key, allowed in (("lr_scheduler", SCHEDULERS), ("precision", PRECISIONS), ("kernels", KERNELS)):
+            if getattr(self, key) not in allowed:
+                p.append(_choice(f"{where}.{key}", getattr(self, key), allowed))
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """What a run writes, and how often."""
+
+    dir: str = ""
+    """Run directory ('' = runs/<recipe file name>)."""
+    save_steps: int = 500
+    """Write a checkpoint every this many optimizer steps (0 = only at the end)."""
+    save_total_limit: int = 3
+    """Checkpoints kept (oldest deleted first; 0 = keep all)."""
+    logging_steps: int = 10
+    """Log loss, learning rate and throughput every this many steps."""
+    eval_steps: int = 0
+    """Held-out loss per task every this many steps (0 = only at the end)."""
+    log_with: str = "none"
+    """none | tensorboard | wandb | any other Accelerate tracker name."""
+
+    def problems(self, where: str = "output") -> list[str]:
+        p = [f"{where}.{k}: must be >= 0, got {getattr(self, k)}"
+             for k in ("save_steps", "save_total_limit", "eval_steps") if getattr(self, k) < 0]
+        if self.logging_steps < 1:
+            p.append(f"{where}.logging_steps: must be >= 1, got {self.logging_steps}")
+        if self.log_with not in TRACKERS:
+            p.append(_choice(f"{where}.log_with", self.log_with, TRACKERS))
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A whole training run: base model, adapter, data mixture, loop and outputs."""
+
+    seed: int = 0
+    """Seeds the adapter init, the held-out splits, the mixture draw and the data order."""
+    model: ModelConfig
+    """The frozen base model."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The adapter; starts from configs/adapters/<type>.yaml and the keys given override it."""
+    data: DataConfig
+    """The multi-task data mixture."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Outputs and their frequency."""
+
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read, override, resolve and validate a recipe; one UserError lists every problem."""
+    raw = read_yaml(path)
+    problems: list[str] = []
+    raw = apply_overrides(raw, overrides, problems)
+    recipe = _build_recipe(raw, problems, default_dir=f"runs/{Path(path).stem}")
+    collect(problems, FIX)
+    assert recipe is not None
+    return recipe
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The recipe file as a mapping; UserError for a missing, malformed or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file", "give the path of a recipe YAML (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}{at}: not valid YAML ({what})",
+                        "fix the line shown (indent with spaces; quote values containing ': ')") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file", "give a recipe YAML file") from None
+    if raw is None:
+        raise UserError(f"{path}: the recipe is empty",
+                        "give at least model.name_or_path and data.datasets (see recipes/demo.yaml)")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}",
+                        "start with keys such as model:, adapter:, data:, train: (see recipes/demo.yaml)")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: tuple[str, ...] | list[str],
+                    problems: list[str]) -> dict[str, Any]:
+    """A copy of `raw` with each `a.b[0].c=VALUE` set (VALUE parsed as YAML; a list index may also
+    be a dataset's name: data.datasets.sst2.weight=2)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = re.findall(r"[^.\[\]]+", key.strip())
+        if not sep or not parts:
+            problems.append(f"override {item!r}: write KEY=VALUE with a dotted key, e.g. train.learning_rate=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text  # an unparseable value stays a string; the schema check names the key
+        problem = _set_path(raw, parts, value)
+        if problem:
+            problems.append(f"override {item!r}: {problem}")
+    return raw
+
+
+def _set_path(node: Any, parts: list[str], value: Any) -> str | None:
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part)
+            if index is None:
+                return f"{'.'.join(parts[:depth]) or 'the list'} has no item {part!r} ({len(node)} items)"
+            if last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            return f"{'.'.join(parts[:depth])} is a {type(node).__name__}, not a section"
+    return None
+
+
+def _list_index(items: list, part: str) -> int | None:
+    if part.isdigit():
+        return int(part) if int(part) < len(items) else None
+    names = [(d.get("name") or default_name(str(d.get("path", "")), d.get("subset"))) if isinstance(d, dict)
+             else None for d in items]
+    return names.index(part) if part in names else None
+
+
+def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) -> Recipe | None:
+    before = len(problems)
+    problems += unknown_key_problems(raw, ["seed", "model", "adapter", "data", "train", "output"], "")
+    for section in ("model", "data"):
+        if section not in raw:
+            problems.append(f"{section}: missing; " + ("give model: {name_or_path: ...}" if section == "model"
+                                                       else "give data: {datasets: [...]}"))
+    parts: dict[str, Any] = {"adapter": build_adapter(raw.get("adapter", {}), problems),
+                             "data": _build_data(raw["data"], problems) if "data" in raw else None}
+    for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("output", OutputConfig)):
+        if name in raw:
+            parts[name] = _checked(cls, raw[name], name, problems)
+    seed = _checked(_Seed, {"seed": raw.get("seed", 0)}, "", problems)
+    if len(problems) > before:
+        return None
+    output = parts.get("output", OutputConfig())
+    parts["output"] = dataclasses.replace(output, dir=output.dir or default_dir)
+    return Recipe(seed=seed.seed, **parts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Seed:
+    seed: int = 0
+
+    def problems(self, where: str) -> list[str]:
+        return []
+
+
+def _checked(cls: type, raw: Any, where: str, problems: list[str], given: dict[str, Any] | None = None,
+             resolve: Any = None, skip: set[str] = frozenset()) -> Any:
+    """Build `cls` from YAML and range-check it; None when anything about it is wrong. Fields of
+    the wrong type take their defaults for the range checks, whose findings about them are dropped."""
+    before = len(problems)
+    values, bad = build(cls, raw, where, problems, given=given)
+    if values is None:
+        return None
+    obj = cls(**values)
+    obj = resolve(obj) if resolve else obj
+    problems += [p for p in obj.problems(where) if not about(p, where, bad | skip)]
+    return obj if len(problems) == before else None
+
+
+def _build_data(raw: Any, problems: list[str]) -> DataConfig | None:
+    before = len(problems)
+    entries = raw.get("datasets") if isinstance(raw, dict) else None
+    if isinstance(raw, dict) and "datasets" in raw and not isinstance(entries, list):
+        problems.append("data.datasets: must be a list of sources (- path: ...)")
+    entries = entries if isinstance(entries, list) else []
+    datasets = [_build_dataset(e, f"data.datasets[{i}]", problems) for i, e in enumerate(entries)]
+    built = tuple(d for d in datasets if d is not None)
+    body = {k: v for k, v in raw.items() if k != "datasets"} if isinstance(raw, dict) else raw
+    # When every entry failed (and was reported), "datasets: empty" would only repeat it.
+    data = _checked(DataConfig, body, "data", problems, given={"datasets": built},
+                    skip={"datasets"} if entries and not built else set())
+    return data if len(problems) == before else None
+
+
+def _build_dataset(raw: Any, where: str, problems: list[str]) -> DatasetConfig | None:
+    before = len(problems)
+    d = _checked(DatasetConfig, raw, where, problems, resolve=lambda d: dataclasses.replace(
+        d, name=d.name or default_name(d.path, d.subset), kind=d.kind or ("knowledge" if d.format else "")))
+    if d is not None:  # the files are only worth reading once the entry itself makes sense
+        from rlora_cli.sources import check_source
+
+        problems += check_source(d, where)
+    return d if len(problems) == before else None
+
+
+def default_name(path: str, subset: str | None = None) -> str:
+    """A task name from the source: the subset, a BIG-bench folder, or the file/hub name."""
+    if subset:
+        return str(subset)
+    path = Path(path)
+    if path.name == "task.json":
+        return path.parent.name
+    return path.stem if path.suffix in (".jsonl", ".json", ".csv", ".parquet") else path.name
+
+
+def build_adapter(raw: Any, problems: list[str]) -> AdapterConfig | None:
+    """The adapter section over its method's preset (configs/adapters/<type>.yaml)."""
+    if not isinstance(raw, dict):
+        hint = f" (write adapter: {{type: {raw}}})" if isinstance(raw, str) else ""
+        problems.append(f"adapter: must be a mapping{hint}")
+        return None
+    method = raw.get("type", "rlora")
+    preset = adapter_preset(method) if method in METHODS else {}
+    merged = {**preset, **raw}
+    if merged.get("router") is False:  # YAML reads an unquoted `router: off` as false
+        merged["router"] = "off"
+    before = len(problems)
+    values, bad = build(AdapterConfig, merged, "adapter", problems)
+    try:
+        config = AdapterConfig(**values) if values is not None else None
+    except UserError as e:  # AdapterConfig validates itself; merge its report into ours
+        problems += [p for p in e.problems if not about(p, "adapter", bad)]
+        return None
+    return config if len(problems) == before else None
+
+
+def adapter_preset(method: str) -> dict[str, Any]:
+    """The preset of a method, as written in configs/adapters/<method>.yaml."""
+    text = configs_dir().joinpath("adapters").joinpath(f"{method}.yaml").read_text()  # Traversable: one part each
+    return yaml.safe_load(text) or {}
+
+
+def configs_dir() -> Any:
+    """The shipped configs: the checkout's configs/ when running from source, else the installed
+    package data (rlora_cli.configs)."""
+    import rlora_cli
+
+    checkout = Path(rlora_cli.__file__).parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+
+    return files("rlora_cli.configs")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain YAML-writable data (OUT/recipe.yaml)."""
+    return _plain(dataclasses.asdict(recipe))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def recipe_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys (data.datasets[1].weight) whose values differ between two recipe dicts."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, _MISSING) != fb.get(k, _MISSING))
+
+
+def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The differing keys that forbid resuming (all but train.max_steps/num_epochs and output.*)."""
+    return [k for k in recipe_diff(saved, new) if not any(k == r or (r.endswith(".") and k.startswith(r))
+                                                          for r in RESUMABLE)]
+
+
+_MISSING = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, join(prefix, str(k))))
+        return out
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> str:
+    return f"{where}: unknown value {value!r}; choose one of {', '.join(allowed)}"

@@ -1,0 +1,308 @@
+"""From a recipe's sources to token rows: split, mix, tokenize with the prompt mask, pack.
+
+    prepared = prepare(recipe, tokenizer, console)   # Prepared.train, .val, .val_examples, ...
+    batch = collate(rows, tokenizer.pad_token_id, recipe.data.packing)
+
+Per source (sources.py reads it): hold out val_size rows first (deterministic for the seed), draw
+the training examples the mixture asks for (mixture.py), then tokenize only the drawn rows. Each
+rendered segment (templates.py) is tokenized on its own and the ids concatenated, so the boundary
+between untrained prompt (label -100) and trained response is token-exact; EOS follows the last
+response so the model learns to stop. Every example keeps its source name as its task id.
+Tokenization is a `Dataset.map` whose fingerprint covers the rows, the tokenizer and every
+setting, so a changed recipe or tokenizer never reuses a stale cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlora_cli.config import DatasetConfig, Recipe, load_recipe
+from rlora_cli.errors import UserError
+from rlora_cli.mixture import (MixtureReport, draw_indices, make_report, mixture_table, plan_counts, rng_for,
+                               target_shares, write_mixture)
+from rlora_cli.packing import IGNORE, collate, pack
+from rlora_cli.sources import load_source
+from rlora_cli.templates import TEMPLATES, Example, render, template_info
+
+__all__ = ["Encoded", "Prepared", "collate", "dry_run", "encode", "load_splits", "prepare", "split_indices",
+           "tokenize_example", "write_mixture"]
+
+# Bump when tokenization changes in a way the cache fingerprints cannot see (code they call).
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the trainer and evaluator need from the data."""
+
+    train: Any
+    """datasets.Dataset in training order: input_ids, labels, task_id, n_trained_tokens (packed:
+    input_ids, labels, position_ids, task_ids per token, n_trained_tokens, n_examples)."""
+    val: dict[str, Any]
+    """Tokenized held-out rows per task (never packed), for the held-out loss."""
+    val_examples: dict[str, list[Example]]
+    """Raw held-out examples per task, which the evaluator scores."""
+    tasks: list[str]
+    """task id -> task name (the recipe's source order)."""
+    mixture: MixtureReport
+    templates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """kind -> template_info (the first source of each kind), saved with the adapter."""
+    samples: dict[str, Example] = field(default_factory=dict)
+    """The first training example of each task, for previews and logs."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class _Source:
+    cfg: DatasetConfig
+    task_id: int
+    train: Any
+    val: Any
+    rows: int
+    dropped: int
+    words: list[str] | None
+
+
+def prepare(recipe: Recipe, tokenizer: Any, console: Any = None, cache_dir: str | None = None) -> Prepared:
+    """Load, split, mix and tokenize the recipe's data; print the mixture report to `console`."""
+    from datasets import concatenate_datasets
+
+    data = recipe.data
+    sources = _load_sources(recipe, recipe.seed, cache_dir)
+    weights = [s.cfg.weight for s in sources]
+    counts = plan_counts([len(s.train) for s in sources], weights, data.temperature,
+                         [s.cfg.max_samples for s in sources], data.num_samples)
+    mixed = [_mix_source(s, count, share, tokenizer, recipe)
+             for s, count, share in zip(sources, counts, target_shares(weights, data.temperature))]
+    parts, lines = [part for part, _ in mixed if part is not None], [line for _, line in mixed]
+    train = concatenate_datasets(parts)
+    train = train.select(rng_for(recipe.seed, "order").permutation(len(train)))
+    if data.packing:
+        train = pack(train, data.max_length)
+    report = make_report(lines, seed=recipe.seed, temperature=data.temperature, max_length=data.max_length,
+                         packing=data.packing, rows=len(train))
+    if console is not None:
+        _print_report(report, console)
+    return Prepared(
+        train=train,
+        val={s.cfg.name: _tokenize(s.val, s, tokenizer, recipe).remove_columns("truncated")
+             for s in sources if len(s.val)},
+        val_examples={s.cfg.name: to_examples(s.val, s) for s in sources if len(s.val)},
+        tasks=[s.cfg.name for s in sources], mixture=report,
+        templates=_templates(recipe), samples={s.cfg.name: to_examples(s.train.select([0]), s)[0] for s in sources})
+
+
+def _mix_source(s: _Source, count: int, share: float, tokenizer: Any, recipe: Recipe) -> tuple[Any, dict]:
+    """The source's `count` drawn training examples, tokenized (None for none), and its report line.
+    Only distinct drawn rows are tokenized: a 400k-row source sampled down to 10k costs 10k encodes."""
+    if count == 0:
+        return None, _line(s, share, 0, 0, 0)
+    drawn = draw_indices(len(s.train), count, rng_for(recipe.seed, s.cfg.name, "draw"))
+    unique, positions = np.unique(drawn, return_inverse=True)
+    encoded = _tokenize(s.train.select(unique), s, tokenizer, recipe)
+    trained = int(np.asarray(encoded["n_trained_tokens"], dtype=np.int64)[positions].sum())
+    truncated = int(np.asarray(encoded["truncated"], dtype=bool)[positions].sum())
+    return encoded.remove_columns("truncated").select(positions), _line(s, share, count, trained, truncated)
+
+
+def load_splits(recipe: Recipe, seed: int | None = None, cache_dir: str | None = None,
+                with_train: bool = True) -> dict[str, tuple[list[Example], list[Example]]]:
+    """(train, held-out) examples per task, exactly the rows `prepare` uses, without tokenizing.
+    `with_train=False` leaves the training lists empty (an evaluator needs only the held-out
+    rows, and turning a large hub split into Python objects takes a while)."""
+    seed = recipe.seed if seed is None else seed
+    return {s.cfg.name: (to_examples(s.train, s) if with_train else [], to_examples(s.val, s))
+            for s in _load_sources(recipe, seed, cache_dir)}
+
+
+def _load_sources(recipe: Recipe, seed: int, cache_dir: str | None) -> list[_Source]:
+    out = []
+    for i, cfg in enumerate(recipe.data.datasets):
+        where = f"data.datasets[{i}]"
+        rows, dropped, words = load_source(cfg, where, cache_dir)
+        train_idx, val_idx = split_indices(len(rows), cfg.val_size, seed, cfg.name)
+        if len(train_idx) == 0:
+            raise UserError(f"{where}.val_size: holding out {cfg.val_size} leaves none of the {len(rows)} usable "
+                            f"rows of {cfg.name} for training", "lower val_size")
+        out.append(_Source(cfg, i, rows.select(train_idx), rows.select(val_idx), len(rows), dropped, words))
+    return out
+
+
+def split_indices(n: int, val_size: float | int, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) row indices, each sorted: a fraction rounds to at least one row, an int
+    is a count. Depends only on the seed and the task name."""
+    if isinstance(val_size, int):
+        n_val = min(val_size, n)
+    else:
+        n_val = max(1, round(val_size * n)) if val_size > 0 else 0
+    order = rng_for(seed, name, "val").permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def to_examples(rows: Any, source: _Source) -> list[Example]:
+    return [to_example(r, source.cfg.name, source.cfg.kind, source.words) for r in rows.to_list()]
+
+
+def to_example(row: dict[str, Any], task: str, kind: str, words: list[str] | None = None) -> Example:
+    """A normalized row (sources.normalize_row's schema) as an Example with only meaningful fields."""
+    if kind == "instruction":
+        fields = {k: row[k] for k in ("instruction", "output")} | ({"input": row["input"]} if row["input"] else {})
+    elif kind == "nlu":
+        fields = {"text": row["text"], "label": row["label"], "label_words": list(words or [])}
+        fields |= {"text_pair": row["text_pair"]} if row["text_pair"] else {}
+    elif kind == "knowledge":
+        fields = {"question": row["question"], "answer": row["answer"]}
+        if row["choices"]:
+            fields |= {"choices": list(row["choices"]), "answer_index": int(row["answer_index"])}
+        fields |= {k: row[k] for k in ("format", "targets") if row.get(k)}
+    else:
+        fields = {"messages": [dict(m) for m in row["messages"]]}
+    return Example(task, kind, fields)
+
+
+def _tokenize(rows: Any, s: _Source, tokenizer: Any, recipe: Recipe) -> Any:
+    kwargs = {"task": s.cfg.name, "task_id": s.task_id, "kind": s.cfg.kind, "template": s.cfg.template,
+              "words": s.words, "tokenizer": tokenizer, "max_length": recipe.data.max_length,
+              "train_on_prompt": recipe.data.train_on_prompt, "prefix": special_prefix(tokenizer),
+              "version": [PIPELINE_VERSION, TEMPLATES[s.cfg.kind]]}  # invalidates the cache on template edits
+    return rows.map(_encode_row, fn_kwargs=kwargs, remove_columns=rows.column_names,
+                    desc=f"{s.cfg.name}: tokenizing")
+
+
+def _encode_row(row: dict[str, Any], *, task: str, task_id: int, kind: str, template: str, words: Any, tokenizer: Any,
+                max_length: int, train_on_prompt: bool, prefix: list[int], version: Any) -> dict[str, Any]:
+    e = encode(render(to_example(row, task, kind, words), tokenizer, template), tokenizer, max_length=max_length,
+               train_on_prompt=train_on_prompt, prefix=prefix)
+    return {"input_ids": e.input_ids, "labels": e.labels, "task_id": task_id,
+            "n_trained_tokens": sum(1 for x in e.labels if x != IGNORE), "truncated": e.truncated}
+
+
+def tokenize_example(example: Example, tokenizer: Any, *, template: str = "default", max_length: int | None = None,
+                     train_on_prompt: bool = False) -> Encoded:
+    """Render and encode one example the way training sees it."""
+    return encode(render(example, tokenizer, template), tokenizer, max_length=max_length,
+                  train_on_prompt=train_on_prompt)
+
+
+def encode(segments: list[tuple[str, bool]], tokenizer: Any, *, max_length: int | None = None,
+           train_on_prompt: bool = False, prefix: list[int] | None = None) -> Encoded:
+    """Token ids and labels of rendered segments: each segment tokenized alone (a token never
+    spans the prompt/response boundary), the tokenizer's BOS in front when it adds one, EOS after
+    the last trained segment unless it already ends with it. Labels are -100 on untrained text and
+    on the first token (nothing predicts it; in a packed row that keeps examples apart).
+    `prefix` is `special_prefix(tokenizer)`, computed once by callers that encode many examples."""
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
+    bos = getattr(tokenizer, "bos_token", None)
+    head = [] if bos and segments and segments[0][0].startswith(bos) else list(prefix)  # a chat template has it
+    ids, labels, last_start = list(head), [IGNORE] * len(head), len(head)
+    for text, trained in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if trained:
+            last_start = len(ids)
+        ids += piece
+        labels += piece if trained or train_on_prompt else [IGNORE] * len(piece)
+    eos = tokenizer.eos_token_id
+    last_trained = next((t for t, trained in reversed(segments) if trained), None)
+    if eos is not None and last_trained is not None and not last_trained.rstrip().endswith(tokenizer.eos_token):
+        ids.append(eos)
+        labels.append(eos)
+    if labels:
+        labels[0] = IGNORE
+    if max_length is None or len(ids) <= max_length:
+        return Encoded(ids, labels, False)
+    ids, labels = _truncate(ids, labels, max_length, len(head), last_start)
+    labels[0] = IGNORE
+    return Encoded(ids, labels, True)
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts in front of a text (BOS for Llama-style tokenizers, often none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return full[: len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, head: int, start: int) -> tuple[list, list]:
+    """Cut from the prompt side, keeping the special prefix and the whole last response; a
+    response that cannot fit keeps its beginning after a quarter of the budget of prompt."""
+    budget = max_length - head
+    response = len(ids) - start
+    if response <= budget:
+        keep = budget - response
+        cut = slice(start - keep, None)
+    else:
+        keep = min(start - head, budget // 4)
+        cut = slice(start - keep, start - keep + budget)
+    return ids[:head] + ids[cut], labels[:head] + labels[cut]
+
+
+def _line(s: _Source, share: float, used: int, trained_tokens: int, truncated: int) -> dict[str, Any]:
+    return {"name": s.cfg.name, "kind": s.cfg.kind, "path": s.cfg.path, "weight": s.cfg.weight,
+            "target_share": share, "rows": s.rows, "dropped": s.dropped, "val_rows": len(s.val),
+            "train_rows": len(s.train), "used": used, "trained_tokens": trained_tokens, "truncated": truncated}
+
+
+def _print_report(report: MixtureReport, console: Any) -> None:
+    console.print(mixture_table(report))
+    truncated = sum(s.truncated for s in report.sources)
+    if truncated:
+        console.print(f"[yellow]{truncated:,} training examples are longer than data.max_length="
+                      f"{report.max_length} and lose tokens from the prompt side[/]")
+    for s in report.sources:
+        if s.used == 0:
+            console.print(f"[yellow]{s.name} contributes no training examples: raise its weight or num_samples[/]")
+
+
+def _templates(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for d in recipe.data.datasets:
+        out.setdefault(d.kind, template_info(d.kind, d.template))
+    return out
+
+
+def dry_run(recipe_path: str | Path, overrides: tuple[str, ...] | list[str] = (), console: Any = None) -> None:
+    """Validate the recipe, load the tokenizer (no model weights) and the data, print the mixture
+    and one rendered example per source with its trained tokens highlighted."""
+    from rich.console import Console
+
+    from rlora_cli.model import load_tokenizer
+
+    console = console or Console()
+    recipe = load_recipe(recipe_path, overrides)
+    tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    prepared = prepare(recipe, tokenizer, console)
+    for d in recipe.data.datasets:
+        show_example(prepared.samples[d.name], tokenizer, console, template=d.template, recipe=recipe)
+    console.print(f"[green]dry run ok[/]: {recipe_path} is valid and its data loads; no model weights were "
+                  "loaded and nothing was trained.")
+
+
+def show_example(example: Example, tokenizer: Any, console: Any, *, template: str, recipe: Recipe) -> None:
+    """Print an example as the model sees it: prompt dim, trained tokens highlighted."""
+    from rich.panel import Panel
+    from rich.text import Text
+
+    e = tokenize_example(example, tokenizer, template=template, max_length=recipe.data.max_length,
+                         train_on_prompt=recipe.data.train_on_prompt)
+    text, run, trained = Text(), [], False
+    for token, label in zip(e.input_ids + [None], e.labels + [None]):
+        is_trained = label is not None and label != IGNORE
+        if token is None or (run and is_trained != trained):
+            text.append(tokenizer.decode(run), style="bold green" if trained else "dim")
+            run = []
+        if token is not None:
+            run, trained = run + [token], is_trained
+    n = sum(1 for x in e.labels if x != IGNORE)
+    title = f"{example.task} ({example.kind}): {len(e.input_ids)} tokens, {n} trained" + \
+            (", truncated" if e.truncated else "")
+    console.print(Panel(text, title=title, subtitle="[dim]prompt[/] / [bold green]trained[/]"))

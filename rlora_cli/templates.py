@@ -1,0 +1,225 @@
+"""Prompt templates: how an example of each data kind becomes text, and which part is trained.
+
+Four kinds (`KIND_FIELDS` lists their fields):
+- `instruction`: instruction, optional input → output (Alpaca's template);
+- `nlu`: text, optional text_pair → label word (the prompt names the label set);
+- `knowledge`: question → answer, or question + choices → "letter. answer" (BIG-bench rows keep
+  BIG-bench's own prompt and answer with the choice text);
+- `chat`: messages [{role, content}, ...] through the tokenizer's chat template, every assistant
+  turn trained.
+
+`render` returns text segments with a trained flag; data.py tokenizes each segment separately, so
+the loss-mask boundary is token-exact. With `template: chat` any kind goes through the
+tokenizer's chat template (user = prompt, assistant = response). `TEMPLATES` holds every format
+string render uses; `template_info` is what the trainer saves with an adapter so `rlora generate`
+and the evaluator can rebuild the same prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from rlora_cli.errors import UserError
+
+KINDS = ("instruction", "nlu", "knowledge", "chat")
+TEMPLATE_NAMES = ("default", "chat")
+LETTERS = string.ascii_uppercase
+
+# kind -> (required fields, optional fields), in the kind's own names (a recipe's `columns:` maps
+# a source's column names onto these).
+KIND_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "instruction": (("instruction", "output"), ("input",)),
+    "nlu": (("text", "label"), ("text_pair",)),
+    "knowledge": (("question", "answer"), ("choices",)),
+    "chat": (("messages",), ()),
+}
+
+_ALPACA_HEAD = "Below is an instruction that describes a task"
+TEMPLATES: dict[str, dict[str, str]] = {
+    "instruction": {
+        "prompt": _ALPACA_HEAD + ". Write a response that appropriately completes the request.\n\n"
+                  "### Instruction:\n{instruction}\n\n### Response:\n",
+        "prompt_with_input": _ALPACA_HEAD + ", paired with an input that provides further context. "
+                             "Write a response that appropriately completes the request.\n\n"
+                             "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "response": "{output}",
+    },
+    "nlu": {
+        "prompt": "Classify the text. Answer with one of: {label_list}.\n\nText: {text}\nAnswer:",
+        "prompt_with_pair": "Classify the pair of texts. Answer with one of: {label_list}.\n\n"
+                            "Text 1: {text}\nText 2: {text_pair}\nAnswer:",
+        "label_separator": ", ",
+        "response": " {label}",
+    },
+    "knowledge": {
+        "prompt": "Question: {question}\nAnswer:",
+        "prompt_with_choices": "Question: {question}\n{choice_list}\nAnswer:",
+        "choice": "{letter}. {choice}",
+        "choice_separator": "\n",
+        "response": " {answer}",
+        "response_with_choices": " {letter}. {answer}",
+        # BIG-bench rows: the question already is BIG-bench's whole prompt (prefixes, choices when
+        # the task appends them, output prefix); trailing spaces move to the response so the
+        # answer tokenizes as it does in running text (" 05/01/2021", not " " + "05/01/2021").
+        "bigbench_prompt": "{question, trailing spaces removed}",
+        "bigbench_response": "{trailing spaces of question}{answer}",
+    },
+    "chat": {"messages": "the tokenizer's chat template; loss on every assistant turn"},
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or held-out example. `fields` use the kind's names (see `KIND_FIELDS`), plus
+    what scoring needs: nlu rows carry `label_words`; knowledge rows with choices carry
+    `answer_index`; BIG-bench rows carry `format: "bigbench"` (and `targets` when free-form)."""
+
+    task: str
+    kind: str
+    fields: dict
+
+
+def render(example: Example, tokenizer: Any = None, template: str = "default") -> list[tuple[str, bool]]:
+    """Text segments with a trained flag; for non-chat kinds `[(prompt, False), (response, True)]`."""
+    if example.kind == "chat":
+        return chat_segments(_messages(example), tokenizer)
+    prompt, response = _default_pair(example)
+    if template == "chat":
+        return chat_segments([{"role": "user", "content": prompt},
+                              {"role": "assistant", "content": response.strip()}], tokenizer)
+    if template != "default":
+        raise UserError(f"unknown template {template!r}", f"use one of {', '.join(TEMPLATE_NAMES)}")
+    return [(prompt, False), (response, True)]
+
+
+def prompt_and_response(example: Example, tokenizer: Any = None, template: str = "default") -> tuple[str, str]:
+    """(prompt, response) of a non-chat example: the untrained and the trained text."""
+    if example.kind == "chat":
+        raise UserError("chat examples have several turns", "use render() for them")
+    (prompt, _), (response, _) = render(example, tokenizer, template)
+    return prompt, response
+
+
+def prompt_text(example: Example, tokenizer: Any = None, template: str = "default") -> str:
+    """The prompt alone, for generation: response fields may be absent."""
+    if example.kind == "chat":
+        return _apply(tokenizer, _messages(example), generation_prompt=True)
+    prompt = _prompt(example.kind, example.fields)
+    if template == "chat":
+        return _apply(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
+    return prompt
+
+
+def choices(example: Example, tokenizer: Any = None, template: str = "default") -> list[str] | None:
+    """Candidate response strings, scored by log-likelihood after the prompt (exactly as `render`
+    writes the response): every label word for nlu, every "letter. answer" for knowledge with
+    choices. None for free-form examples."""
+    f = example.fields
+    if example.kind == "nlu":
+        variants = [{**f, "label": word} for word in f["label_words"]]
+    elif example.kind == "knowledge" and f.get("choices"):
+        variants = [{**f, "answer": c, "answer_index": i} for i, c in enumerate(f["choices"])]
+    else:
+        return None
+    return [prompt_and_response(Example(example.task, example.kind, v), tokenizer, template)[1]
+            for v in variants]
+
+
+def gold_index(example: Example) -> int | None:
+    """Index of the right answer in `choices(example)`; None for free-form examples."""
+    f = example.fields
+    if example.kind == "nlu":
+        return list(f["label_words"]).index(f["label"])
+    if example.kind == "knowledge" and f.get("choices"):
+        return int(f["answer_index"])
+    return None
+
+
+def template_info(kind: str, template: str = "default") -> dict[str, Any]:
+    """JSON-serialisable description of how `kind` is rendered, saved with the adapter."""
+    if kind not in KINDS or template not in TEMPLATE_NAMES:
+        raise UserError(f"no template for kind {kind!r} with template {template!r}",
+                        f"kinds: {', '.join(KINDS)}; templates: {', '.join(TEMPLATE_NAMES)}")
+    info: dict[str, Any] = {"kind": kind, "template": template, "format": copy.deepcopy(TEMPLATES[kind]),
+                            "eos": "appended after the last trained segment unless it already ends "
+                                   "with the tokenizer's EOS token"}
+    if template == "chat" and kind != "chat":
+        info["chat"] = ("the tokenizer's chat template with user = the default prompt and "
+                        "assistant = the default response stripped of surrounding whitespace")
+    return info
+
+
+def _default_pair(example: Example) -> tuple[str, str]:
+    f, t = example.fields, TEMPLATES.get(example.kind)
+    if t is None:
+        raise UserError(f"unknown data kind {example.kind!r}", f"use one of {', '.join(KINDS)}")
+    prompt = _prompt(example.kind, f)
+    if example.kind == "instruction":
+        return prompt, t["response"].format(output=f["output"])
+    if example.kind == "nlu":
+        return prompt, t["response"].format(label=f["label"])
+    if f.get("format") == "bigbench":
+        q = f["question"]
+        return prompt, q[len(q.rstrip(" ")):] + f["answer"]
+    if f.get("choices"):
+        i = int(f["answer_index"])
+        return prompt, t["response_with_choices"].format(letter=LETTERS[i], answer=f["choices"][i])
+    return prompt, t["response"].format(answer=f["answer"])
+
+
+def _prompt(kind: str, f: dict) -> str:
+    t = TEMPLATES[kind]
+    if kind == "instruction":
+        key = "prompt_with_input" if f.get("input") else "prompt"
+        return t[key].format(instruction=f["instruction"], input=f.get("input") or "")
+    if kind == "nlu":
+        labels = t["label_separator"].join(f.get("label_words") or ())
+        key = "prompt_with_pair" if f.get("text_pair") else "prompt"
+        return t[key].format(label_list=labels, text=f["text"], text_pair=f.get("text_pair") or "")
+    if f.get("format") == "bigbench":
+        return f["question"].rstrip(" ")
+    if f.get("choices"):
+        if len(f["choices"]) > len(LETTERS):
+            raise UserError(f"{len(f['choices'])} choices in one question", f"at most {len(LETTERS)} are lettered")
+        listed = t["choice_separator"].join(t["choice"].format(letter=LETTERS[i], choice=c)
+                                            for i, c in enumerate(f["choices"]))
+        return t["prompt_with_choices"].format(question=f["question"], choice_list=listed)
+    return t["prompt"].format(question=f["question"])
+
+
+def _messages(example: Example) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in example.fields["messages"]]
+
+
+def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, bool]]:
+    """Segments of a conversation through the chat template; assistant turns are trained.
+
+    Each assistant turn is the difference between the rendering that ends with it and the
+    rendering of the turns before it plus the generation prompt, so the trained text is exactly
+    what the model must produce after the template's own "assistant" header (end-of-turn marker
+    included: the model learns to stop). Turns after the last assistant turn teach nothing and
+    are dropped."""
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = _apply(tokenizer, messages[:i], generation_prompt=True)
+        full = _apply(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (head.startswith(done) and full.startswith(head)):
+            raise UserError("this tokenizer's chat template rewrites earlier turns, so assistant turns "
+                            "cannot be located in the rendered text",
+                            "use template: default, or a model whose chat template only appends")
+        segments += [(head[len(done):], False), (full[len(head):], True)]
+        done = full
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _apply(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("this data needs a chat template, and the tokenizer has none",
+                        "use template: default, or a model whose tokenizer has a chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
