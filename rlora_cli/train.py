@@ -93,6 +93,9 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     accelerator = Accelerator(mixed_precision=mixed_precision(t.precision),
                               log_with=None if recipe.output.log_with == "none" else recipe.output.log_with,
                               project_dir=str(out))
+    if recipe.output.log_with != "none" and not accelerator.log_with:  # Accelerate only warns
+        raise UserError(f"output.log_with: {recipe.output.log_with} is not installed",
+                        f"pip install {recipe.output.log_with}, or set output.log_with: none")
     main = accelerator.is_main_process
     console = (console or Console()) if main else Console(quiet=True)
     set_seed(recipe.seed)

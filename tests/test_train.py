@@ -188,3 +188,27 @@ def test_train_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--output", "--resume", "--overwrite", "--dry-run", "KEY=VALUE"):
         assert flag in out
+
+
+def test_gradient_checkpointing_trains_the_adapters_identically(tmp_path, learnable_model_dir):
+    runs = {}
+    for ckpt in (False, True):
+        folder = tmp_path / f"ckpt{ckpt}"
+        folder.mkdir()
+        recipe = write_recipe(folder, learnable_model_dir, train={"max_steps": 2, "gradient_checkpointing": ckpt})
+        runs[ckpt] = adapter_tensors(train(recipe, output=folder / "run"))
+    for key in runs[True]:  # dropout is on: checkpointing replays the same RNG in recomputation
+        torch.testing.assert_close(runs[True][key], runs[False][key], rtol=0, atol=1e-6)
+    routers = [k for k in runs[True] if k.endswith("rlora_router")]
+    assert all(runs[True][k].abs().sum() > 0 for k in routers)  # trained (routers start at 0)
+
+
+def test_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path, learnable_model_dir, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False, raising=False)
+    monkeypatch.setattr("accelerate.tracking.is_tensorboard_available", lambda: False, raising=False)
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 1}, output={"log_with": "tensorboard"})
+    with pytest.raises(UserError, match="output.log_with: tensorboard is not installed"):
+        train(recipe, output=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
