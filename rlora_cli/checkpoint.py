@@ -139,7 +139,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     """Re-create the saved adapter on an untouched base model (in place; no RNG is drawn)."""
     config = read_adapter_config(directory)
     cfg = AdapterConfig.from_dict(config["adapter"])
-    tensors = _read_weights(Path(directory) / WEIGHTS_FILE)
+    tensors = read_weights(Path(directory) / WEIGHTS_FILE)
     dtype = next(iter(tensors.values())).dtype if tensors else None
     inject_adapters(base_model, cfg, modules=config["modules"], init=False, dtype=dtype)
     try:
@@ -154,10 +154,10 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     """Copy saved adapter tensors into a model that already has the same adapters (resume)."""
     path = Path(directory) / WEIGHTS_FILE
-    _fill(adapter_state(model), _read_weights(path), path)
+    _fill(adapter_state(model), read_weights(path), path)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -170,6 +170,14 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _fill(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    check_tensors(state, tensors, path)
+    for key, target in state.items():
+        target.copy_(tensors[key])
+
+
+def check_tensors(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path,
+                  fix: str = "load the adapter onto the base model it was trained on (see rlora inspect)") -> None:
+    """The file's tensors must be exactly the adapter's, with the same shapes."""
     missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
     if missing or unexpected:
         names = ", ".join((missing or unexpected)[:3])
@@ -178,9 +186,7 @@ def _fill(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path
     for key, target in state.items():
         if target.shape != tensors[key].shape:
             raise UserError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this base "
-                            f"model needs {tuple(target.shape)}",
-                            "load the adapter onto the base model it was trained on (see rlora inspect)")
-        target.copy_(tensors[key])
+                            f"model needs {tuple(target.shape)}", fix)
 
 
 def _version() -> str:

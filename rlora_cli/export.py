@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters, layer_spec
-from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, read_adapter_config
+from rlora_cli.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_dir, check_tensors, read_adapter_config,
+                                  read_weights)
 from rlora_cli.errors import UserError
 
 FORMATS = ("peft", "merged")
@@ -210,8 +211,6 @@ def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig,
                           base: str) -> tuple[dict[str, Any], list[str]]:
     """The adapter's layers over a weightless (meta) copy of the base, and PEFT's target list."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -222,11 +221,7 @@ def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig,
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     path = adapter_dir / WEIGHTS_FILE
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot read the adapter weights ({e})",
-                        "the file is missing or corrupt; save the adapter again or use another checkpoint") from None
+    tensors = read_weights(path)
     targets = _peft_targets(model, config["modules"])
     dtype = next(iter(tensors.values())).dtype if tensors else None
     inject_adapters(model, cfg, modules=config["modules"], init=False, dtype=dtype)
@@ -236,17 +231,8 @@ def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig,
 
 def _assign(model: Any, tensors: dict[str, Any], path: Path) -> None:
     """Put the file's tensors into the meta adapter (same checks as checkpoint.load_adapter)."""
-    state = adapter_state(model)
-    missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
-    if missing or unexpected:
-        names = ", ".join((missing or unexpected)[:3])
-        raise UserError(f"{path}: {'missing' if missing else 'unexpected'} tensors ({names})",
-                        "the weights do not belong to this rlora_config.json; save the adapter again")
-    for key, target in state.items():
-        if target.shape != tensors[key].shape:
-            raise UserError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this base "
-                            f"model needs {tuple(target.shape)}",
-                            "use the base model it was trained on (see rlora inspect), or pass --base")
+    check_tensors(adapter_state(model), tensors, path,
+                  fix="use the base model it was trained on (see rlora inspect), or pass --base")
     model.load_state_dict(tensors, strict=False, assign=True)
 
 
