@@ -25,10 +25,7 @@ model: {{name_or_path: {model}, dtype: auto}}
 adapter: {{type: rlora, r: 8, num_heads: 4, lora_dropout: 0.0, target_modules: all-linear}}
 data:
   max_length: 256
-  datasets:
-    - {{name: textops, path: data/demo/textops.jsonl, kind: instruction, val_size: 16}}
-    - {{name: reviews, path: data/demo/reviews.jsonl, kind: nlu, label_words: [negative, positive], val_size: 16}}
-    - {{name: numbers, path: data/demo/numbers.jsonl, kind: knowledge, val_size: 16}}
+  datasets: {datasets}
 train: {{max_steps: 20, micro_batch_size: 8, gradient_accumulation_steps: {accum}, learning_rate: 1.0e-3,
         warmup_ratio: 0.1, precision: bf16, kernels: none}}
 output: {{save_steps: 10, logging_steps: 1}}
@@ -36,8 +33,12 @@ output: {{save_steps: 10, logging_steps: 1}}
 
 
 def run(name: str, out: Path, model: Path, accum: int, launch: list[str]) -> dict:
+    import yaml
+
+    sources = yaml.safe_load(Path("recipes/demo.yaml").read_text())["data"]["datasets"]  # the demo mixture
+    sources = [{**s, "val_size": 16} for s in sources]
     recipe = out / f"{name}.yaml"
-    recipe.write_text(RECIPE.format(model=model, accum=accum))
+    recipe.write_text(RECIPE.format(model=model, accum=accum, datasets=json.dumps(sources)))
     cmd = [*launch, "-m", "rlora_cli", "train", str(recipe), "--output", str(out / name), "--overwrite"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -52,6 +53,7 @@ def run(name: str, out: Path, model: Path, accum: int, launch: list[str]) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/multi_gpu")
+    ap.add_argument("--only", default=None, help="run one of 1gpu, ddp2, fsdp2")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,12 +65,15 @@ def main() -> None:
     py = [sys.executable]
     acc = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "bf16", "--dynamo_backend", "no"]
-    results = {
-        "1gpu": run("1gpu", out, model, 2, py),
-        "ddp2": run("ddp2", out, model, 1, [*acc, "--multi_gpu"]),
-        "fsdp2": run("fsdp2", out, model, 1, [sys.executable, "-m", "accelerate.commands.launch",
-                                                "--config_file", "configs/accelerate/fsdp.yaml"]),
+    plans = {
+        "1gpu": (2, py),
+        "ddp2": (1, [*acc, "--multi_gpu"]),
+        "fsdp2": (1, [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml"]),
     }
+    if args.only:
+        print(json.dumps(run(args.only, out, model, *plans[args.only])))
+        return
+    results = {name: run(name, out, model, *plan) for name, plan in plans.items()}
     base = results["1gpu"]["loss"]
     print(f"{'step':>4} " + " ".join(f"{k:>10}" for k in results))
     for i in range(len(base)):
