@@ -9,7 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Real BIG-bench task files (Apache-2.0) live in shared/ beside the checkout, never in the repo.
+BIGBENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import yaml
 from rlora_cli.adapters import AdapterConfig
 from rlora_cli.config import (Recipe, configs_dir, load_recipe, recipe_diff, recipe_to_dict, resume_conflicts)
 from rlora_cli.errors import UserError
+from conftest import BIGBENCH_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -254,7 +255,7 @@ def test_hub_source_is_checked_by_schema_only(tmp_path):
 
 
 def test_bigbench_source(tmp_path):
-    task = "/work/shared/data/bigbench/date_understanding/task.json"
+    task = str(BIGBENCH_DIR / "date_understanding" / "task.json")
     recipe = {"model": {"name_or_path": "m"}, "data": {"datasets": [{"path": task, "format": "bigbench"}]}}
     d = load_recipe(write(tmp_path, recipe)).data.datasets[0]
     assert (d.name, d.kind, d.format) == ("date_understanding", "knowledge", "bigbench")

@@ -17,8 +17,9 @@ from rlora_cli.errors import UserError
 from rlora_cli.mixture import draw_indices, plan_counts, target_shares
 from rlora_cli.packing import pack_batch
 from rlora_cli.templates import choices, gold_index, prompt_and_response
+from conftest import BIGBENCH_DIR  # noqa: E402
 
-BIGBENCH = Path("/work/shared/data/bigbench")
+BIGBENCH = BIGBENCH_DIR
 
 
 @pytest.fixture(scope="module")

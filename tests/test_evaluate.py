@@ -19,8 +19,9 @@ from rlora_cli import evaluate as ev
 from rlora_cli.errors import UserError
 from rlora_cli.evalsets import bigbench_prompt, load_bigbench, load_mmlu, mmlu_prompt
 from rlora_cli.scoring import encode_pair, greedy_generate, loglikelihoods
+from conftest import BIGBENCH_DIR  # noqa: E402
 
-BIGBENCH = Path("/work/shared/data/bigbench")
+BIGBENCH = BIGBENCH_DIR
 RESULT_KEYS = {"task", "model", "adapter", "shots", "limit", "rlora_version", "wall_s", "accuracy",
                "n", "mean_accuracy", "tasks"}
 

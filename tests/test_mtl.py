@@ -16,8 +16,9 @@ from benchmarks.mtl.fetch_bigbench import extract, task_path
 from benchmarks.mtl.run import run_benchmark
 from rlora_cli.config import load_recipe
 from rlora_cli.errors import UserError
+from conftest import BIGBENCH_DIR  # noqa: E402
 
-SHARED_BIGBENCH = "/work/shared/data/bigbench"
+SHARED_BIGBENCH = str(BIGBENCH_DIR)
 
 
 def test_smoke_runs_and_writes_its_table(tmp_path):
