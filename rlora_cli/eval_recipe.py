@@ -29,7 +29,7 @@ def prepare_recipe(recipe_path: str, limit: int | None) -> dict[str, Any]:
     from rlora_cli.data import load_splits
 
     recipe = load_recipe(recipe_path)
-    held_out = {task: val[:limit] for task, (_, val) in load_splits(recipe).items()}
+    held_out = {task: val[:limit] for task, (_, val) in load_splits(recipe, with_train=False).items()}
     return {"recipe": recipe, "val": held_out, "model": recipe.model.name_or_path}
 
 

@@ -2,16 +2,17 @@
 
     python scripts/make_demo_data.py            # data/demo/{textops,reviews,quiz}.jsonl
 
-Rule-based tasks that a 135M instruct model learns visibly in a few minutes of CPU training, so
-held-out accuracy rises during the demo:
+Rule-based tasks for a 135M instruct model and a few minutes of CPU training:
 - textops.jsonl (instruction): small word transformations (reverse, sort, capitalise, initials,
   count), exact answers;
 - reviews.jsonl (nlu): made-up product reviews, integer labels (0 = negative, 1 = positive) that
   the recipe names with label_words; some reviews negate a word ("not sturdy") so keyword
   spotting alone is not enough;
 - quiz.jsonl (knowledge): four-way multiple choice (which word is an animal/color/fruit/tool/
-  instrument, which word starts with a letter, which number is the largest), answer = index of
-  the right choice.
+  instrument; which number is the largest), answer = index of the right choice. Measured with
+  SmolLM2-135M-Instruct (CPU, 150-200 steps): reviews rose from 60% to 100% held-out accuracy,
+  this set stayed near chance (about 25%): picking the right *letter* ("B. lemon") is the skill
+  a model this small learns last.
 Every word comes from the lists below; rerunning the script rewrites identical files.
 """
 
@@ -72,24 +73,14 @@ CATEGORIES = {
 
 
 def quiz(rng: random.Random) -> dict[str, object]:
-    """Four-way multiple choice with one right answer; the answer's position is uniform."""
-    kind = rng.randrange(5)
-    if kind < 3:  # which word belongs to a category
-        category, others = rng.choice(list(CATEGORIES)), []
+    """Four-way multiple choice with one right answer at a uniformly random position."""
+    if rng.random() < 0.8:  # which word belongs to a category
+        category = rng.choice(list(CATEGORIES))
         right = rng.choice(CATEGORIES[category])
-        for other in rng.sample([c for c in CATEGORIES if c != category], 3):
-            others.append(rng.choice(CATEGORIES[other]))
+        others = [rng.choice(CATEGORIES[c]) for c in rng.sample([c for c in CATEGORIES if c != category], 3)]
         question = f"Which of these is {category}?"
-    elif kind == 3:  # which word starts with a letter
-        words = rng.sample(WORDS, 4)
-        if len({w[0] for w in words}) < 4:
-            return quiz(rng)
-        right, others = words[0], words[1:]
-        question = f"Which word starts with the letter {right[0].upper()}?"
-    else:  # which number is the largest (magnitudes differ, so the rule is learnable quickly)
-        values = [rng.randrange(100, 1000)] + [rng.randrange(1, 100) for _ in range(3)]
-        if len(set(values)) < 4:
-            return quiz(rng)
+    else:  # which number is the largest: one has three digits, so the rule is quick to learn
+        values = [rng.randrange(100, 1000)] + rng.sample(range(1, 100), 3)
         right, others, question = str(values[0]), [str(v) for v in values[1:]], "Which of these numbers is the largest?"
     options = [right] + others
     rng.shuffle(options)
