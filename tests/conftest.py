@@ -31,3 +31,14 @@ def learnable_model_dir(tmp_path_factory):
     from rlora_cli.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("learnable") / "model", embedding_std=0.1)
+
+
+def perturb(model, scale=0.2, seed=7):
+    """Random trainable tensors: at init ΔW is 0 for most methods, which would prove nothing."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)

@@ -21,6 +21,7 @@ from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_a
 from rlora_cli.config import load_recipe
 from rlora_cli.data import load_splits, tokenize_example
 from rlora_cli.errors import UserError
+from conftest import perturb  # noqa: E402
 
 METHODS = {
     "lora": dict(type="lora", num_heads=1),
@@ -33,14 +34,6 @@ METHODS = {
 STATIC = ["lora", "multilora", "hydralora-router-off", "rlora-router-off"]
 SV_TOL = 2e-4  # the merged weight minus the base carries float32 rounding of W0 + ΔW
 
-
-def perturb(model, scale=0.2, seed=7):
-    """Random trainable tensors: at init ΔW is 0 for most methods and the router uniform."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 @pytest.fixture(scope="module")

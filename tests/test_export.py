@@ -23,6 +23,7 @@ from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from rlora_cli.errors import UserError
 from rlora_cli.export import (adapter_info, export_adapter, export_peft, inspect_dir, merge_to_folder,
                               read_safetensors_header, render_inspect)
+from conftest import perturb  # noqa: E402
 
 METHODS = [
     dict(type="lora", num_heads=1),
@@ -45,14 +46,6 @@ def mid(m: dict) -> str:
 def load(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
-
-def perturb(model, scale=0.2, seed=7):
-    """Random trainable tensors: at init ΔW is 0 for most methods, which would prove nothing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 def make_adapter(base_dir, out, method, *, targets="all-linear", dtype=torch.float32, tokenizer=True,

@@ -10,6 +10,7 @@ from rlora_cli.adapters import (AdapterConfig, adapter_layers, find_targets, inj
                                 merge_adapters, parameter_counts)
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from rlora_cli.errors import UserError
+from conftest import perturb  # noqa: E402
 
 METHODS = [
     dict(type="lora"),
@@ -33,13 +34,6 @@ def load(path, dtype=torch.float64):
 def cfg_for(method: dict, **kw) -> AdapterConfig:
     return AdapterConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **method, **kw})
 
-
-def perturb(model, scale=0.2, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 IDS = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
