@@ -168,7 +168,7 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
             raise UserError(f"the adapter of {name} holds non-finite values",
                             "the adapter is corrupt or training diverged; use an earlier checkpoint")
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (B / cfg.scaling).contiguous()  # PEFT applies s
     rank = max(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
     from rlora_cli.adapters.layer import is_conv1d
 
@@ -178,10 +178,9 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
         "base_model_name_or_path": base,
         "revision": None,
         "r": rank,
-        # static_factors already folds rlora's scaling s (and gates, head means) into B', so the
-        # export is exactly B'·A' with PEFT's scaling lora_alpha / r = 1: lora_alpha = r', never
-        # rslora. Same ΔW for every method and option, with no rescaling round-off.
-        "lora_alpha": rank,
+        # DESIGN §1: B'/s is exported and PEFT's own scaling lora_alpha / r' puts s back, so
+        # lora_alpha = s·r' (never rslora) reproduces rlora's ΔW whatever options it trained with.
+        "lora_alpha": cfg.scaling * rank,
         "use_rslora": False,
         "use_dora": False,
         "lora_dropout": 0.0,
