@@ -162,7 +162,8 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     f"{steps_per_epoch} steps/epoch, {total} steps",
             "batch": f"{t.micro_batch_size} × {t.gradient_accumulation_steps} accumulation × {world} "
                      f"process(es) = {t.micro_batch_size * t.gradient_accumulation_steps * world}",
-            "precision": f"{accelerator.mixed_precision} (base stored as {recipe.model.dtype})",
+            "precision": f"{accelerator.mixed_precision} (base stored as "
+                         f"{str(next(accelerator.unwrap_model(model).parameters()).dtype).removeprefix('torch.')})",
             "kernels": kernels_note,
             "device": f"{accelerator.device} × {world}",
             "output": str(out),
