@@ -88,6 +88,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = No
     """
     from safetensors.torch import save_file
 
+    model = _uncompiled(model)
     layers = adapter_layers(model)
     if not layers:
         raise UserError("this model has no rlora adapters to save", "call inject_adapters first")
@@ -155,7 +156,12 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     """Copy saved adapter tensors into a model that already has the same adapters (resume)."""
     path = Path(directory) / WEIGHTS_FILE
-    _fill(adapter_state(model), read_weights(path), path)
+    _fill(adapter_state(_uncompiled(model)), read_weights(path), path)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wraps (its parameter names carry no `_orig_mod.` prefix)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -212,3 +212,18 @@ def test_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path, learnable_mo
     with pytest.raises(UserError, match="output.log_with: tensorboard is not installed"):
         train(recipe, output=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_saves_plain_names(tmp_path, learnable_model_dir):
+    """train.compile: torch.compile'd training matches eager and the adapter keys carry no _orig_mod."""
+    runs = {}
+    for compiled in (False, True):
+        folder = tmp_path / f"compile{compiled}"
+        folder.mkdir()
+        recipe = write_recipe(folder, learnable_model_dir, adapter={"lora_dropout": 0.0},
+                              train={"max_steps": 3, "compile": compiled})
+        runs[compiled] = adapter_tensors(train(recipe, output=folder / "run"))
+    assert runs[True].keys() == runs[False].keys()
+    for key in runs[True]:
+        torch.testing.assert_close(runs[True][key], runs[False][key], rtol=0, atol=1e-6)
