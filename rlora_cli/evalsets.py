@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +193,20 @@ def bigbench_answer(example: dict[str, Any]) -> str:
     return bigbench_choices(example)[bigbench_best_choice(example)]  # type: ignore[index]
 
 
+def choice_order(example: dict[str, Any]) -> list[str]:
+    """The choices as the prompt lists them: shuffled, as BIG-bench does, but seeded by the
+    example's input so every run, training and evaluation alike, shows the same order. Task files
+    often list the right answer first (every `physics` example); file order would let a model
+    learn the position instead of the answer."""
+    choices = bigbench_choices(example) or []
+    seed = int.from_bytes(hashlib.sha256(str(example["input"]).encode()).digest()[:8], "big")
+    random.Random(seed).shuffle(choices)
+    return choices
+
+
 def _format_input(task: dict[str, Any], example: dict[str, Any]) -> str:
     text = str(example["input"])
-    choices = bigbench_choices(example)
+    choices = choice_order(example)
     if choices and task.get("append_choices_to_input", True):
         prefix = task.get("choice_prefix", "\n  choice: ")
         text += prefix + prefix.join(choices)
@@ -206,7 +219,7 @@ def bigbench_prompt(task: dict[str, Any], example: dict[str, Any], shots: list[d
     task_prefix + example_input_prefix ("\\nQ: ") + input [+ choice_prefix ("\\n  choice: ") +
     each choice, unless append_choices_to_input is false] + example_output_prefix ("\\nA: ");
     shots come first, each followed by its answer, joined by few_shot_example_separator ("\\n").
-    Choices keep the file's order (BIG-bench shuffles them with its own RNG).
+    Choices are listed in `choice_order`: shuffled deterministically per example.
     """
     parts = [_format_input(task, s) + bigbench_answer(s) for s in shots] + [_format_input(task, example)]
     return task.get("task_prefix", "") + task.get("few_shot_example_separator", "\n").join(parts)

@@ -202,13 +202,11 @@ def read_bigbench(path: str) -> dict[str, Any]:
 
 
 def bigbench_prompt(task: dict[str, Any], example: dict[str, Any]) -> str:
-    """BIG-bench's prompt for one example: task prefix, input prefix, input, the choices (unless
-    the task says not to append them; in the file's order), output prefix."""
-    text = task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ") + str(example["input"])
-    if example.get("target_scores") and task.get("append_choices_to_input", True):
-        prefix = task.get("choice_prefix", "\n  choice: ")
-        text += "".join(prefix + c for c in example["target_scores"])
-    return text + task.get("example_output_prefix", "\nA: ")
+    """BIG-bench's prompt for one example, built by the evaluator's own builder (zero shots), so a
+    training row and an evaluation prompt of the same example are the same text."""
+    from rlora_cli.evalsets import bigbench_prompt as build
+
+    return build(task, example, [])
 
 
 def bigbench_rows(task: dict[str, Any]) -> list[dict[str, Any]]:

@@ -88,12 +88,28 @@ def test_bigbench_prompt_defaults_choices_and_shots():
     task = {"task_prefix": "Pick one.\n"}
     shot = {"input": "2+2?", "target_scores": {"3": 0, "4": 1}}
     example = {"input": "1+1?", "target_scores": {"2": 1, "5": 0}}
-    assert bigbench_prompt(task, example, [shot]) == (
+    assert bigbench_prompt(task, example, [shot]) == (  # choices in choice_order: shuffled, seeded by the input
         "Pick one.\n"
-        "\nQ: 2+2?\n  choice: 3\n  choice: 4\nA: 4"
+        "\nQ: 2+2?\n  choice: 4\n  choice: 3\nA: 4"
         "\n"
-        "\nQ: 1+1?\n  choice: 2\n  choice: 5\nA: ")
+        "\nQ: 1+1?\n  choice: 5\n  choice: 2\nA: ")
     assert bigbench_prompt({}, {"input": "Say hi", "target": ["hi", "hello"]}, []) == "\nQ: Say hi\nA: "
+
+
+def test_choice_order_is_a_seeded_shuffle_that_hides_the_file_position():
+    from collections import Counter
+
+    from rlora_cli.evalsets import choice_order
+
+    task = load_bigbench(BIGBENCH / "physics" / "task.json")  # the file lists the answer first, always
+    examples = task["examples"]
+    best = [max(e["target_scores"], key=e["target_scores"].get) for e in examples]
+    assert all(list(e["target_scores"])[0] == b for e, b in zip(examples, best))
+    orders = [choice_order(e) for e in examples]
+    assert all(sorted(o) == sorted(e["target_scores"]) for o, e in zip(orders, examples))  # a permutation
+    assert orders == [choice_order(e) for e in examples]  # deterministic
+    positions = Counter(o.index(b) for o, b in zip(orders, best))
+    assert len(positions) == 4 and max(positions.values()) < 0.4 * len(examples)
 
 
 def test_bigbench_prompt_task_prefixes_without_appended_choices():
