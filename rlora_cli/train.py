@@ -35,7 +35,6 @@ from rlora_cli.errors import UserError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
-RESUMABLE_DIFFS = ("train.max_steps", "train.num_epochs")  # and anything under output.
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,7 +174,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     meta = {"templates": data.templates, "recipe": str(recipe_path)}
     save = lambda: save_checkpoint(accelerator, model, out, state, tokenizer, meta, recipe.output.save_total_limit)  # noqa: E731
 
-    window = _Window(len(data.tasks))
+    window = _Window(len(data.tasks), accelerator.device)
     progress = _progress(console, total, state.step, main)
     rng = _rng_snapshot()
     try:
@@ -186,6 +185,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                 while state.step < total and (micro := list(islice(batches, t.gradient_accumulation_steps))):
                     rng = _rng_snapshot()  # the state a resume of this step would start from
                     n_tokens = _label_tokens(micro, accelerator)
+                    step_loss = torch.zeros((), device=accelerator.device)
                     model.train()
                     for i, batch in enumerate(micro):
                         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -195,7 +195,13 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                             token_loss = token_losses(model, batch)
                             # Σ over processes of (local sum · world / N), averaged by DDP = global sum / N.
                             accelerator.backward(token_loss.sum() * world / n_tokens)
+                        step_loss += token_loss.detach().sum()
                         window.add(token_loss.detach(), batch)
+                    # Checked every step, before the update: a diverged step never reaches the
+                    # weights or a checkpoint. One host sync per step (it also reads the token count).
+                    step_loss, n_total = torch.stack([accelerator.reduce(step_loss, reduction="sum"), n_tokens]).tolist()
+                    if not math.isfinite(step_loss):
+                        raise TrainingDiverged(f"the loss became {step_loss / n_total} at step {state.step + 1}")
                     grad_norm = (accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                                  if t.max_grad_norm > 0 else None)
                     optimizer.step()
@@ -203,12 +209,10 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
                     state.batch_in_epoch += len(micro)
-                    state.tokens += int(n_tokens)
+                    state.tokens += int(n_total)
                     row = window.maybe_log(state, accelerator, scheduler, grad_norm, data.tasks,
                                            every=recipe.output.logging_steps)
                     if row is not None:
-                        if not math.isfinite(row["loss"]):
-                            raise TrainingDiverged(f"the loss became {row['loss']} at step {state.step}")
                         if log:
                             log.write(row)
                         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state.step)
@@ -263,27 +267,27 @@ def _label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> tor
 class _Window:
     """Sums of token losses per task between two log lines (reduced across processes on log)."""
 
-    def __init__(self, n_tasks: int) -> None:
-        self.n_tasks = n_tasks
+    def __init__(self, n_tasks: int, device: Any) -> None:
+        self.n_tasks, self.device = n_tasks, device
         self.reset()
 
     def reset(self) -> None:
-        self.loss = torch.zeros(self.n_tasks, dtype=torch.float64)
-        self.count = torch.zeros(self.n_tasks, dtype=torch.float64)
+        # Kept on the device: adding a micro-batch must not wait for the GPU (no host sync).
+        self.loss = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
+        self.count = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
         self.started = time.perf_counter()
 
     def add(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        tasks = _token_tasks(batch)[:, 1:][mask].cpu()
-        self.loss.index_add_(0, tasks, token_loss[mask].double().cpu())
+        mask = batch["labels"][:, 1:] != -100
+        tasks = _token_tasks(batch)[:, 1:][mask]
+        self.loss.index_add_(0, tasks, token_loss[mask].double())
         self.count.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
 
     def maybe_log(self, state: TrainerState, accelerator: Any, scheduler: Any, grad_norm: Any,
                   tasks: list[str], every: int) -> dict[str, Any] | None:
         if state.step % max(every, 1) and state.step != state.total_steps:
             return None
-        both = accelerator.reduce(torch.stack([self.loss, self.count]).to(accelerator.device), reduction="sum").cpu()
+        both = accelerator.reduce(torch.stack([self.loss, self.count]), reduction="sum").cpu()
         loss, count = both[0], both[1]
         elapsed = time.perf_counter() - self.started
         row = {
@@ -369,19 +373,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def plan_output(out: Path, recipe: dict[str, Any], resume: str, overwrite: bool) -> Path | None:
     """Decide, before anything is written, whether to start fresh or which checkpoint to resume."""
-    from rlora_cli.config import recipe_diff
-
     if resume not in ("never", "auto"):
         start = Path(resume)
         if not (start / STATE_FILE).is_file():
             raise UserError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})",
                             f"give OUT/{CHECKPOINT_PREFIX}<step> or use --resume auto")
-        _check_same_recipe(start.parent, recipe, recipe_diff)
+        _check_same_recipe(start.parent, recipe)
         return start
     if resume == "auto" and out.is_dir():
         found = latest_checkpoint(out)
         if found is not None:
-            _check_same_recipe(out, recipe, recipe_diff)
+            _check_same_recipe(out, recipe)
             return found
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"the output folder {out} is not empty",
@@ -390,14 +392,15 @@ def plan_output(out: Path, recipe: dict[str, Any], resume: str, overwrite: bool)
     return None
 
 
-def _check_same_recipe(run_dir: Path, recipe: dict[str, Any], recipe_diff: Any) -> None:
+def _check_same_recipe(run_dir: Path, recipe: dict[str, Any]) -> None:
     import yaml
+
+    from rlora_cli.config import resume_conflicts
 
     saved_path = run_dir / "recipe.yaml"
     if not saved_path.is_file():
         return
-    changed = [k for k in recipe_diff(yaml.safe_load(saved_path.read_text()), recipe)
-               if k not in RESUMABLE_DIFFS and not k.startswith("output.") and k != "output"]
+    changed = resume_conflicts(yaml.safe_load(saved_path.read_text()), recipe)
     if changed:
         raise UserError(f"cannot resume {run_dir}: the recipe differs from its recipe.yaml in {', '.join(changed)}",
                         "resume with the same recipe (only train.max_steps/num_epochs and output.* may change), "

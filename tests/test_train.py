@@ -151,9 +151,11 @@ def test_resume_refuses_a_changed_recipe(tmp_path, learnable_model_dir):
     assert (tmp_path / "run" / "checkpoint-3").is_dir()
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, learnable_model_dir, monkeypatch):
+@pytest.mark.parametrize("logging_steps", [1, 10])  # the check must not wait for a log line
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, learnable_model_dir, monkeypatch,
+                                                                          logging_steps):
     recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 4, "gradient_accumulation_steps": 1},
-                          output={"save_steps": 1})
+                          output={"save_steps": 1, "logging_steps": logging_steps})
     real, calls = train_mod.token_losses, {"n": 0}
 
     def nan_at_step_3(model, batch):
@@ -165,6 +167,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(recipe, output=tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    kept = load_file(str(tmp_path / "run" / "checkpoint-2" / "adapter" / "rlora_adapter.safetensors"))
+    assert all(torch.isfinite(t).all() for t in kept.values())
 
 
 def test_cli_exit_codes(tmp_path, learnable_model_dir, monkeypatch, capsys):
