@@ -209,16 +209,9 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
 def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig,
                           base: str) -> tuple[dict[str, Any], list[str]]:
     """The adapter's layers over a weightless (meta) copy of the base, and PEFT's target list."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from rlora_cli.model import meta_model
 
-    try:
-        hf_config = AutoConfig.from_pretrained(base)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the config of base model {base!r}: {_first_line(e)}",
-                        "pass --base with the base model's hub id or a folder holding its config.json") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    model = meta_model(base, fix="pass --base with the base model's hub id or a folder holding its config.json")
     path = adapter_dir / WEIGHTS_FILE
     tensors = read_weights(path)
     targets = _peft_targets(model, config["modules"])

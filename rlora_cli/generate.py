@@ -95,20 +95,14 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such prompts file", 'give a JSONL file of {"prompt": "..."} lines')
+    from rlora_cli.sources import iter_jsonl
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})",
-                                'each line must be one JSON object: {"prompt": "..."}') from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise UserError(f"{path}:{lineno}: a line needs a string \"prompt\"",
-                                'write {"prompt": "...", "kind": "instruction"} (kind is optional)')
-            rows.append(row)
+    for lineno, row in iter_jsonl(path, fix='each line must be one JSON object: {"prompt": "..."}'):
+        if not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path}:{lineno}: a line needs a string \"prompt\"",
+                            'write {"prompt": "...", "kind": "instruction"} (kind is optional)')
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: no prompts in the file", 'write one {"prompt": "..."} object per line')
     return rows

@@ -138,6 +138,21 @@ def load_model(name_or_path: str, *, dtype: str = "auto", trust_remote_code: boo
     return model, tokenizer
 
 
+def meta_model(name_or_path: str, *, fix: str) -> Any:
+    """The model's architecture with no weights (meta device): shapes and module names only,
+    from its config.json alone. `fix` tells the user what to pass when the config can't be read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config of model {name_or_path!r}: {str(e).strip().splitlines()[0]}",
+                        fix) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def _load_error(name: str, error: Exception) -> UserError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).exists():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rlora_cli.config import DatasetConfig
 from rlora_cli.errors import UserError
@@ -119,6 +119,15 @@ def _peek_json(file: Path, n: int) -> list[dict[str, Any]]:
                 raise UserError(f"{file}: a .json source must hold a list of objects (or one object per line)")
             return data[:n]
     rows = []
+    for _, row in iter_jsonl(file):
+        rows.append(row)
+        if len(rows) == n:
+            break
+    return rows
+
+
+def iter_jsonl(file: Path, fix: str = "") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is a UserError naming it."""
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -126,13 +135,10 @@ def _peek_json(file: Path, n: int) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{file}:{lineno}: not valid JSON ({e.msg})", fix) from None
             if not isinstance(row, dict):
-                raise UserError(f"{file}:{lineno}: each line must be a JSON object")
-            rows.append(row)
-            if len(rows) == n:
-                break
-    return rows
+                raise UserError(f"{file}:{lineno}: each line must be a JSON object", fix)
+            yield lineno, row
 
 
 def _csv_value(value: str | None) -> Any:

@@ -130,18 +130,10 @@ def trainable_counts(model: str, settings: Settings, methods: tuple[str, ...], m
 
 
 def count_trainable(model: str, adapter: dict[str, Any]) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from rlora_cli.adapters import AdapterConfig, inject_adapters, parameter_counts
+    from rlora_cli.model import meta_model
 
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {model}: cannot read its config ({str(e).splitlines()[0]})",
-                        "give a local model folder (the GPU machine is offline) or a reachable hub id") from None
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config)
+    lm = meta_model(model, fix="give --model a local model folder (the GPU machine is offline) or a reachable hub id")
     inject_adapters(lm, AdapterConfig(**adapter))
     return parameter_counts(lm)[0]
 
