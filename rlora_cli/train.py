@@ -356,9 +356,8 @@ def mixed_precision(precision: str) -> str:
         if not torch.cuda.is_available():
             return "no"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision != "fp32" and not torch.cuda.is_available():
-        if precision == "fp16":
-            raise UserError("train.precision: fp16 needs a CUDA GPU", "use precision: auto or fp32 on the CPU")
+    if precision == "fp16" and not torch.cuda.is_available():  # bf16 autocast also runs on the CPU
+        raise UserError("train.precision: fp16 needs a CUDA GPU", "use precision: auto or fp32 on the CPU")
     return {"fp32": "no"}.get(precision, precision)
 
 
