@@ -1,34 +1,57 @@
 """Optional fused kernels for training: `train.kernels: auto | liger | none`.
 
 Liger's Triton kernels (RoPE, RMSNorm, SwiGLU) replace the model's own on CUDA for the
-architectures Liger supports. `auto` uses them when it can and says why not otherwise; `liger`
-that cannot be honoured is a user error. Liger is imported only here, only when asked for.
+architectures Liger supports, and its fused linear cross-entropy computes the loss from the last
+hidden states chunk by chunk, so the [tokens × vocab] logits are never stored. `auto` uses them
+when it can and says why not otherwise; `liger` that cannot be honoured is a user error. Liger
+is imported only here, only when asked for.
+
+The fused loss is installed as the model's own `forward` (called with `rlora_labels=`), so it
+runs inside whatever wraps the model (DDP, FSDP, torch.compile) exactly as the plain forward does.
 """
 
 from __future__ import annotations
 
+import types
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from rlora_cli.errors import UserError
 
 INSTALL_HINT = 'pip install "rlora[gpu]" (liger-kernel)'
+# Config keys that change the logits after the output head; the fused loss would skip them.
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def apply_kernels(model: Any, kernels: str, device: Any) -> str:
-    """Patch `model` in place where possible; returns one line for the start banner."""
+@dataclass(frozen=True)
+class Kernels:
+    note: str
+    """One line for the start banner: what runs, or why Liger is off."""
+    fused_loss: bool = False
+    """The loss comes from Liger's fused linear cross-entropy (call `token_losses(fused=True)`)."""
+
+
+def apply_kernels(model: Any, kernels: str, device: Any) -> Kernels:
+    """Patch `model` in place where possible (after the adapters are injected)."""
     if kernels == "none":
-        return "none (train.kernels: none)"
+        return Kernels("none (train.kernels: none)")
     reason = _unavailable(model, device)
     if reason:
         if kernels == "liger":
             raise UserError(f"train.kernels: liger cannot be used: {reason}",
                             f"use kernels: auto or none{'' if 'installed' not in reason else ', or ' + INSTALL_HINT}")
-        return f"none (Liger off: {reason})"
+        return Kernels(f"none (Liger off: {reason})")
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)
-    return "Liger (RoPE, RMSNorm, SwiGLU)"
+    head_problem = _plain_head_problem(model)
+    if head_problem:
+        return Kernels(f"Liger (RoPE, RMSNorm, SwiGLU; cross-entropy unfused: {head_problem})")
+    install_fused_loss(model)
+    return Kernels("Liger (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)", fused_loss=True)
 
 
 def _unavailable(model: Any, device: Any) -> str | None:
@@ -42,3 +65,48 @@ def _unavailable(model: Any, device: Any) -> str | None:
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"Liger does not support model type {model_type!r}"
     return None
+
+
+def _plain_head_problem(model: Any) -> str | None:
+    """Why the logits are not just `hidden · Wᵀ` for this model (None when they are)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return "the output head is not a bias-free Linear"
+    for key in _HEAD_TRANSFORMS:
+        value = getattr(model.config, key, None)
+        if value not in (None, 0, 1, 1.0):
+            return f"the model rescales its logits ({key})"
+    return None
+
+
+# ------------------------------------------------------------------------------ fused loss
+
+
+def install_fused_loss(model: Any, loss_fn: Any = None) -> None:
+    """Give `model` a forward that, called with `rlora_labels`, returns next-token losses
+    computed from the hidden states by `loss_fn` (Liger's fused linear cross-entropy by default)
+    instead of logits; without `rlora_labels` it is the model's own forward (generation, eval)."""
+    loss_fn = loss_fn or _liger_loss
+    plain = model.forward
+
+    def forward(self: Any, *args: Any, rlora_labels: torch.Tensor | None = None, rlora_reduction: str = "none",
+                **kwargs: Any) -> Any:
+        if rlora_labels is None:
+            return plain(*args, **kwargs)
+        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = rlora_labels[:, 1:]
+        loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.get_output_embeddings().weight,
+                       labels.reshape(-1), rlora_reduction)
+        return loss.view(labels.shape) if rlora_reduction == "none" else loss
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Σ or per-token cross-entropy of hidden·Wᵀ against labels (-100 ignored, 0 there), in fp32.
+    "sum" computes the input gradient in the forward (Liger's fast path); "none" recomputes the
+    chunked logits in the backward, so the loop asks for it only on steps it logs per task."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    return LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0,
+                                                      reduction)[0]

@@ -119,7 +119,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
     from rlora_cli.kernels import apply_kernels
-    kernels_note = apply_kernels(model, t.kernels, accelerator.device)
+    kern = apply_kernels(model, t.kernels, accelerator.device)
     if t.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate)
@@ -163,7 +163,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                      f"process(es) = {t.micro_batch_size * t.gradient_accumulation_steps * world}",
             "precision": f"{accelerator.mixed_precision} (base stored as "
                          f"{str(next(accelerator.unwrap_model(model).parameters()).dtype).removeprefix('torch.')})",
-            "kernels": kernels_note,
+            "kernels": kern.note,
             "device": f"{accelerator.device} × {world}",
             "output": str(out),
         })
@@ -174,7 +174,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     meta = {"templates": data.templates, "recipe": str(recipe_path)}
     save = lambda: save_checkpoint(accelerator, model, out, state, tokenizer, meta, recipe.output.save_total_limit)  # noqa: E731
 
-    window = _Window(len(data.tasks), accelerator.device)
+    window = _Window(len(data.tasks), accelerator.device, every=recipe.output.logging_steps)
     progress = _progress(console, total, state.step, main)
     rng = _rng_snapshot()
     try:
@@ -186,22 +186,28 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     rng = _rng_snapshot()  # the state a resume of this step would start from
                     n_tokens = _label_tokens(micro, accelerator)
                     step_loss = torch.zeros((), device=accelerator.device)
+                    # The fused loss returns a plain sum (its fast path) except on steps that log
+                    # losses per task, which need the loss of every token.
+                    per_token = not kern.fused_loss or window.logs_at(state.step + 1, total)
                     model.train()
                     for i, batch in enumerate(micro):
+                        window.add_inputs(batch)
                         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                         # Gradients are all-reduced once per step, on the last micro-batch.
                         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
                         with sync, accelerator.autocast():
-                            token_loss = token_losses(model, batch)
+                            loss = token_losses(model, batch, fused=kern.fused_loss, per_token=per_token)
                             # Σ over processes of (local sum · world / N), averaged by DDP = global sum / N.
-                            accelerator.backward(token_loss.sum() * world / n_tokens)
-                        step_loss += token_loss.detach().sum()
-                        window.add(token_loss.detach(), batch)
+                            accelerator.backward(loss.sum() * world / n_tokens)
+                        step_loss += loss.detach().sum()
+                        if per_token:
+                            window.add(loss.detach(), batch)
                     # Checked every step, before the update: a diverged step never reaches the
                     # weights or a checkpoint. One host sync per step (it also reads the token count).
                     step_loss, n_total = torch.stack([accelerator.reduce(step_loss, reduction="sum"), n_tokens]).tolist()
                     if not math.isfinite(step_loss):
                         raise TrainingDiverged(f"the loss became {step_loss / n_total} at step {state.step + 1}")
+                    window.add_step(step_loss, n_total)
                     grad_norm = (accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                                  if t.max_grad_norm > 0 else None)
                     optimizer.step()
@@ -210,8 +216,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     state.step += 1
                     state.batch_in_epoch += len(micro)
                     state.tokens += int(n_total)
-                    row = window.maybe_log(state, accelerator, scheduler, grad_norm, data.tasks,
-                                           every=recipe.output.logging_steps)
+                    row = window.maybe_log(state, accelerator, scheduler, grad_norm, data.tasks)
                     if row is not None:
                         if log:
                             log.write(row)
@@ -219,7 +224,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                         progress.update(row)
                     progress.advance(state.step)
                     if recipe.output.eval_steps and state.step % recipe.output.eval_steps == 0 and state.step < total:
-                        _log_eval(model, data, accelerator, state, log, pad_id, recipe, console)
+                        _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern.fused_loss)
                     if recipe.output.save_steps and state.step % recipe.output.save_steps == 0 and state.step < total:
                         save()
                 if state.batch_in_epoch >= micro_per_epoch:
@@ -231,7 +236,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
             path = save()
             console.print(f"[yellow]interrupted:[/] saved {path}; continue with --resume auto")
         raise
-    _log_eval(model, data, accelerator, state, log, pad_id, recipe, console)
+    _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern.fused_loss)
     save()
     full = _full_state(accelerator, model)  # a collective under FSDP: every process must call it
     if main:
@@ -247,14 +252,20 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
 # ---------------------------------------------------------------------------- the loss
 
 
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of every next-token prediction [B, T-1] in float32 (0 where unlabelled)."""
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = False,
+                 per_token: bool = True) -> torch.Tensor:
+    """Cross-entropy of every next-token prediction [B, T-1] in float32 (0 where unlabelled), or
+    with per_token=False only their sum. `fused`: the model has kernels.install_fused_loss's
+    forward, which never builds the logits."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if fused:
+        return model(**inputs, use_cache=False, rlora_labels=batch["labels"],
+                     rlora_reduction="none" if per_token else "sum")
     logits = model(**inputs, use_cache=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, reduction="none")
-    return loss.view(labels.shape)
+    return loss.view(labels.shape) if per_token else loss.sum()
 
 
 def _label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> torch.Tensor:
@@ -265,17 +276,26 @@ def _label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> tor
 
 
 class _Window:
-    """Sums of token losses per task between two log lines (reduced across processes on log)."""
+    """What a log line reports: the loss over the steps since the last line, per-task loss sums
+    (every step; with the fused loss only the logged step's), and token throughput."""
 
-    def __init__(self, n_tasks: int, device: Any) -> None:
-        self.n_tasks, self.device = n_tasks, device
+    def __init__(self, n_tasks: int, device: Any, every: int) -> None:
+        self.n_tasks, self.device, self.every = n_tasks, device, max(every, 1)
         self.reset()
 
     def reset(self) -> None:
         # Kept on the device: adding a micro-batch must not wait for the GPU (no host sync).
         self.loss = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
         self.count = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
+        self.step_loss = self.step_tokens = 0.0  # global sums, read at each step's sync
+        self.inputs = 0  # this process's non-padding input tokens, counted on the host
         self.started = time.perf_counter()
+
+    def logs_at(self, step: int, total: int) -> bool:
+        return step % self.every == 0 or step == total
+
+    def add_inputs(self, batch: dict[str, torch.Tensor]) -> None:
+        self.inputs += int((batch["task_ids"] != -1).sum())  # a CPU tensor still: no sync
 
     def add(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         mask = batch["labels"][:, 1:] != -100
@@ -283,20 +303,26 @@ class _Window:
         self.loss.index_add_(0, tasks, token_loss[mask].double())
         self.count.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
 
+    def add_step(self, loss_sum: float, tokens: float) -> None:
+        self.step_loss += loss_sum
+        self.step_tokens += tokens
+
     def maybe_log(self, state: TrainerState, accelerator: Any, scheduler: Any, grad_norm: Any,
-                  tasks: list[str], every: int) -> dict[str, Any] | None:
-        if state.step % max(every, 1) and state.step != state.total_steps:
+                  tasks: list[str]) -> dict[str, Any] | None:
+        if not self.logs_at(state.step, state.total_steps):
             return None
-        both = accelerator.reduce(torch.stack([self.loss, self.count]), reduction="sum").cpu()
-        loss, count = both[0], both[1]
-        elapsed = time.perf_counter() - self.started
+        inputs = torch.tensor([float(self.inputs)], dtype=torch.float64, device=self.device)
+        both = accelerator.reduce(torch.cat([self.loss, self.count, inputs]), reduction="sum").cpu()
+        loss, count, n = both[:self.n_tasks], both[self.n_tasks:-1], float(both[-1])
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
         row = {
             "step": state.step, "epoch": state.epoch,
-            "loss": float(loss.sum() / count.sum().clamp_min(1)),
+            "loss": self.step_loss / max(self.step_tokens, 1.0),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": state.tokens,
-            "tokens_per_s": float(count.sum()) / max(elapsed, 1e-9),
+            "tokens_per_s": self.step_tokens / elapsed,
+            "input_tokens_per_s": n / elapsed,
             "task_loss": {tasks[i]: float(loss[i] / count[i]) for i in range(len(tasks)) if count[i] > 0},
         }
         self.reset()
@@ -309,7 +335,8 @@ def _token_tasks(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: Any) -> dict[str, float]:
+def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: Any,
+                  fused: bool = False) -> dict[str, float]:
     """Held-out loss per task: each process scores its share, sums are reduced."""
     from rlora_cli.data import collate
 
@@ -326,7 +353,7 @@ def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: 
             batch = collate([dataset[i] for i in (idx or [0])], pad_id=pad_id, packing=False)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                loss = token_losses(model, batch)
+                loss = token_losses(model, batch, fused=fused)
             mask = batch["labels"][:, 1:] != -100
             sums += weight * torch.stack([loss[mask].double().sum(), mask.sum().double()])
         sums = accelerator.reduce(sums, reduction="sum")
@@ -336,10 +363,10 @@ def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: 
     return result
 
 
-def _log_eval(model, data, accelerator, state, log, pad_id, recipe, console) -> None:
+def _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, fused) -> None:
     if not data.val:
         return
-    losses = evaluate_loss(model, data, accelerator, pad_id, recipe)
+    losses = evaluate_loss(model, data, accelerator, pad_id, recipe, fused)
     row = {"step": state.step, "eval_loss": losses}
     if log:
         log.write(row)

@@ -96,11 +96,11 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, learnable_model_dir, mon
     calls = {"n": 0}
     real = train_mod.token_losses
 
-    def interrupt_mid_step(model, batch):
+    def interrupt_mid_step(model, batch, **kw):
         calls["n"] += 1
         if calls["n"] == 8:  # the 2nd micro-batch of step 4: step 4's first one already drew dropout
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, **kw)
 
     monkeypatch.setattr(train_mod, "token_losses", interrupt_mid_step)
     with pytest.raises(KeyboardInterrupt):
@@ -158,9 +158,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                           output={"save_steps": 1, "logging_steps": logging_steps})
     real, calls = train_mod.token_losses, {"n": 0}
 
-    def nan_at_step_3(model, batch):
+    def nan_at_step_3(model, batch, **kw):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(model, batch, **kw)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_mod, "token_losses", nan_at_step_3)
@@ -181,7 +181,7 @@ def test_cli_exit_codes(tmp_path, learnable_model_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", recipe, "--output", str(tmp_path / "busy")])
     assert e.value.code == 2 and "not empty" in capsys.readouterr().err
-    monkeypatch.setattr(train_mod, "token_losses", lambda m, b: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train_mod, "token_losses", lambda m, b, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(SystemExit) as e:
         main(["train", recipe, "--output", str(tmp_path / "int")])
     assert e.value.code == 130
