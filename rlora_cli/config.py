@@ -208,7 +208,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile each decoder block in place (the whole model when it has no block list)."""
 
     def problems(self, where: str = "train") -> list[str]:
         p = [f"{where}.{k}: must be >= 1, got {getattr(self, k)}"

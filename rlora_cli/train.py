@@ -118,10 +118,9 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
-    from rlora_cli.kernels import apply_kernels
+    from rlora_cli.kernels import apply_kernels, compile_model
     kern = apply_kernels(model, t.kernels, accelerator.device)
-    if t.compile:
-        model = torch.compile(model)
+    compile_note = compile_model(model) if t.compile else "off"
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -164,6 +163,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
             "precision": f"{accelerator.mixed_precision} (base stored as "
                          f"{str(next(accelerator.unwrap_model(model).parameters()).dtype).removeprefix('torch.')})",
             "kernels": kern.note,
+            "compile": compile_note,
             "device": f"{accelerator.device} × {world}",
             "output": str(out),
         })
