@@ -30,6 +30,7 @@ DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 KERNELS = ("auto", "liger", "none")
+ADAPTER_DTYPES = ("auto", "fp32", "bf16")
 SCHEDULERS = ("linear", "cosine", "constant")
 FORMATS = ("bigbench",)
 # Accelerate's tracker names (`output.log_with`), plus none and all.
@@ -209,6 +210,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 = no clipping)."""
     compile: bool = False
     """torch.compile each decoder block in place (the whole model when it has no block list)."""
+    adapter_dtype: str = "auto"
+    """Adapter weights: auto (fp32 over a half-precision base, as PEFT) | fp32 | bf16 (no casts
+    under bf16 autocast, a little faster; the optimizer then updates bf16 weights)."""
 
     def problems(self, where: str = "train") -> list[str]:
         p = [f"{where}.{k}: must be >= 1, got {getattr(self, k)}"
@@ -221,7 +225,8 @@ class TrainConfig:
             p.append(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio:g}")
         p += [f"{where}.{k}: must be >= 0, got {getattr(self, k):g}"
               for k in ("weight_decay", "max_grad_norm") if getattr(self, k) < 0]
-        for key, allowed in (("lr_scheduler", SCHEDULERS), ("precision", PRECISIONS), ("kernels", KERNELS)):
+        for key, allowed in (("lr_scheduler", SCHEDULERS), ("precision", PRECISIONS), ("kernels", KERNELS),
+                             ("adapter_dtype", ADAPTER_DTYPES)):
             if getattr(self, key) not in allowed:
                 p.append(_choice(f"{where}.{key}", getattr(self, key), allowed))
         return p

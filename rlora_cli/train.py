@@ -114,7 +114,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     model, _ = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype,
                           trust_remote_code=recipe.model.trust_remote_code,
                           attn_implementation=recipe.model.attn_implementation)
-    inject_adapters(model, recipe.adapter)
+    inject_adapters(model, recipe.adapter, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}.get(t.adapter_dtype))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
@@ -126,11 +126,15 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = EpochSampler(len(data.train), recipe.seed, rank, world)
     pad_id = tokenizer.pad_token_id
+    # Compiled blocks want few distinct shapes: packed rows are padded to max_length (one static
+    # shape), unpacked ones to a multiple of 64.
+    pad_to = (recipe.data.max_length if recipe.data.packing else 64) if t.compile else None
     loader = torch.utils.data.DataLoader(
         # Its own generator: iter(DataLoader) draws a worker seed, which must not shift the
         # global RNG that dropout uses (a resumed run calls iter() at a different point).
         data.train, batch_size=t.micro_batch_size, sampler=sampler, generator=torch.Generator(),
-        collate_fn=lambda rows: collate(rows, pad_id=pad_id, packing=recipe.data.packing))
+        pin_memory=accelerator.device.type == "cuda",  # so the copy below need not wait for the GPU
+        collate_fn=lambda rows: collate(rows, pad_id=pad_id, packing=recipe.data.packing, pad_to_multiple_of=pad_to))
     micro_per_epoch = math.ceil(math.ceil(len(data.train) / world) / t.micro_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
     total = t.max_steps if t.max_steps > 0 else t.num_epochs * steps_per_epoch
@@ -192,7 +196,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     model.train()
                     for i, batch in enumerate(micro):
                         window.add_inputs(batch)
-                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                         # Gradients are all-reduced once per step, on the last micro-batch.
                         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
                         with sync, accelerator.autocast():

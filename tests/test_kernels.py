@@ -134,3 +134,18 @@ def test_cli_liger_without_a_gpu_exits_2(tmp_path, learnable_model_dir, capsys):
         main(["train", recipe, "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "liger cannot be used: no CUDA device" in err and "Traceback" not in err
+
+
+def test_adapter_dtype_bf16_trains_bf16_weights_and_bad_values_are_named(tmp_path, learnable_model_dir):
+    from safetensors.torch import load_file
+
+    from rlora_cli.config import load_recipe
+
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 2, "adapter_dtype": "bf16"},
+                          output={"save_steps": 0})
+    out = train(recipe, output=tmp_path / "run")
+    saved = load_file(str(out / "adapter" / "rlora_adapter.safetensors"))
+    assert {t.dtype for k, t in saved.items() if "rlora_A0" not in k and "rlora_B0" not in k} == {torch.bfloat16}
+    assert all(r["loss"] == r["loss"] for r in metrics(out) if "loss" in r)  # finite, not NaN
+    with pytest.raises(UserError, match="train.adapter_dtype"):
+        load_recipe(recipe, ("train.adapter_dtype=fp8",))

@@ -1,0 +1,580 @@
+"""Full training steps of rlora's methods against PEFT LoRA, with and without Liger, on one GPU.
+
+    python -m benchmarks.step_bench                                   # llama-1b, qwen-0.5b; 8x1024, 8x512
+    python -m benchmarks.step_bench --compile --scale --json runs/step_bench.json
+    python -m benchmarks.step_bench --smoke                           # tiny model on the CPU, seconds: it still runs
+
+One step is what a training loop does per micro-batch: zero_grad(set_to_none), forward under bf16
+autocast, next-token cross-entropy, backward, AdamW over the trainable tensors. Every variant is
+built over one random-init bf16 base (the frozen weight tensors are shared; each variant's modules,
+adapters and Liger patches are its own) and timed in interleaved rounds, so clock drift hits all
+alike. Ratios are against `peft-lora+liger` of the same run (`peft-lora` in --smoke: no Liger).
+A variant that fails (import, OOM, compile) is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.layer_bench import ReferenceRLoRA, time_ms
+from benchmarks.shapes import config
+from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters
+from rlora_cli.kernels import compile_model
+
+log = logging.getLogger("step_bench")
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("lora", "multilora", "hydralora", "rlora")
+KINDS = ("base", "peft-lora", "peft-lora-r32", *METHODS, "reference")
+ANCHOR, SMOKE_ANCHOR = "peft-lora+liger", "peft-lora"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one variant is: base model alone, PEFT LoRA, an rlora method, or the reference loop."""
+
+    kind: str
+    liger: bool = False
+    compiled: bool = False
+    bf16: bool = False
+    """rlora methods: adapter weights in bf16 (no fp32->bf16 casts under autocast) instead of fp32."""
+    r: int = 8
+    heads: int = 4
+    """B heads of multilora/hydralora/rlora/reference (lora and PEFT have 1)."""
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads if self.kind in ("multilora", "hydralora", "rlora", "reference") else 1
+
+
+@dataclass
+class Variant:
+    model: nn.Module
+    backbone: Callable[..., Any]
+    """The decoder stack (compiled for +compile): input_ids -> last_hidden_state."""
+    head: nn.Module
+    rope: tuple[Any, Callable[..., Any]]
+    """(modeling module, the apply_rotary_pos_emb this variant runs with)."""
+    fused_loss: nn.Module | None
+    optimizer: torch.optim.Optimizer | None
+    compiled: bool
+    last_loss: torch.Tensor | None = None
+
+
+def parse_name(name: str) -> Spec:
+    kind, *flags = name.split("+")
+    if kind not in KINDS or not set(flags) <= {"liger", "compile", "bf16"} or ("bf16" in flags and kind not in METHODS):
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(default_names(False, True))}")
+    r = 32 if kind == "peft-lora-r32" else 8  # n·r of the 4-head methods, alpha 2r as everywhere
+    return Spec("peft-lora" if kind.startswith("peft") else kind, "liger" in flags, "compile" in flags,
+                "bf16" in flags, r)
+
+
+def default_names(smoke: bool, compiled: bool, peft: bool = True) -> list[str]:
+    names = [k + suffix for k in KINDS for suffix in ("", "+liger")]
+    names += [f"{m}+liger+bf16" for m in METHODS]
+    if compiled:
+        names += [f"{m}+liger+compile" for m in ("peft-lora", *METHODS)]
+        names += [f"{m}+liger+bf16+compile" for m in METHODS]
+    if not peft:
+        names = [n for n in names if not n.startswith("peft")]
+    return [n for n in names if not (smoke and "+liger" in n)]
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def build_base(shape: str, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):  # born on the device: no CPU copy of a 1B model
+        model = AutoModelForCausalLM.from_config(config(shape), dtype=torch.bfloat16)
+    return model.requires_grad_(False).train()  # train mode: the adapters' dropout is on
+
+
+def shared_tensors(base: nn.Module) -> dict[int, torch.Tensor]:
+    return {id(t): t for t in [*base.parameters(), *base.buffers()]}
+
+
+def share_copy(base: nn.Module) -> nn.Module:
+    """A new module tree over the same frozen tensors: each variant wraps and patches its own
+    modules, while the weights are held once (deepcopy returns memo entries as they are)."""
+    return copy.deepcopy(base, memo=dict(shared_tensors(base)))
+
+
+_PLAIN_ROPE: dict[str, Callable[..., Any]] = {}
+
+
+def plain_rope(home: Any) -> Callable[..., Any]:
+    """The modeling file's own apply_rotary_pos_emb, as first seen (before any Liger patch)."""
+    return _PLAIN_ROPE.setdefault(home.__name__, home.apply_rotary_pos_emb)
+
+
+def apply_liger(model: nn.Module) -> Callable[..., Any]:
+    """Liger's RMSNorm and SwiGLU on this instance; returns Liger's RoPE function.
+
+    `_apply_liger_kernel_to_instance` also rebinds globals of the modeling file: its
+    apply_rotary_pos_emb, and the RMSNorm/MLP classes every model built later is made of. Those
+    are put back at once, so variants without Liger and later shapes stay plain; the RoPE is set
+    per step instead (`train_step`). It must run on the bare HF model, before PEFT wraps it: on a
+    PeftModel its `getattr(model, base_model_prefix)` finds the CausalLM, not the decoder.
+    """
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    home = sys.modules[type(model).__module__]
+    home.apply_rotary_pos_emb = plain_rope(home)  # a step interrupted by an OOM may have left Liger's
+    saved = dict(vars(home))
+    try:
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        if home.apply_rotary_pos_emb is saved["apply_rotary_pos_emb"]:  # it only logs what it skips
+            raise RuntimeError(f"Liger patched nothing for model type {model.config.model_type!r}")
+        return home.apply_rotary_pos_emb
+    finally:
+        for key, value in saved.items():
+            if getattr(home, key) is not value:
+                setattr(home, key, value)
+
+
+def add_adapters(model: nn.Module, spec: Spec) -> nn.Module:
+    """Wrap the seven projections of every layer; returns the model whose parameters train."""
+    r, alpha, p = spec.r, 2 * spec.r, 0.05
+    if spec.kind == "base":
+        model.enable_input_require_grads()  # so the backward runs through every layer, as with adapters
+        return model
+    if spec.kind == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=list(TARGETS)))
+    if spec.kind == "reference":
+        for name in find_targets(model, TARGETS):
+            parent, _, child = name.rpartition(".")
+            holder = model.get_submodule(parent)
+            setattr(holder, child, ReferenceRLoRA(getattr(holder, child), r, spec.heads, alpha, p))
+        for name, param in model.named_parameters():  # fp32 adapters over the bf16 base, as PEFT
+            param.requires_grad_(any(k in name for k in (".lora_A.", ".lora_B.", ".route.")))
+        return model
+    return inject_adapters(model, AdapterConfig(type=spec.kind, r=r, lora_alpha=alpha, lora_dropout=p,
+                                                num_heads=spec.num_heads, target_modules=TARGETS, use_rslora=False),
+                           dtype=torch.bfloat16 if spec.bf16 else None)
+
+
+def build_variant(base: nn.Module, spec: Spec, compile_mode: str) -> Variant:
+    model = share_copy(base)
+    home = sys.modules[type(model).__module__]
+    rope = apply_liger(model) if spec.liger else plain_rope(home)
+    with torch.device(base.device):  # adapters (and the reference's modules) are born beside the base
+        model = add_adapters(model, spec)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps, rlora edits
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    fused_loss = None
+    if spec.liger:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        fused_loss = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+    if spec.compiled:
+        # What `train.compile: true` does: each decoder block compiled in place (one graph for
+        # all blocks); the embeddings and the loss stay eager.
+        compile_model(hf, None if compile_mode == "default" else compile_mode)
+    backbone = hf.get_decoder()
+    # torch.optim.AdamW's default (foreach on CUDA), the optimizer rlora's training loop builds.
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    return Variant(model, backbone, hf.get_output_embeddings(), (home, rope), fused_loss, optimizer, spec.compiled)
+
+
+# ------------------------------------------------------------------------------ one step
+
+
+def make_batch(rows: int, seq: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids; the first quarter of every row is an unlabelled prompt."""
+    g = torch.Generator(device).manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, seq), generator=g, device=device)
+    labels = ids.clone()
+    labels[:, : seq // 4] = -100
+    return ids, labels
+
+
+def next_token_loss(v: Variant, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = labels[:, 1:].flatten()
+    if v.fused_loss is not None:  # chunked over tokens: the [tokens x vocab] logits are never built
+        return v.fused_loss(v.head.weight, hidden[:, :-1].flatten(0, 1), targets)
+    logits = v.head(hidden)  # as Hugging Face's causal-LM loss: fp32 logits, shifted by one
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=-100)
+
+
+def train_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> None:
+    home, rope = v.rope
+    home.apply_rotary_pos_emb = rope  # a module global: variants with and without Liger alternate
+    if v.compiled:
+        torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: last step's outputs may be reused
+    if v.optimizer is not None:
+        v.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        hidden = v.backbone(input_ids=ids, use_cache=False).last_hidden_state
+        loss = next_token_loss(v, hidden, labels)
+    loss.backward()
+    if v.optimizer is not None:
+        v.optimizer.step()
+    v.last_loss = loss.detach()
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def attempt(variants: dict[str, Variant], failures: dict[str, str], name: str, fn: Callable[[], Any]) -> None:
+    """Run fn; on any error record it, drop the variant and free its memory (the run goes on)."""
+    try:
+        fn()
+        return
+    except Exception as e:  # noqa: BLE001 - an OOM or a compile error is a result here
+        failures[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"
+    log.info("  %s failed: %s", name, failures[name])
+    variants.pop(name, None)
+    free_memory()
+
+
+def own_bytes(v: Variant, shared: dict[int, torch.Tensor]) -> int:
+    """Bytes this variant holds beyond the shared base: its adapters, buffers and AdamW state."""
+    own = {id(t): t for t in [*v.model.parameters(), *v.model.buffers()] if id(t) not in shared}
+    for state in (v.optimizer.state.values() if v.optimizer else ()):
+        own.update({id(t): t for t in state.values() if torch.is_tensor(t)})
+    return sum(t.numel() * t.element_size() for t in own.values())
+
+
+def peak_gib(v: Variant, ids: torch.Tensor, labels: torch.Tensor, held: int) -> float | None:
+    """Peak of a process holding only this variant: what it holds (`held`: base + own bytes) plus
+    the step's transient peak above what was allocated before it. Measured relative, because the
+    other variants' tensors sit in the same allocator; the grads are freed first so they count in
+    the transient, as the step's own zero_grad(set_to_none) would."""
+    if not ids.is_cuda:
+        return None
+    if v.optimizer is not None:
+        v.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    train_step(v, ids, labels)
+    torch.cuda.synchronize()
+    return (held + torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def profile_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, float]:
+    """(kernels, busy ms) of one step. On CUDA: device kernels (Triton's included) and the sum of
+    their durations; Memcpy/Memset activities are not kernels and are counted in neither. On the
+    CPU (--smoke) the nearest thing: leaf CPU ops and their summed time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.is_cuda
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        train_step(v, ids, labels)
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        work = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+                and not e.name.startswith(("Memcpy", "Memset"))]
+    else:
+        work = [e for e in prof.events() if e.device_type == DeviceType.CPU and not e.cpu_children]
+    return len(work), sum(e.time_range.elapsed_us() for e in work) / 1e3
+
+
+def bench(base: nn.Module, specs: dict[str, Spec], batch: tuple[int, int], warmup: int, steps: int,
+          compile_mode: str) -> list[dict[str, Any]]:
+    """Build every variant over `base`, time them in interleaved rounds, then measure each once."""
+    device = base.device
+    ids, labels = make_batch(*batch, base.config.vocab_size, device)
+    home = sys.modules[type(base).__module__]
+    plain = plain_rope(home)
+    variants: dict[str, Variant] = {}
+    failures: dict[str, str] = {}
+    first_s: dict[str, float] = {}
+
+    def build(name: str) -> None:
+        variants[name] = build_variant(base, specs[name], compile_mode)
+
+    def warm(name: str) -> None:  # the first step (with any compilation) is timed apart
+        t = time.perf_counter()
+        train_step(variants[name], ids, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first_s[name] = time.perf_counter() - t
+        for _ in range(warmup - 1):
+            train_step(variants[name], ids, labels)
+
+    times: dict[str, list[float]] = {name: [] for name in specs}
+
+    def timed(name: str) -> None:
+        times[name].append(time_ms(lambda: train_step(variants[name], ids, labels), device.type))
+
+    try:
+        for name in specs:
+            attempt(variants, failures, name, lambda: build(name))
+        for name in list(variants):  # warm-up of every variant first, ...
+            attempt(variants, failures, name, lambda: warm(name))
+        for _ in range(steps):  # ... then rounds of one timed step of every variant
+            for name in list(variants):
+                attempt(variants, failures, name, lambda: timed(name))
+        shared = shared_tensors(base)
+        held_base = sum(t.numel() * t.element_size() for t in shared.values())
+        extra: dict[str, dict[str, Any]] = {}
+
+        def measure(name: str) -> None:
+            v = variants[name]
+            held = held_base + own_bytes(v, shared)
+            kernels, busy = profile_step(v, ids, labels)
+            extra[name] = {"peak_gib": peak_gib(v, ids, labels, held), "held_gib": held / 2**30,
+                           "kernels": kernels, "gpu_busy_ms": busy, "loss": float(v.last_loss),
+                           "trainable": sum(q.numel() for q in v.model.parameters() if q.requires_grad)}
+        for name in list(variants):
+            attempt(variants, failures, name, lambda: measure(name))
+    finally:
+        home.apply_rotary_pos_emb = plain
+        variants.clear()
+    rows = []
+    for name, spec in specs.items():
+        row = {"batch": "{}x{}".format(*batch), "variant": name, "r": spec.r, "heads": spec.num_heads,
+               "ok": name not in failures}
+        if name in failures:
+            rows.append({**row, "error": failures[name]})
+            continue
+        ms = times[name]
+        median = statistics.median(ms)
+        rows.append({**row, "median_ms": median, "min_ms": min(ms), "max_ms": max(ms),
+                     "tokens_per_s": batch[0] * batch[1] / (median / 1e3), **extra[name],
+                     "first_step_s": first_s[name],
+                     "compile_s": first_s[name] - median / 1e3 if spec.compiled else None})
+    return rows
+
+
+RATIOS = {"step": "median_ms", "busy": "gpu_busy_ms", "kernels": "kernels", "peak": "peak_gib"}
+
+
+def add_ratios(rows: list[dict[str, Any]], anchor: str) -> None:
+    """Each row's numbers over the anchor's of the same shape and batch (None where missing)."""
+    refs = {(r["shape"], r["batch"]): r for r in rows if r["variant"] == anchor and r["ok"]}
+    for r in rows:
+        ref = refs.get((r["shape"], r["batch"]))
+        r["vs_anchor"] = {k: (r[f] / ref[f] if ref and r.get(f) is not None and ref.get(f) else None)
+                          for k, f in RATIOS.items()} if r["ok"] else None
+
+
+def _f(x: Any, spec: str = ".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def table(rows: list[dict[str, Any]], anchor: str) -> str:
+    out = [f"| shape | batch | variant | step ms (min–max) | tok/s | busy ms | kernels | peak GiB | trainable "
+           f"| ×step | ×busy | ×kernels | ×peak |  (× = over {anchor})",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['shape']} | {r['batch']} | {r['variant']} "
+        if not r["ok"]:
+            out.append(head + f"| failed: {r['error']} |" + " – |" * 9)
+            continue
+        x = r["vs_anchor"]
+        out.append(head + f"| {r['median_ms']:.2f} ({r['min_ms']:.2f}–{r['max_ms']:.2f}) | {r['tokens_per_s']:,.0f} "
+                   f"| {_f(r['gpu_busy_ms'], '.2f')} | {_f(r['kernels'], 'd')} | {_f(r['peak_gib'], '.2f')} "
+                   f"| {r['trainable']:,} | " + " | ".join(_f(x[k], ".2f") for k in RATIOS) + " |")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ scale notes
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> int:
+    """Largest n in [start, cap] with fits(n): doubling from start, then bisecting between the
+    last size that fit and the first that did not (0 when start does not fit)."""
+    if not fits(start):
+        return 0
+    lo, hi = start, None
+    while hi is None:
+        n = min(2 * lo, cap)
+        if n == lo:
+            return lo
+        lo, hi = (n, None) if fits(n) else (lo, n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def max_batch(base: nn.Module, spec: Spec, seq: int, start: int, cap: int) -> int:
+    v = build_variant(base, spec, "default")
+
+    def fits(rows: int) -> bool:
+        ids, labels = make_batch(rows, seq, base.config.vocab_size, base.device)
+        try:
+            train_step(v, ids, labels)
+            ok = True
+        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS/Triton failing to allocate
+            if not isinstance(e, torch.OutOfMemoryError) and "ALLOC" not in str(e) and "out of memory" not in str(e):
+                raise
+            ok = False
+        del ids, labels
+        if v.optimizer is not None:
+            v.optimizer.zero_grad(set_to_none=True)
+        free_memory()  # after the except block, so the traceback's activations are gone
+        log.info("  %s, %d rows: %s", spec.kind, rows, "fits" if ok else "OOM")
+        return ok
+    try:
+        return largest_fitting(fits, start, cap)
+    finally:
+        del v
+        free_memory()
+
+
+def scale_notes(args: argparse.Namespace, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    """(a) largest micro-batch per method, (b) rlora step time over heads and over rank."""
+    liger = not args.smoke
+    shape, (rows, seq) = ("tiny", (2, 16)) if args.smoke else ("llama-1b", (8, 1024))
+    suffix = "+liger" if liger else ""
+    base = build_base(shape, device)
+    largest = []
+    for kind in ("peft-lora", *METHODS):
+        log.info("largest micro-batch: %s%s", kind, suffix)
+        cap = 4 * rows if args.smoke else 4096  # the CPU never runs out: --smoke stops at the cap
+        try:
+            n = max_batch(base, Spec(kind, liger), seq, rows, cap)
+            largest.append({"variant": kind + suffix, "rows": n, "tokens": n * seq, "capped": n == cap, "ok": True})
+        except Exception as e:  # noqa: BLE001
+            largest.append({"variant": kind + suffix, "ok": False, "error": f"{type(e).__name__}: {e}"[:240]})
+    sweep: dict[str, Spec] = {}
+    for n in (1, 2, 4, 8, 16):
+        sweep[f"rlora{suffix} n={n} r=8"] = Spec("rlora", liger, heads=n)
+    for r in (4, 8, 16, 32, 64):
+        sweep[f"rlora{suffix} n=4 r={r}"] = Spec("rlora", liger, r=r)
+        sweep[f"peft-lora{suffix} r={r}"] = Spec("peft-lora", liger, r=r)
+    log.info("heads and rank sweep: %d variants at %dx%d", len(sweep), rows, seq)
+    swept = [{"shape": shape, **row} for row in bench(base, sweep, (rows, seq), warmup, steps, "default")]
+    del base
+    free_memory()
+    return {"shape": shape, "seq": seq, "largest_batch": largest, "sweep": swept}
+
+
+def scale_table(scale: dict[str, Any]) -> str:
+    out = [f"| variant | largest micro-batch ({scale['shape']}, {scale['seq']} tokens/row) |", "|---|---|"]
+    for r in scale["largest_batch"]:
+        out.append(f"| {r['variant']} | {('≥' if r['capped'] else '') + str(r['rows']) if r['ok'] else r['error']} |")
+    # The rank sweep's peer: PEFT LoRA at the same r (per head for rlora), measured in the same rounds.
+    peer = {r["r"]: r for r in scale["sweep"] if r["variant"].startswith("peft") and r["ok"]}
+    out += ["", f"| variant ({scale['shape']}) | batch | step ms | tok/s | busy ms | peak GiB | trainable "
+                "| ×step of PEFT at same r |", "|---|---|---|---|---|---|---|---|"]
+    for r in scale["sweep"]:
+        if not r["ok"]:
+            out.append(f"| {r['variant']} | {r['batch']} | failed: {r['error']} |" + " – |" * 5)
+            continue
+        same_r = peer.get(r["r"]) if r["heads"] == 4 or r["variant"].startswith("peft") else None
+        out.append(f"| {r['variant']} | {r['batch']} | {r['median_ms']:.2f} | {r['tokens_per_s']:,.0f} "
+                   f"| {_f(r['gpu_busy_ms'], '.2f')} | {_f(r['peak_gib'], '.2f')} | {r['trainable']:,} "
+                   f"| {_f(same_r and r['median_ms'] / same_r['median_ms'], '.2f')} |")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)  # names are normalised: liger-kernel finds liger_kernel
+    except PackageNotFoundError:
+        return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="llama-1b,qwen-0.5b", help="names from benchmarks/shapes.py")
+    ap.add_argument("--batches", default="8x1024,8x512", help="ROWSxTOKENS, comma-separated")
+    ap.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None, help="write the raw numbers here")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd +liger variants")
+    ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    ap.add_argument("--scale", action="store_true", help="largest micro-batch; heads and rank sweeps")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, no Liger, 2+2 steps")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Print the tables, write --json, and return what was written."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    warmup, steps = (2, 2) if args.smoke else (args.warmup, args.steps)
+    anchor = SMOKE_ANCHOR if args.smoke else ANCHOR
+    result: dict[str, Any] = {"meta": {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "liger-kernel", "triton")},
+        "command": shlex.join(["python", "-m", "benchmarks.step_bench", *(sys.argv[1:] if argv is None else argv)]),
+        "anchor": anchor, "warmup": warmup, "steps": steps, "compile_mode": args.compile_mode,
+        "kernels_are": "CUDA kernels" if device.type == "cuda" else "leaf CPU ops",
+        "tokens_per_s_counts": "every input token (rows x seq), labelled or not"}}
+    threads = torch.get_num_threads()
+    if args.smoke:
+        torch.set_num_threads(1)  # a toy model on a shared CPU: more threads only add timing spikes
+    try:
+        result["results"] = run_all(args, device, warmup, steps)
+        add_ratios(result["results"], anchor)
+        print(table(result["results"], anchor))
+        if args.scale:
+            result["scale"] = scale_notes(args, device, warmup, steps)
+            print("\n" + scale_table(result["scale"]))
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def run_all(args: argparse.Namespace, device: torch.device, warmup: int, steps: int) -> list[dict[str, Any]]:
+    """Every variant at every shape and batch: one base per shape, the variants rebuilt per batch."""
+    peft = importlib.util.find_spec("peft") is not None or not args.smoke  # on the GPU a missing peft is a result
+    names = args.variants.split(",") if args.variants else default_names(args.smoke, args.compile, peft)
+    specs = {name: parse_name(name) for name in names}
+    if args.compile:
+        torch._dynamo.config.recompile_limit = 64  # one decoder class, compiled once per variant and batch
+    shapes = ["tiny"] if args.smoke else args.shapes.split(",")
+    batches = [(2, 16)] if args.smoke else [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",")]
+    rows: list[dict[str, Any]] = []
+    for shape in shapes:
+        base = build_base(shape, device)
+        for batch in batches:
+            log.info("%s %dx%d: %d variants", shape, *batch, len(specs))
+            rows += [{"shape": shape, **row} for row in bench(base, specs, batch, warmup, steps, args.compile_mode)]
+            free_memory()
+            if args.compile:
+                torch._dynamo.reset()  # a fresh cache for the next batch's compilations
+        del base
+        free_memory()
+    return rows
+
+
+if __name__ == "__main__":
+    main()

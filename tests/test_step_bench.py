@@ -1,0 +1,144 @@
+"""The full-step benchmark in --smoke mode: every variant runs, counts agree with PEFT and rlora,
+ratios are over the anchor, and the Liger bookkeeping (module-global RoPE) holds with a stand-in."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.step_bench import (SMOKE_ANCHOR, TARGETS, build_base, default_names, largest_fitting, main)
+from rlora_cli.adapters import AdapterConfig, inject_adapters, parameter_counts
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    path = tmp_path_factory.mktemp("step_bench") / "x.json"
+    result = main(["--smoke", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    assert [r["variant"] for r in saved["results"]] == [r["variant"] for r in result["results"]]
+    return saved
+
+
+def rows_by_variant(result):
+    return {r["variant"]: r for r in result["results"]}
+
+
+def test_every_variant_runs_with_finite_times_and_losses(smoke):
+    rows = rows_by_variant(smoke)
+    assert list(rows) == default_names(smoke=True, compiled=False)
+    assert {"base", "peft-lora", "peft-lora-r32", "lora", "multilora", "hydralora", "rlora", "reference"} == set(rows)
+    for name, r in rows.items():
+        assert r["ok"], (name, r.get("error"))
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and math.isfinite(r["max_ms"])
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["median_ms"] / 1e3))
+        assert r["kernels"] > 0 and r["gpu_busy_ms"] > 0 and r["peak_gib"] is None  # CPU: no allocator peak
+        assert abs(r["loss"] - math.log(512)) < 1.0  # random init: about ln(vocab)
+    meta = smoke["meta"]
+    assert meta["anchor"] == SMOKE_ANCHOR and meta["kernels_are"] == "leaf CPU ops"
+    assert "--smoke" in meta["command"] and meta["versions"]["torch"] == torch.__version__
+
+
+def test_trainable_counts_match_peft_and_rlora(smoke):
+    from peft import LoraConfig, get_peft_model
+
+    rows = rows_by_variant(smoke)
+    assert rows["base"]["trainable"] == 0
+    for name, r in (("peft-lora", 8), ("peft-lora-r32", 32)):
+        peft_model = get_peft_model(build_base("tiny", torch.device("cpu")),
+                                    LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=list(TARGETS)))
+        assert rows[name]["trainable"] == peft_model.get_nb_trainable_parameters()[0]
+    # tiny: 2 layers; r·(d_in + d_out) over q, k, v, o (64→64, 64→32, 64→32, 64→64) and the MLP (64↔128)
+    assert rows["peft-lora"]["trainable"] == 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192)
+    for method in ("multilora", "rlora"):
+        model = inject_adapters(build_base("tiny", torch.device("cpu")), AdapterConfig(
+            type=method, r=8, lora_alpha=16, lora_dropout=0.05, num_heads=4, target_modules=TARGETS))
+        assert rows[method]["trainable"] == parameter_counts(model)[0]
+    assert rows["reference"]["trainable"] == rows["rlora"]["trainable"]  # same A, n B heads, router
+
+
+def test_held_memory_is_the_base_plus_each_variants_own_tensors(smoke):
+    rows = rows_by_variant(smoke)
+    base = rows["base"]["held_gib"] * 2**30
+    lora = rows["lora"]
+    own = lora["held_gib"] * 2**30 - base
+    # fp32 adapters + AdamW's two moments (+ a 4-byte step counter per tensor: 2 layers x 7 x (A, B))
+    assert 12 * lora["trainable"] <= own <= 12 * lora["trainable"] + 4 * 28 + 1
+    assert rows["rlora"]["held_gib"] > rows["hydralora"]["held_gib"]  # plus its A0/B0 buffers
+
+
+def test_ratios_are_over_the_anchor(smoke):
+    rows = rows_by_variant(smoke)
+    anchor = rows[SMOKE_ANCHOR]
+    assert anchor["vs_anchor"]["step"] == 1.0 and anchor["vs_anchor"]["kernels"] == 1.0
+    for r in rows.values():
+        x = r["vs_anchor"]
+        assert x["step"] == pytest.approx(r["median_ms"] / anchor["median_ms"])
+        assert x["busy"] == pytest.approx(r["gpu_busy_ms"] / anchor["gpu_busy_ms"])
+        assert x["kernels"] == pytest.approx(r["kernels"] / anchor["kernels"])
+        assert x["peak"] is None
+    assert rows["reference"]["kernels"] > rows["rlora"]["kernels"]  # the per-head Python loop
+
+
+@pytest.mark.parametrize("limit,cap,expected", [(3, 4096, 0), (8, 4096, 8), (37, 4096, 37), (64, 4096, 64),
+                                                 (1000, 50, 50)])
+def test_largest_fitting_doubles_then_bisects(limit, cap, expected):
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= limit
+    assert largest_fitting(fits, 8, cap) == expected
+    assert len(tried) <= 2 * math.log2(max(cap, 8)) + 2
+
+
+def fake_liger(monkeypatch):
+    """A stand-in for liger_kernel on the CPU doing what 0.8.5's instance patch does to globals:
+    it rebinds the modeling file's apply_rotary_pos_emb and the RMSNorm/MLP classes."""
+    from transformers.models.llama import modeling_llama as ml
+
+    for key in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(ml, key, getattr(ml, key))  # undone after the test, whatever happens
+    plain, calls = ml.apply_rotary_pos_emb, []
+
+    def fake_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        calls.append(q.shape)
+        return plain(q, k, cos, sin, unsqueeze_dim)
+
+    def apply(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False):
+        assert model.config.model_type == "llama" and not (cross_entropy or fused_linear_cross_entropy)
+        ml.apply_rotary_pos_emb, ml.LlamaRMSNorm, ml.LlamaMLP = fake_rope, object, object
+
+    class FusedLinearCE(nn.Module):
+        def __init__(self, reduction="mean"):
+            super().__init__()
+
+        def forward(self, weight, x, target):
+            return F.cross_entropy((x @ weight.t()).float(), target, ignore_index=-100)
+
+    module = types.ModuleType("liger_kernel.transformers")
+    module._apply_liger_kernel_to_instance = apply
+    module.LigerFusedLinearCrossEntropyLoss = FusedLinearCE
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    return ml, plain, calls
+
+
+def test_liger_rope_is_set_per_variant_and_globals_restored(monkeypatch, tmp_path):
+    ml, plain, calls = fake_liger(monkeypatch)
+    classes = (ml.LlamaRMSNorm, ml.LlamaMLP)
+    result = main(["--smoke", "--variants", "base,base+liger,lora+liger", "--json", str(tmp_path / "l.json")])
+    rows = rows_by_variant(result)
+    assert all(r["ok"] for r in rows.values()), rows
+    # Only the two +liger variants ran Liger's RoPE: 2 warm-up + 2 timed + 1 profiled steps, 2 layers each.
+    assert len(calls) == 2 * (2 + 2 + 1) * 2
+    assert ml.apply_rotary_pos_emb is plain and (ml.LlamaRMSNorm, ml.LlamaMLP) == classes
+    # The fused-loss path (hidden states and the head's weight) gives the logits path's loss.
+    assert rows["base+liger"]["loss"] == pytest.approx(rows["base"]["loss"], rel=1e-3)
+    assert rows["lora+liger"]["trainable"] == rows["base+liger"]["trainable"] + 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192)
