@@ -139,10 +139,8 @@ def compile_model(model: Any, mode: str | None = None) -> str:
 
 def decoder_blocks(model: Any) -> Any:
     """The ModuleList of decoder blocks (Llama/Qwen/Mistral `layers`, GPT-2 `h`), or None."""
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, NotImplementedError):
-        return None
+    get_decoder = getattr(model, "get_decoder", None)  # transformers models have it; others: the whole model
+    decoder = get_decoder() if get_decoder else model
     for name in ("layers", "h", "blocks"):
         blocks = getattr(decoder, name, None)
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
