@@ -50,7 +50,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, config, matmul_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,28 +83,15 @@ def measure_peak(device: str, n: int | None = None, reps: int = 20) -> dict[str,
     figure is what the hardware can do; on a shared CPU, many short reps find a quiet moment."""
     import torch
 
+    from benchmarks.common import time_ms
+
     cuda = device == "cuda"
     n, inner = n or (8192 if cuda else 512), 10 if cuda else 5  # inner: matmuls per timed rep
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     c = torch.empty_like(a)
     for _ in range(30 if cuda else 3):  # warm-up: cuBLAS heuristics, GPU clocks (~50 ms at 8192)
         torch.mm(a, b, out=c)
-    best = math.inf
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                torch.mm(a, b, out=c)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                torch.mm(a, b, out=c)
-            seconds = time.perf_counter() - t0
-        best = min(best, seconds / inner)
+    best = min(time_ms(lambda: [torch.mm(a, b, out=c) for _ in range(inner)], device) for _ in range(reps)) / 1e3 / inner
     del a, b, c
     if cuda:
         torch.cuda.empty_cache()
@@ -216,7 +203,7 @@ def train_one(recipe: str, run_dir: str, overrides: list[str]) -> None:
                   "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "kind": "CUDA max allocated"}
     else:  # ru_maxrss is in KiB on Linux
         memory = {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "kind": "max RSS"}
-    (Path(run_dir) / MEMORY_FILE).write_text(json.dumps(memory))
+    write_json(Path(run_dir) / MEMORY_FILE, memory)
 
 
 def launch(recipe: Path, run_dir: Path, overrides: list[str], device: str, in_process: bool) -> list[str]:
@@ -353,15 +340,10 @@ def summarize(shape: str, packing: bool, run_dir: Path, steps: list[Step], warmu
 
 def environment(device: str) -> dict[str, Any]:
     """Device name and the versions that matter."""
-    import importlib.metadata as md
-
     import torch
 
-    def version(name: str) -> str | None:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
+    import rlora_cli
+    from benchmarks.common import version
 
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -370,7 +352,8 @@ def environment(device: str) -> dict[str, Any]:
         name, memory = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", None
     return {"device": name, "device_memory_gib": memory, "cuda": torch.version.cuda if device == "cuda" else None,
             "python": platform.python_version(),
-            **{p: version(p) for p in ("rlora", "torch", "transformers", "accelerate", "datasets", "liger-kernel")}}
+            "rlora": rlora_cli.__version__,
+            **{p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "liger-kernel")}}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -457,8 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "warmup_steps": args.warmup_steps, "max_steps": args.max_steps, "max_length": args.max_length,
               "results": results}
     json_path = Path(args.json) if args.json else out / "e2e.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1))
+    write_json(json_path, report)
     console.print(f"\n{report['environment']['device']}, peak {peak['tflops']:.2f} TFLOP/s; medians over the "
                   f"logging windows after {args.warmup_steps} warm-up step(s)", markup=False)
     console.print(table(results) + f"\nwritten: {json_path}", markup=False)

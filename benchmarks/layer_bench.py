@@ -12,13 +12,13 @@ of forward+backward, kernels launched per step (torch.profiler) and peak memory 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from benchmarks.common import time_ms, write_json
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
 
 SHAPES = {"q_proj": (2048, 2048), "k_proj": (2048, 512), "gate_proj": (2048, 8192), "down_proj": (8192, 2048)}
@@ -73,21 +73,9 @@ def step_fn(layer: nn.Module, x: torch.Tensor, up: torch.Tensor, device: str) ->
     return step
 
 
-def time_ms(step: Callable[[], None], device: str) -> float:
-    if device != "cuda":
-        import time
-        t = time.perf_counter()
-        step()
-        return (time.perf_counter() - t) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
-
-
 def kernels_per_step(step: Callable[[], None]) -> int:
+    """Every CUDA event of one step, memcpy/memset included (the unit of this file's recorded
+    results; benchmarks.common.cuda_kernels, used by the full-step benchmark, leaves them out)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -142,9 +130,9 @@ def main() -> None:
         print(f"{r['shape']:10} {r['variant']:16} {r['median_ms']:8.3f} {r['median_ms'] / anchor[r['shape']]:8.2f} "
               f"{r.get('kernels', 0):8d} {r.get('saved_MiB', 0):8.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                       "args": vars(args), "results": results}, f, indent=1)
+        write_json(args.json, {"torch": torch.__version__,
+                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                               "args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -31,54 +31,62 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--syncs", action="store_true",
                     help="also count host<->GPU synchronisations in the profiled steps, by where they happen")
     args = ap.parse_args(argv)
+    if not 0 < args.active < args.steps:
+        ap.error("--active must be at least 1 and less than --steps (the first steps warm up)")
+    cuda = torch.cuda.is_available()
+    if args.syncs and not cuda:
+        ap.error("--syncs needs a CUDA device")
 
     from torch.profiler import ProfilerActivity, profile
 
     import rlora_cli.train as train_mod
+    from benchmarks.common import cuda_kernels, write_json
 
     out = Path(args.out)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(activities=activities)
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     marks: list[float] = []
+    syncs: Counter[str] = Counter()
     step = torch.optim.AdamW.step
 
     def counted_step(self, *a, **k):  # the optimizer step closes a training step
         result = step(self, *a, **k)
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
-        if len(marks) == args.steps - args.active:
-            prof.start()
+        if len(marks) in (args.steps - args.active, args.steps):  # profile exactly the last --active steps
+            on = len(marks) < args.steps
+            prof.start() if on else prof.stop()
             if args.syncs:
-                torch.cuda.set_sync_debug_mode("warn")
+                torch.cuda.set_sync_debug_mode("warn" if on else "default")
         return result
 
+    def count_sync(message, *rest, **kw):
+        if "synchroniz" in str(message):  # torch's sync debug mode; other warnings are not counted
+            syncs.update([_caller()])
+
     torch.optim.AdamW.step = counted_step
-    syncs: Counter[str] = Counter()
-    if args.syncs:
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda *a, **k: syncs.update([_caller()])
     try:
-        train_mod.train(args.recipe, (*args.overrides, f"train.max_steps={args.steps}"), output=out / "run",
-                        overwrite=True)
+        with warnings.catch_warnings():
+            if args.syncs:
+                warnings.simplefilter("always")
+                warnings.showwarning = count_sync
+            train_mod.train(args.recipe, (*args.overrides, f"train.max_steps={args.steps}"), output=out / "run",
+                            overwrite=True)
     finally:
         torch.optim.AdamW.step = step
         if args.syncs:
             torch.cuda.set_sync_debug_mode("default")
-        prof.stop()
     walls = [b - a for a, b in zip(marks, marks[1:])][-args.active:]
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-              and not e.name.startswith(("Memcpy", "Memset"))]
-    busy_ms = sum(e.device_time for e in events) / 1e3 / args.active
-    summary = {"wall_ms_per_step": [round(w * 1e3, 1) for w in walls], "gpu_busy_ms_per_step": round(busy_ms, 1),
-               "kernels_per_step": len(events) / args.active,
+    kernels = cuda_kernels(prof)
+    summary = {"wall_ms_per_step": [round(w * 1e3, 1) for w in walls],
+               "gpu_busy_ms_per_step": round(sum(e.device_time for e in kernels) / 1e3 / args.active, 1),
+               "kernels_per_step": len(kernels) / args.active,
                "syncs_per_step": {k: v / args.active for k, v in syncs.most_common(25)}}
     print(json.dumps(summary, indent=1))
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if cuda:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    write_json(out / "summary.json", summary)
     prof.export_chrome_trace(str(out / "trace.json"))
 
 

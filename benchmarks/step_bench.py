@@ -18,7 +18,6 @@ import argparse
 import copy
 import gc
 import importlib.util
-import json
 import logging
 import shlex
 import statistics
@@ -32,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.layer_bench import ReferenceRLoRA, time_ms
+from benchmarks.common import cuda_kernels, time_ms, version, write_json
+from benchmarks.layer_bench import ReferenceRLoRA
 from benchmarks.shapes import config
 from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters
 from rlora_cli.kernels import compile_model
@@ -213,6 +213,8 @@ def make_batch(rows: int, seq: int, vocab: int, device: torch.device) -> tuple[t
 
 
 def next_token_loss(v: Variant, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same loss for every variant (Liger's stock fused CE for +liger, as the peers use it);
+    rlora train's own loss path (kernels.install_fused_loss) is timed end to end by benchmarks.e2e."""
     targets = labels[:, 1:].flatten()
     if v.fused_loss is not None:  # chunked over tokens: the [tokens x vocab] logits are never built
         return v.fused_loss(v.head.weight, hidden[:, :-1].flatten(0, 1), targets)
@@ -295,8 +297,7 @@ def profile_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> tuple[i
         if cuda:
             torch.cuda.synchronize()
     if cuda:
-        work = [e for e in prof.events() if e.device_type == DeviceType.CUDA
-                and not e.name.startswith(("Memcpy", "Memset"))]
+        work = cuda_kernels(prof)
     else:
         work = [e for e in prof.events() if e.device_type == DeviceType.CPU and not e.cpu_children]
     return len(work), sum(e.time_range.elapsed_us() for e in work) / 1e3
@@ -497,15 +498,6 @@ def scale_table(scale: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------- main
 
 
-def version(pkg: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)  # names are normalised: liger-kernel finds liger_kernel
-    except PackageNotFoundError:
-        return None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="llama-1b,qwen-0.5b", help="names from benchmarks/shapes.py")
@@ -542,14 +534,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["results"] = run_all(args, device, warmup, steps)
         add_ratios(result["results"], anchor)
         print(table(result["results"], anchor))
+        if args.json:  # now, so a crash in the scale notes loses nothing already measured
+            write_json(args.json, result)
         if args.scale:
             result["scale"] = scale_notes(args, device, warmup, steps)
             print("\n" + scale_table(result["scale"]))
+            if args.json:
+                write_json(args.json, result)
     finally:
         torch.set_num_threads(threads)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
@@ -558,7 +551,8 @@ def run_all(args: argparse.Namespace, device: torch.device, warmup: int, steps: 
     peft = importlib.util.find_spec("peft") is not None or not args.smoke  # on the GPU a missing peft is a result
     names = args.variants.split(",") if args.variants else default_names(args.smoke, args.compile, peft)
     specs = {name: parse_name(name) for name in names}
-    if args.compile:
+    compiled = any(spec.compiled for spec in specs.values())  # --compile, or +compile names in --variants
+    if compiled:
         torch._dynamo.config.recompile_limit = 64  # one decoder class, compiled once per variant and batch
     shapes = ["tiny"] if args.smoke else args.shapes.split(",")
     batches = [(2, 16)] if args.smoke else [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",")]
@@ -569,7 +563,7 @@ def run_all(args: argparse.Namespace, device: torch.device, warmup: int, steps: 
             log.info("%s %dx%d: %d variants", shape, *batch, len(specs))
             rows += [{"shape": shape, **row} for row in bench(base, specs, batch, warmup, steps, args.compile_mode)]
             free_memory()
-            if args.compile:
+            if compiled:
                 torch._dynamo.reset()  # a fresh cache for the next batch's compilations
         del base
         free_memory()

@@ -5,16 +5,19 @@
 # are kept, so the last pass, over every variant and seed, only collects them into
 # OUT/results.md, OUT/results.json and OUT/plots (and trains whatever an interrupted pass left).
 #
-#   benchmarks/mtl/run_parallel.sh TASKS_DIR MODEL OUT [more python -m benchmarks.mtl options]
+# The two processes of a seed both score the base model on it (same result, written atomically).
+#
+#   [PYTHON=.venv/bin/python] benchmarks/mtl/run_parallel.sh TASKS_DIR MODEL OUT [more python -m benchmarks.mtl options]
 set -u
+py=${PYTHON:-python3}
 tasks=$1 model=$2 out=$3
 shift 3
 mkdir -p "$out/logs"
 for seed in 0 1 2; do
   for methods in lora,lora-matched,multilora,hydralora hydralora-ri,hydralora-hd,rlora,rlora-router-off; do
-    python3 -m benchmarks.mtl --tasks-dir "$tasks" --model "$model" --out "$out" --seeds "$seed" \
+    "$py" -m benchmarks.mtl --tasks-dir "$tasks" --model "$model" --out "$out" --seeds "$seed" \
       --methods "$methods" "$@" >"$out/logs/seed$seed-${methods%%,*}.log" 2>&1 &
   done
 done
 wait
-python3 -m benchmarks.mtl --tasks-dir "$tasks" --model "$model" --out "$out" --seeds 0,1,2 "$@"
+"$py" -m benchmarks.mtl --tasks-dir "$tasks" --model "$model" --out "$out" --seeds 0,1,2 "$@"
