@@ -6,7 +6,7 @@ computed as one GEMM into rank space and one GEMM out of it (DESIGN.md §1, "The
 
     H = x · [A; W_router; A0]ᵀ          [T, n_A·r + n + r]    (one GEMM: same input)
     Z = gate ⊙ drop_heads(H_A viewed as [T, n, r])             (rank space, cheap)
-    y = base(x) + s · Z · B_catᵀ − s · H_A0 · B0ᵀ              (addmm fuses the residual add)
+    y = base(x) + s · [Z | −H_A0] · [B_cat | B0]ᵀ              (one GEMM out, added in place)
 
 Nothing of size T×n×d_out is ever built. Every adapter tensor is named `rlora_*`, so freezing,
 saving and counting are one name test. The base module is wrapped, never edited.
@@ -142,16 +142,17 @@ class MultiHeadLoRA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         lead = y.shape[:-1]
-        y = y.reshape(-1, self.out_features)
-        z, h0 = self._rank_space(x.reshape(-1, self.in_features))
-        s = self.spec.scaling / (self.spec.num_heads if self.spec.gate == "uniform" else 1)
-        y = _add_matmul(y, z, self.rlora_B, s)
-        if h0 is not None:
-            y = _add_matmul(y, h0, self.rlora_B0, -self.spec.scaling)
+        z, B = self._rank_space(x.reshape(-1, self.in_features))
+        y = _add_delta(y.reshape(-1, self.out_features), z, B, self._alpha)
         return y.reshape(*lead, self.out_features)
 
-    def _rank_space(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Gated, dropped-out head activations Z [T, n·r] and the compensation input A0·x [T, r]."""
+    @property
+    def _alpha(self) -> float:
+        return self.spec.scaling / (self.spec.num_heads if self.spec.gate == "uniform" else 1)
+
+    def _rank_space(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(Z, B) with the delta = alpha · Z · Bᵀ: the gated, dropped-out head activations
+        [T, n·r] against B_cat, and under compensation one more rank-r block, −A0·x against B0."""
         spec, n, r = self.spec, self.spec.num_heads, self.spec.r
         A = self.rlora_A
         if not torch.is_autocast_enabled(x.device.type):
@@ -173,8 +174,13 @@ class MultiHeadLoRA(nn.Module):
             h = h * self.rlora_gate.to(h.dtype).view(1, n, 1)
         elif spec.gate == "router":
             h = h * router_weights(rest[:, :n]).to(h.dtype).unsqueeze(-1)
-        h0 = rest[:, rest.shape[1] - r:] if spec.compensate else None
-        return h.reshape(-1, n * r), h0
+        z = h.reshape(-1, n * r)
+        if not spec.compensate:
+            return z, self.rlora_B
+        # The compensation −s·B0·A0·x rides in the same GEMM out; alpha is s/n under a uniform
+        # gate, so its block is scaled by n there.
+        c = n if spec.gate == "uniform" else 1
+        return torch.cat([z, rest[:, -r:].to(z.dtype) * -c], 1), torch.cat([self.rlora_B, self.rlora_B0], 1)
 
     def router_weights(self, x: Tensor) -> Tensor:
         """ω(x) [.., n] for inputs x [.., d_in] (analysis and tests; forward fuses this GEMM)."""
@@ -225,8 +231,13 @@ def router_weights(logits: Tensor) -> Tensor:
     return torch.softmax(logits.float() if logits.dtype in _HALF else logits, dim=-1)
 
 
-def _add_matmul(y: Tensor, z: Tensor, B: Tensor, alpha: float) -> Tensor:
-    """y + alpha · z · Bᵀ, as one addmm when the dtypes allow (it fuses the residual add)."""
-    if y.dtype == z.dtype == B.dtype or torch.is_autocast_enabled(y.device.type):
-        return torch.addmm(y, z, B.t(), alpha=alpha)
-    return y + (alpha * (z.to(B.dtype) @ B.t())).to(y.dtype)
+def _add_delta(y: Tensor, z: Tensor, B: Tensor, alpha: float) -> Tensor:
+    """y + alpha · z · Bᵀ, where y is the base layer's fresh output.
+
+    Eager: one GEMM that accumulates into y in place (out-of-place addmm would first copy y, a
+    [T, d_out] read and write per layer). Compiled, or with mixed dtypes outside autocast: a plain
+    add in y's dtype, which the compiler fuses into whatever reads y next (RoPE, SwiGLU, the residual).
+    """
+    if torch.compiler.is_compiling() or not (y.dtype == z.dtype == B.dtype or torch.is_autocast_enabled(y.device.type)):
+        return y + (alpha * (z.to(B.dtype) @ B.t())).to(y.dtype)
+    return y.addmm_(z.to(y.dtype), B.t().to(y.dtype), alpha=alpha)
