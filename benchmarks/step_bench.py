@@ -10,6 +10,10 @@ built over one random-init bf16 base (the frozen weight tensors are shared; each
 adapters and Liger patches are its own) and timed in interleaved rounds, so clock drift hits all
 alike. Ratios are against `peft-lora+liger` of the same run (`peft-lora` in --smoke: no Liger).
 A variant that fails (import, OOM, compile) is recorded with its error and the run goes on.
+
+Variant names are a kind and flags: `+liger` (Liger's RoPE, RMSNorm, SwiGLU and fused linear
+cross-entropy), `+ce` (only the fused cross-entropy), `+bf16` (bf16 adapter weights), `+compile`
+(each decoder block torch.compile'd in place, as `train.compile` does).
 """
 
 from __future__ import annotations
@@ -52,12 +56,20 @@ class Spec:
 
     kind: str
     liger: bool = False
+    """Liger's RoPE, RMSNorm and SwiGLU kernels and its fused linear cross-entropy."""
     compiled: bool = False
     bf16: bool = False
     """rlora methods: adapter weights in bf16 (no fp32->bf16 casts under autocast) instead of fp32."""
     r: int = 8
     heads: int = 4
     """B heads of multilora/hydralora/rlora/reference (lora and PEFT have 1)."""
+    ce: bool = False
+    """Liger's fused linear cross-entropy only: RoPE, RMSNorm and SwiGLU stay the model's own, so
+    inside compiled blocks the compiler fuses them (Liger's Triton kernels would break the graph)."""
+
+    @property
+    def fused_ce(self) -> bool:
+        return self.liger or self.ce
 
     @property
     def num_heads(self) -> int:
@@ -80,11 +92,12 @@ class Variant:
 
 def parse_name(name: str) -> Spec:
     kind, *flags = name.split("+")
-    if kind not in KINDS or not set(flags) <= {"liger", "compile", "bf16"} or ("bf16" in flags and kind not in METHODS):
+    if (kind not in KINDS or not set(flags) <= {"liger", "ce", "compile", "bf16"}
+            or ("bf16" in flags and kind not in METHODS) or {"liger", "ce"} <= set(flags)):
         raise SystemExit(f"unknown variant {name!r}; known: {', '.join(default_names(False, True))}")
     r = 32 if kind == "peft-lora-r32" else 8  # n·r of the 4-head methods, alpha 2r as everywhere
     return Spec("peft-lora" if kind.startswith("peft") else kind, "liger" in flags, "compile" in flags,
-                "bf16" in flags, r)
+                "bf16" in flags, r, ce="ce" in flags)
 
 
 def default_names(smoke: bool, compiled: bool, peft: bool = True) -> list[str]:
@@ -93,9 +106,11 @@ def default_names(smoke: bool, compiled: bool, peft: bool = True) -> list[str]:
     if compiled:
         names += [f"{m}+liger+compile" for m in ("peft-lora", *METHODS)]
         names += [f"{m}+liger+bf16+compile" for m in METHODS]
+        names += [f"{m}+ce+compile" for m in ("peft-lora", *METHODS)]
+        names += [f"{m}+ce+bf16+compile" for m in METHODS]
     if not peft:
         names = [n for n in names if not n.startswith("peft")]
-    return [n for n in names if not (smoke and "+liger" in n)]
+    return [n for n in names if not (smoke and ("+liger" in n or "+ce" in n))]
 
 
 # ------------------------------------------------------------------------------------ building
@@ -186,7 +201,7 @@ def build_variant(base: nn.Module, spec: Spec, compile_mode: str) -> Variant:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps, rlora edits
     trainable = [q for q in model.parameters() if q.requires_grad]
     fused_loss = None
-    if spec.liger:
+    if spec.fused_ce:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         fused_loss = LigerFusedLinearCrossEntropyLoss(reduction="mean")

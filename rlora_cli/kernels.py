@@ -33,8 +33,13 @@ class Kernels:
     """The loss comes from Liger's fused linear cross-entropy (call `token_losses(fused=True)`)."""
 
 
-def apply_kernels(model: Any, kernels: str, device: Any) -> Kernels:
-    """Patch `model` in place where possible (after the adapters are injected)."""
+def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = False) -> Kernels:
+    """Patch `model` in place where possible (after the adapters are injected, before compiling).
+
+    With `compiled` (train.compile), `auto` takes only the fused cross-entropy: inside a compiled
+    block Liger's Triton RoPE, RMSNorm and SwiGLU break the graph, while the compiler fuses the
+    model's own versions of them (measured faster, benchmarks/RESULTS.md). `liger` takes all of them.
+    """
     if kernels == "none":
         return Kernels("none (train.kernels: none)")
     reason = _unavailable(model, device)
@@ -43,15 +48,21 @@ def apply_kernels(model: Any, kernels: str, device: Any) -> Kernels:
             raise UserError(f"train.kernels: liger cannot be used: {reason}",
                             f"use kernels: auto or none{'' if 'installed' not in reason else ', or ' + INSTALL_HINT}")
         return Kernels(f"none (Liger off: {reason})")
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    ops = not (compiled and kernels == "auto")
+    if ops:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    what = "RoPE, RMSNorm, SwiGLU; " if ops else ""
     head_problem = _plain_head_problem(model)
     if head_problem:
-        return Kernels(f"Liger (RoPE, RMSNorm, SwiGLU; cross-entropy unfused: {head_problem})")
+        if not ops:
+            return Kernels(f"none (Liger's cross-entropy unfused: {head_problem}; the compiler fuses the rest)")
+        return Kernels(f"Liger ({what}cross-entropy unfused: {head_problem})")
     install_fused_loss(model)
-    return Kernels("Liger (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)", fused_loss=True)
+    rest = "" if ops else "; RoPE, RMSNorm, SwiGLU left to torch.compile"
+    return Kernels(f"Liger ({what}fused linear cross-entropy{rest})", fused_loss=True)
 
 
 def _unavailable(model: Any, device: Any) -> str | None:

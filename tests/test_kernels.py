@@ -86,7 +86,7 @@ def test_training_with_the_fused_loss_matches_the_plain_loop(tmp_path, learnable
     (tmp_path / "b").mkdir()
     train(write_recipe(tmp_path / "a", learnable_model_dir, **kw), output=plain_dir)
 
-    def fused_kernels(model, kernels, device):
+    def fused_kernels(model, kernels, device, **_):
         install_fused_loss(model, torch_linear_ce)
         return Kernels("torch linear cross-entropy (test)", fused_loss=True)
 

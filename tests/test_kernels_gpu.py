@@ -81,3 +81,32 @@ def test_training_with_liger_matches_training_without(tmp_path, learnable_model_
     for name in ("liger", "liger-1x8"):
         for a, b in zip(runs["none"], runs[name]):
             assert b == pytest.approx(a, rel=3e-2), (name, runs)
+
+
+def test_compiled_auto_takes_only_the_fused_loss(learnable_model_dir):
+    """Under train.compile, auto leaves RoPE/RMSNorm/SwiGLU to the compiler (Liger's would break
+    the compiled block) and keeps the fused cross-entropy; liger still takes everything."""
+    torch.manual_seed(0)
+    model, _ = load_model(str(learnable_model_dir), dtype="bfloat16")
+    model.to("cuda")
+    before = [(type(m), m.forward) for m in model.modules()]  # (earlier tests' Liger patches of the
+    kern = apply_kernels(model, "auto", torch.device("cuda"), compiled=True)  # module stay in place)
+    assert kern.fused_loss and "left to torch.compile" in kern.note
+    assert [(type(m), m.forward) for m in model.modules()][1:] == before[1:]  # [0]: the new loss forward
+    _, full = _model(str(learnable_model_dir), "liger")
+    assert "RoPE" in full.note
+
+
+def test_compiled_training_matches_eager(tmp_path, learnable_model_dir):
+    """train.compile with kernels auto (compiled blocks, fused loss) follows the eager run's losses."""
+    runs = {}
+    for name, train_keys in {"eager": {"kernels": "none"}, "compiled": {"kernels": "auto", "compile": True}}.items():
+        (tmp_path / name).mkdir()
+        recipe = write_recipe(tmp_path / name, learnable_model_dir, model={"dtype": "bfloat16"},
+                              adapter={"lora_dropout": 0.0},
+                              train={"precision": "bf16", "max_steps": 6, **train_keys},
+                              output={"save_steps": 0, "logging_steps": 1})
+        runs[name] = [r["loss"] for r in metrics(train(recipe, output=tmp_path / name / "run")) if "loss" in r]
+    assert len(runs["eager"]) == len(runs["compiled"]) == 6
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        assert b == pytest.approx(a, rel=3e-2), runs
