@@ -183,6 +183,8 @@ def run_overrides(model: Path, data: Path, packing: bool, max_steps: int, max_le
     """Dotted overrides that point a shipped recipe at OUT's model and data."""
     out = [f"model.name_or_path={model.resolve()}", f"data.datasets.synthetic.path={data.resolve()}",
            f"data.packing={str(packing).lower()}", f"data.max_length={max_length}", f"train.max_steps={max_steps}"]
+    if not packing:  # CUDA graphs (the recipes' reduce-overhead) need one shape: packed rows only
+        out.append("train.compile_mode=default")
     return out + ([f"output.logging_steps={logging_steps}"] if logging_steps else [])
 
 

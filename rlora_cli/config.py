@@ -31,6 +31,7 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_at
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 KERNELS = ("auto", "liger", "none")
 ADAPTER_DTYPES = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 SCHEDULERS = ("linear", "cosine", "constant")
 FORMATS = ("bigbench",)
 # Accelerate's tracker names (`output.log_with`), plus none and all.
@@ -210,6 +211,10 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 = no clipping)."""
     compile: bool = False
     """torch.compile each decoder block in place (the whole model when it has no block list)."""
+    compile_mode: str = "default"
+    """torch.compile mode with compile: true: default | reduce-overhead (CUDA graphs: each compiled
+    block's kernels replay as one launch; packed rows are padded to one shape, so it records once)
+    | max-autotune-no-cudagraphs."""
     adapter_dtype: str = "auto"
     """Adapter weights: auto (fp32 over a half-precision base, as PEFT) | fp32 | bf16 (no casts
     under bf16 autocast, a little faster; the optimizer then updates bf16 weights)."""
@@ -226,7 +231,7 @@ class TrainConfig:
         p += [f"{where}.{k}: must be >= 0, got {getattr(self, k):g}"
               for k in ("weight_decay", "max_grad_norm") if getattr(self, k) < 0]
         for key, allowed in (("lr_scheduler", SCHEDULERS), ("precision", PRECISIONS), ("kernels", KERNELS),
-                             ("adapter_dtype", ADAPTER_DTYPES)):
+                             ("adapter_dtype", ADAPTER_DTYPES), ("compile_mode", COMPILE_MODES)):
             if getattr(self, key) not in allowed:
                 p.append(_choice(f"{where}.{key}", getattr(self, key), allowed))
         return p
@@ -375,6 +380,16 @@ def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) ->
         if name in raw:
             parts[name] = _checked(cls, raw[name], name, problems)
     seed = _checked(_Seed, {"seed": raw.get("seed", 0)}, "", problems)
+    train, data = parts.get("train"), parts["data"]
+    if train and data and train.compile and train.compile_mode == "reduce-overhead" and not data.packing:
+        # CUDA graphs replay one recorded shape; unpacked rows vary in length and carry a padding
+        # mask, whose attention path breaks the compiled block (and graph outputs get overwritten).
+        problems.append("train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
+                        "to one shape, which CUDA graphs replay); use compile_mode: default for unpacked data")
+    if train and train.compile and train.compile_mode == "reduce-overhead" and train.kernels == "liger":
+        problems.append("train.kernels: liger puts Liger's Triton RoPE/RMSNorm/SwiGLU inside the compiled blocks, "
+                        "which breaks the CUDA graphs of compile_mode: reduce-overhead; use kernels: auto (the fused "
+                        "loss only) or compile_mode: default")
     if len(problems) > before:
         return None
     output = parts.get("output", OutputConfig())

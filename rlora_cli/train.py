@@ -120,7 +120,10 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
         model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
     from rlora_cli.kernels import apply_kernels, compile_model
     kern = apply_kernels(model, t.kernels, accelerator.device, compiled=t.compile)
-    compile_note = compile_model(model) if t.compile else "off"
+    compile_note = compile_model(model, None if t.compile_mode == "default" else t.compile_mode) if t.compile else "off"
+    # Compiled blocks replay as CUDA graphs, whose output buffers the next replay reuses: every
+    # training forward starts a new generation of them (cudagraph_mark_step_begin below).
+    graphs = t.compile and t.compile_mode == "reduce-overhead" and accelerator.device.type == "cuda"
     # Fused AdamW on CUDA: one kernel launch per step for all adapter tensors instead of a
     # foreach chain (~10 ms of host time a step on a 1B model, which the GPU waits for). FSDP's
     # sharded parameters keep the foreach version.
@@ -147,6 +150,13 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                               optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total),
                               num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if graphs:
+        # The backward's gradients are CUDA-graph outputs, which the next replay overwrites; a
+        # .grad of None would take that buffer over. Own .grad tensors, which every backward adds
+        # into (gradient accumulation), stay valid: they are zeroed, never set to None.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
     accelerator.register_for_checkpointing(scheduler)
     _state_hooks(accelerator)
 
@@ -205,6 +215,8 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                         # Gradients are all-reduced once per step, on the last micro-batch.
                         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+                        if graphs:
+                            torch.compiler.cudagraph_mark_step_begin()
                         with sync, accelerator.autocast():
                             loss = token_losses(model, batch, fused=kern.fused_loss, per_token=per_token)
                             # Σ over processes of (local sum · world / N), averaged by DDP = global sum / N.
@@ -226,7 +238,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                                  if t.max_grad_norm > 0 else None)
                     optimizer.step()
                     scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=not graphs)
                     state.step += 1
                     state.batch_in_epoch += len(micro)
                     state.tokens += int(n_total)
@@ -369,7 +381,9 @@ def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: 
             weight = 1.0 if idx else 0.0  # a process with no rows left runs a dummy batch
             batch = collate([dataset[i] for i in (idx or [0])], pad_id=pad_id, packing=False)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
+            # Compiled blocks run eagerly here: held-out rows come in many lengths, each of which
+            # would compile (and under reduce-overhead record CUDA graphs) for a few batches.
+            with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
                 loss = token_losses(model, batch, fused=fused)
             mask = batch["labels"][:, 1:] != -100
             sums += weight * torch.stack([loss[mask].double().sum(), mask.sum().double()])

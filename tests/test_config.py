@@ -204,7 +204,8 @@ def test_nlu_labels(tmp_path, data_file):
 
 
 def test_max_length_and_ranges(tmp_path, data_file):
-    recipe = minimal(data_file, val_size=1.5, max_samples=0) | {"train": {"warmup_ratio": 1.0, "precision": "bf32"}}
+    recipe = minimal(data_file, val_size=1.5, max_samples=0) | {"train": {"warmup_ratio": 1.0, "precision": "bf32",
+                                                                          "compile_mode": "fast"}}
     recipe["data"] |= {"max_length": 4, "temperature": 0}
     problems = problems_of(tmp_path, recipe)
     assert "data.max_length: must be >= 8, got 4" in problems
@@ -213,7 +214,24 @@ def test_max_length_and_ranges(tmp_path, data_file):
     assert "data.datasets[0].max_samples: must be >= 1 (or null for no cap), got 0" in problems
     assert "train.warmup_ratio: must be in [0, 1), got 1" in problems
     assert "train.precision: unknown value 'bf32'; choose one of auto, bf16, fp16, fp32" in problems
-    assert len(problems) == 6
+    assert ("train.compile_mode: unknown value 'fast'; choose one of default, reduce-overhead, "
+            "max-autotune-no-cudagraphs") in problems
+    assert len(problems) == 7
+
+
+def test_cuda_graphs_need_packed_compiled_runs(tmp_path, data_file):
+    recipe = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True}}
+    problems = problems_of(tmp_path, recipe)
+    assert problems == ["train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
+                        "to one shape, which CUDA graphs replay); use compile_mode: default for unpacked data"]
+    liger = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True, "kernels": "liger"}}
+    liger["data"]["packing"] = True
+    assert [p.split(" puts ")[0] for p in problems_of(tmp_path, liger)] == ["train.kernels: liger"]
+    off = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead"}}  # moot without compile
+    assert load_recipe(write(tmp_path, off)).train.compile is False
+    recipe = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True}}
+    recipe["data"]["packing"] = True
+    assert load_recipe(write(tmp_path, recipe)).train.compile_mode == "reduce-overhead"
 
 
 def test_all_problems_in_one_error_adapter_included(tmp_path, data_file):

@@ -20,6 +20,19 @@ from test_train import metrics, write_recipe
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.fixture(autouse=True)
+def _unpatched_llama():
+    """Liger patches the modeling file's globals (RoPE, RMSNorm and MLP classes) for every model
+    built after it; `rlora train` applies it once per process, tests many times: undo it each time."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield
+    for key, value in saved.items():
+        if getattr(modeling_llama, key) is not value:
+            setattr(modeling_llama, key, value)
+
+
 def _batch(vocab: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (4, 48), generator=g)
@@ -97,16 +110,21 @@ def test_compiled_auto_takes_only_the_fused_loss(learnable_model_dir):
     assert "RoPE" in full.note
 
 
-def test_compiled_training_matches_eager(tmp_path, learnable_model_dir):
-    """train.compile with kernels auto (compiled blocks, fused loss) follows the eager run's losses."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_training_matches_eager(tmp_path, learnable_model_dir, mode):
+    """train.compile with kernels auto (compiled blocks, fused loss; CUDA graphs under
+    reduce-overhead) follows the eager run's losses, evaluation in the middle of the run included."""
     runs = {}
-    for name, train_keys in {"eager": {"kernels": "none"}, "compiled": {"kernels": "auto", "compile": True}}.items():
+    for name, train_keys in {"eager": {"kernels": "none"},
+                             "compiled": {"kernels": "auto", "compile": True, "compile_mode": mode}}.items():
         (tmp_path / name).mkdir()
         recipe = write_recipe(tmp_path / name, learnable_model_dir, model={"dtype": "bfloat16"},
-                              adapter={"lora_dropout": 0.0},
+                              adapter={"lora_dropout": 0.0}, data={"packing": mode == "reduce-overhead"},
                               train={"precision": "bf16", "max_steps": 6, **train_keys},
-                              output={"save_steps": 0, "logging_steps": 1})
-        runs[name] = [r["loss"] for r in metrics(train(recipe, output=tmp_path / name / "run")) if "loss" in r]
-    assert len(runs["eager"]) == len(runs["compiled"]) == 6
-    for a, b in zip(runs["eager"], runs["compiled"]):
+                              output={"save_steps": 0, "logging_steps": 1, "eval_steps": 3})
+        rows = metrics(train(recipe, output=tmp_path / name / "run"))
+        runs[name] = [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+    (eager, eager_eval), (compiled, compiled_eval) = runs["eager"], runs["compiled"]
+    assert len(eager) == len(compiled) == 6 and len(eager_eval) == len(compiled_eval) == 2
+    for a, b in zip(eager + eager_eval, compiled + compiled_eval):
         assert b == pytest.approx(a, rel=3e-2), runs
