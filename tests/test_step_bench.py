@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.step_bench import (SMOKE_ANCHOR, TARGETS, build_base, default_names, largest_fitting, main)
+from benchmarks.step_bench import (SMOKE_ANCHOR, TARGETS, build_base, default_names, largest_fitting, main,
+                                   parse_name)
 from rlora_cli.adapters import AdapterConfig, inject_adapters, parameter_counts
 
 
@@ -24,6 +25,16 @@ def smoke(tmp_path_factory):
     saved = json.loads(path.read_text())
     assert [r["variant"] for r in saved["results"]] == [r["variant"] for r in result["results"]]
     return saved
+
+
+def test_variant_names_parse_into_flags():
+    spec = parse_name("rlora+ce+bf16+compile")
+    assert (spec.kind, spec.liger, spec.ce, spec.fused_ce, spec.bf16, spec.compiled) == ("rlora", False, True, True, True, True)
+    assert parse_name("peft-lora+liger").fused_ce and parse_name("peft-lora-r32").r == 32
+    for bad in ("rlora+liger+ce", "peft-lora+bf16", "rlora+fast", "qlora"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            parse_name(bad)
+    assert all(parse_name(n) for n in default_names(smoke=False, compiled=True))
 
 
 def rows_by_variant(result):
