@@ -34,6 +34,9 @@ Run it from the repository root. Steps:
    FLOPs spent on padding, or on masked-out blocks an attention kernel computes anyway, are not
    useful work and are not counted. The "4N MFU" column leaves attention out. Peak memory is the
    run's torch.cuda.max_memory_allocated (max RSS on the CPU).
+6. With --floor: after each shape's runs, the frozen base with Liger (step_bench's `base+liger`)
+   is timed on full micro-batch × max_length rows in this process, against the same peak, and
+   every row reports its MFU over that floor's (how the 0.5B target is stated).
 
 --smoke trains the tiny shape on the CPU through the same steps and the shipped Llama recipe,
 with max_length 512: the Alpaca template alone is ~90 tokens with the offline tokenizer, so at
@@ -358,15 +361,46 @@ def environment(device: str) -> dict[str, Any]:
             **{p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "liger-kernel")}}
 
 
+def frozen_floor(shape: str, rows: int, seq: int, device: str, peak_tflops: float, smoke: bool) -> dict[str, Any]:
+    """The frozen base alone (with Liger on CUDA) on full rows×seq steps, timed as step_bench times
+    it, in this process: the floor the MFU target is stated against, with the same peak. Every
+    token is real there and attends to its whole prefix, so c = (seq + 1) / 2."""
+    import torch
+
+    from benchmarks.step_bench import bench, build_base, free_memory, parse_name
+
+    name = "base" if device == "cpu" else "base+liger"
+    base = build_base(shape, torch.device(device))
+    row = bench(base, {name: parse_name(name)}, (rows, seq), *((1, 2) if smoke else (3, 10)), "default")[0]
+    cfg = base.config
+    del base
+    free_memory()
+    if not row["ok"]:
+        raise BenchmarkError(f"the {shape} floor ({name}) failed: {row['error']}")
+    context = (seq + 1) / 2
+    dense, attention = flops_per_token(cfg, context)
+    tps = row["tokens_per_s"]
+    return {"variant": name, "batch": row["batch"], "step_ms": row["median_ms"], "tokens_per_s": tps,
+            "attention_context": context, "mfu": (dense + attention) * tps / (peak_tflops * 1e12),
+            "mfu_4n": dense * tps / (peak_tflops * 1e12)}
+
+
 def table(results: list[dict[str, Any]]) -> str:
+    floors = any("floor" in r for r in results)
     head = (f"{'shape':<10} {'packing':<7} {'input tok/s':>12} {'step ms':>9} {'MFU':>7} {'4N MFU':>7} "
-            f"{'c':>7} {'peak mem GiB':>12}")
+            f"{'c':>7} {'peak mem GiB':>12}" + (f" {'floor MFU':>9} {'× floor':>7}" if floors else ""))
     lines = [head, "-" * len(head)]
     for r in results:
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-        lines.append(f"{r['shape']:<10} {'on' if r['packing'] else 'off':<7} {r['input_tokens_per_s']:>12,.0f} "
-                     f"{r['step_ms']:>9.1f} {r['mfu']:>7.2%} {r['mfu_4n']:>7.2%} {r['attention_context']:>7.1f} "
-                     f"{mem:>12}")
+        line = (f"{r['shape']:<10} {'on' if r['packing'] else 'off':<7} {r['input_tokens_per_s']:>12,.0f} "
+                f"{r['step_ms']:>9.1f} {r['mfu']:>7.2%} {r['mfu_4n']:>7.2%} {r['attention_context']:>7.1f} "
+                f"{mem:>12}")
+        if "floor" in r:
+            line += f" {r['floor']['mfu']:>9.2%} {r['vs_floor_mfu']:>7.2f}"
+        lines.append(line)
+    if floors:
+        lines.append("floor: the frozen base (+ Liger on CUDA) on full rows, timed in this run; "
+                     "× floor = MFU ÷ floor MFU")
     return "\n".join(lines)
 
 
@@ -388,6 +422,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="the results file (default OUT/e2e.json)")
     ap.add_argument("--in-process", action="store_true",
                     help="train in this process (no subprocess: CUDA memory and the peak are shared)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the frozen base (+ Liger) on full rows in this run and report MFU against it")
     ap.add_argument("--smoke", action="store_true",
                     help=f"CPU, tiny shape, {SMOKE['max_steps']} steps, max_length {SMOKE['max_length']}, "
                          "logging every step")
@@ -437,6 +473,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["rlora_train"] = " ".join(["rlora", "train", str(recipe.relative_to(ROOT)), *overrides,
                                            "--output", str(run_dir), "--overwrite"])
             results.append(row)
+        if args.floor:  # after the shape's runs, which train in their own processes
+            console.rule(f"{shape}, frozen base floor")
+            floor = frozen_floor(shape, MICRO_BATCH, args.max_length, device, peak["tflops"], args.smoke)
+            for row in results:
+                if row["shape"] == shape:
+                    row |= {"floor": floor, "vs_floor_mfu": row["mfu"] / floor["mfu"],
+                            "vs_floor_mfu_4n": row["mfu_4n"] / floor["mfu_4n"],
+                            "vs_floor_tokens": row["input_tokens_per_s"] / floor["tokens_per_s"]}
     report = {"command": [sys.executable, "-m", "benchmarks.e2e", *(sys.argv[1:] if argv is None else argv)],
               "environment": environment(device), "peak_tflops": peak["tflops"], "peak_how": peak["how"],
               "warmup_steps": args.warmup_steps, "max_steps": args.max_steps, "max_length": args.max_length,

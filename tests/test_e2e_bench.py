@@ -16,8 +16,22 @@ from rlora_cli.config import load_recipe
 def smoke(tmp_path_factory):
     """One `python -m benchmarks.e2e --smoke` (two 3-step training subprocesses): (OUT, report)."""
     out = tmp_path_factory.mktemp("e2e")
-    e2e.main(["--smoke", "--out", str(out), "--json", str(out / "report.json")])
+    e2e.main(["--smoke", "--floor", "--out", str(out), "--json", str(out / "report.json")])
     return out, json.loads((out / "report.json").read_text())
+
+
+def test_floor_is_the_frozen_base_on_full_rows_with_the_same_peak(smoke):
+    _, report = smoke
+    floors = [r["floor"] for r in report["results"]]
+    assert floors[0] == floors[1]  # one floor per shape
+    floor = floors[0]
+    assert floor["variant"] == "base" and floor["batch"] == f"{e2e.MICRO_BATCH}x512"  # no Liger on the CPU
+    assert floor["attention_context"] == pytest.approx(256.5)
+    dense, attention = e2e.flops_per_token(config("tiny"), 256.5)
+    assert floor["mfu"] == pytest.approx((dense + attention) * floor["tokens_per_s"] / (report["peak_tflops"] * 1e12))
+    for r in report["results"]:
+        assert r["vs_floor_mfu"] == pytest.approx(r["mfu"] / floor["mfu"])
+        assert r["vs_floor_tokens"] == pytest.approx(r["input_tokens_per_s"] / floor["tokens_per_s"])
 
 
 def test_smoke_reports_both_packing_settings(smoke):
