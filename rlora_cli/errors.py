@@ -30,3 +30,9 @@ def collect(problems: list[str], fix: str = "") -> None:
         raise UserError(problems[0], fix, problems)
     if problems:
         raise UserError(f"{len(problems)} problems:\n  " + "\n  ".join(problems), fix, problems)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

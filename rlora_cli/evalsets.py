@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from rlora_cli.errors import UserError
+from rlora_cli.errors import UserError, first_line
 
 LETTERS = "ABCD"
 MMLU_COLUMNS = ("question", "subject", "choices", "answer")
@@ -97,11 +97,11 @@ def _mmlu_hub(subjects: list[str] | None, shots: int) -> tuple[list, list]:
                 ds = datasets.load_dataset("cais/mmlu", config, split=split)
             except ValueError as e:  # an unknown config name
                 if subjects:
-                    raise UserError(f"unknown MMLU subject: {config} ({str(e).splitlines()[0]})",
+                    raise UserError(f"unknown MMLU subject: {config} ({first_line(e)})",
                                     "use the subject names of cais/mmlu, e.g. abstract_algebra") from None
                 raise
             except (OSError, ConnectionError) as e:
-                raise UserError(f"cannot load cais/mmlu from the hub: {str(e).splitlines()[0]}",
+                raise UserError(f"cannot load cais/mmlu from the hub: {first_line(e)}",
                                 "go online, or download it and pass --data FOLDER (dev and test files)") from None
             out[k].extend(_mmlu_row(r, Path("cais/mmlu"), i) for i, r in enumerate(ds))
     return out
@@ -148,7 +148,7 @@ def read_table(path: Path) -> list[dict[str, Any]]:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+        raise UserError(f"{path}: cannot read it ({first_line(e)})",
                         "give a valid .jsonl, .json, .csv or .parquet file") from None
     if isinstance(data, dict):
         data = next((data[k] for k in ("data", "rows", "examples") if isinstance(data.get(k), list)), None)

@@ -20,7 +20,7 @@ from typing import Any
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters, layer_spec
 from rlora_cli.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_dir, check_tensors, read_adapter_config,
                                   read_weights)
-from rlora_cli.errors import UserError
+from rlora_cli.errors import UserError, first_line
 
 FORMATS = ("peft", "merged")
 PEFT_CONFIG = "adapter_config.json"
@@ -121,7 +121,7 @@ def _tokenizer(adapter_dir: Path, base: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer from {source}: {_first_line(e)}",
+        raise UserError(f"cannot load the tokenizer from {source}: {first_line(e)}",
                         "save the adapter with its tokenizer, or pass --base with a model that has one") from None
 
 
@@ -473,11 +473,6 @@ def _prod(shape: list[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _say(console: Any, message: str) -> None:

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from rlora_cli.errors import UserError
+from rlora_cli.errors import UserError, first_line
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -147,14 +147,14 @@ def meta_model(name_or_path: str, *, fix: str) -> Any:
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the config of model {name_or_path!r}: {str(e).strip().splitlines()[0]}",
+        raise UserError(f"cannot read the config of model {name_or_path!r}: {first_line(e)}",
                         fix) from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
 def _load_error(name: str, error: Exception) -> UserError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     if Path(name).exists():
         return UserError(f"cannot load a model from {name}: {first}",
                          "give a folder written by save_pretrained (config.json, weights, tokenizer)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlora_cli.config import DatasetConfig
-from rlora_cli.errors import UserError
+from rlora_cli.errors import UserError, first_line
 from rlora_cli.templates import KIND_FIELDS, LETTERS
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -265,7 +265,7 @@ def _read(cfg: DatasetConfig, where: str, cache_dir: str | None) -> Any:
             return datasets.load_dataset(LOCAL_SUFFIXES[files[0].suffix], data_files=[str(f) for f in files],
                                          split="train", cache_dir=cache_dir)
         except Exception as e:  # datasets/pyarrow raise many types for a file they cannot parse
-            raise UserError(f"{where} ({cfg.name}): cannot read {cfg.path}: {_first_line(e)}",
+            raise UserError(f"{where} ({cfg.name}): cannot read {cfg.path}: {first_line(e)}",
                             "check that every row has the same columns and value types") from None
     if looks_local(cfg.path):
         raise UserError(f"{where}.path: no such file or folder: {cfg.path}", "check the path")
@@ -273,13 +273,8 @@ def _read(cfg: DatasetConfig, where: str, cache_dir: str | None) -> Any:
         return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split or "train", cache_dir=cache_dir)
     except Exception as e:  # offline, unknown id, bad subset/split, gated: each its own type
         what = cfg.path + (f" ({cfg.subset})" if cfg.subset else "") + f" split {cfg.split or 'train'}"
-        raise UserError(f"{where} ({cfg.name}): cannot load {what} from the Hugging Face hub: {_first_line(e)}",
+        raise UserError(f"{where} ({cfg.name}): cannot load {what} from the Hugging Face hub: {first_line(e)}",
                         "check the id, subset and split; offline, use a cached copy or a local file") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_columns(cfg: DatasetConfig, present: list[str], mapping: dict[str, str], where: str) -> None:
