@@ -12,6 +12,7 @@ runs inside whatever wraps the model (DDP, FSDP, torch.compile) exactly as the p
 
 from __future__ import annotations
 
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -50,10 +51,7 @@ def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = Fal
         return Kernels(f"none (Liger off: {reason})")
     ops = not (compiled and kernels == "auto")
     if ops:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        _liger_ops(model)
     what = "RoPE, RMSNorm, SwiGLU; " if ops else ""
     head_problem = _plain_head_problem(model)
     if head_problem:
@@ -63,6 +61,23 @@ def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = Fal
     install_fused_loss(model)
     rest = "" if ops else "; RoPE, RMSNorm, SwiGLU left to torch.compile"
     return Kernels(f"Liger ({what}fused linear cross-entropy{rest})", fused_loss=True)
+
+
+def _liger_ops(model: Any) -> None:
+    """Liger's RoPE, RMSNorm and SwiGLU on this model only.
+
+    Liger also rebinds names in the modeling file: its classes, which only models built later
+    would use, are put back; its functions (the RoPE), which this model looks up at call time,
+    stay."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    home = sys.modules[type(model).__module__]
+    classes = {k: v for k, v in vars(home).items() if isinstance(v, type)}
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    for key, cls in classes.items():
+        if getattr(home, key) is not cls:
+            setattr(home, key, cls)
 
 
 def _unavailable(model: Any, device: Any) -> str | None:

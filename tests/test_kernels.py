@@ -34,6 +34,36 @@ def batch_of(model, seed=0):
     return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
+def test_liger_ops_patch_this_model_and_leave_the_modeling_classes(tiny_model_dir, monkeypatch):
+    """Liger rebinds names in the modeling file; a stand-in for its instance patch does the same.
+    The classes go back (models built later stay plain), the RoPE function stays (this model
+    looks it up at call time)."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama as home
+
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    plain_norm, plain_rope = home.LlamaRMSNorm, home.apply_rotary_pos_emb
+
+    def fake_rope(*args, **kwargs):
+        return plain_rope(*args, **kwargs)
+
+    def patch(model, **_):
+        home.LlamaRMSNorm = type("FakeLigerRMSNorm", (plain_norm,), {})
+        home.apply_rotary_pos_emb = fake_rope
+        model.model.norm.patched = True
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = patch
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setattr(home, "apply_rotary_pos_emb", plain_rope)  # undone after the test
+    kernels_mod._liger_ops(model)
+    assert model.model.norm.patched
+    assert home.LlamaRMSNorm is plain_norm and home.apply_rotary_pos_emb is fake_rope
+
+
 def test_auto_says_why_liger_is_off_and_liger_is_a_user_error_on_cpu(tiny_model_dir):
     model, _ = load_model(str(tiny_model_dir), dtype="fp32")
     assert apply_kernels(model, "none", torch.device("cpu")) == Kernels("none (train.kernels: none)")

@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(autouse=True)
 def _unpatched_llama():
-    """Liger patches the modeling file's globals (RoPE, RMSNorm and MLP classes) for every model
-    built after it; `rlora train` applies it once per process, tests many times: undo it each time."""
+    """Liger's RoPE stays a global of the modeling file (the patched model looks it up at call
+    time); `rlora train` applies it once per process, these tests many times: undo it each time."""
     from transformers.models.llama import modeling_llama
 
     saved = dict(vars(modeling_llama))
