@@ -39,6 +39,7 @@ from benchmarks.common import cuda_kernels, time_ms, version, write_json
 from benchmarks.layer_bench import ReferenceRLoRA
 from benchmarks.shapes import config
 from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters
+from rlora_cli.config import COMPILE_MODES
 from rlora_cli.kernels import compile_model
 
 log = logging.getLogger("step_bench")
@@ -47,7 +48,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 METHODS = ("lora", "multilora", "hydralora", "rlora")
 KINDS = ("base", "peft-lora", "peft-lora-r32", *METHODS, "reference")
 ANCHOR, SMOKE_ANCHOR = "peft-lora+liger", "peft-lora"
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def build_variant(base: nn.Module, spec: Spec, compile_mode: str) -> Variant:
     if spec.compiled:
         # What `train.compile: true` does: each decoder block compiled in place (one graph for
         # all blocks); the embeddings and the loss stay eager.
-        compile_model(hf, None if compile_mode == "default" else compile_mode)
+        compile_model(hf, compile_mode)
     backbone = hf.get_decoder()
     # torch.optim.AdamW's default (foreach on CUDA), the optimizer rlora's training loop builds.
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None

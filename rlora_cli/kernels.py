@@ -144,7 +144,7 @@ def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 # ------------------------------------------------------------------------------- compile
 
 
-def compile_model(model: Any, mode: str | None = None) -> str:
+def compile_model(model: Any, mode: str = "default") -> str:
     """torch.compile the decoder blocks in place (regional compilation), or the whole model when
     it has no block list; returns one line for the banner.
 
@@ -157,10 +157,10 @@ def compile_model(model: Any, mode: str | None = None) -> str:
     blocks = decoder_blocks(model)
     if blocks is None:
         model.compile(mode=mode)
-        return f"whole model (mode {mode or 'default'})"
+        return f"whole model (mode {mode})"
     for block in blocks:
         block.compile(mode=mode)
-    return f"{len(blocks)} decoder blocks (mode {mode or 'default'})"
+    return f"{len(blocks)} decoder blocks (mode {mode})"
 
 
 def decoder_blocks(model: Any) -> Any:

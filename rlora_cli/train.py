@@ -120,7 +120,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
         model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
     from rlora_cli.kernels import apply_kernels, compile_model
     kern = apply_kernels(model, t.kernels, accelerator.device, compiled=t.compile)
-    compile_note = compile_model(model, None if t.compile_mode == "default" else t.compile_mode) if t.compile else "off"
+    compile_note = compile_model(model, t.compile_mode) if t.compile else "off"
     # Compiled blocks replay as CUDA graphs, whose output buffers the next replay reuses: every
     # training forward starts a new generation of them (cudagraph_mark_step_begin below).
     graphs = t.compile and t.compile_mode == "reduce-overhead" and accelerator.device.type == "cuda"
@@ -219,9 +219,10 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                             torch.compiler.cudagraph_mark_step_begin()
                         with sync, accelerator.autocast():
                             loss = token_losses(model, batch, fused=kern.fused_loss, per_token=per_token)
+                            total_loss = loss.sum()
                             # Σ over processes of (local sum · world / N), averaged by DDP = global sum / N.
-                            accelerator.backward(loss.sum() * world / n_tokens)
-                        step_loss += loss.detach().sum()
+                            accelerator.backward(total_loss * world / n_tokens)
+                        step_loss += total_loss.detach()
                         if per_token:
                             window.add(loss.detach(), batch)
                     # The next step's rows are collated now, while the GPU still works on this one
@@ -297,10 +298,9 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fuse
 
 def _label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> torch.Tensor:
     """Trained tokens in this step's micro-batches, summed over processes (≥ 1)."""
-    n = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
-    if accelerator.device.type == "cuda":
-        n = n.pin_memory()  # a pageable host->GPU copy would wait for all queued GPU work
-    total = accelerator.reduce(n.to(accelerator.device, non_blocking=True), reduction="sum")
+    n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)  # the batches are on the host still
+    # Filled on the device: a host->GPU copy of a pageable tensor would wait for all queued GPU work.
+    total = accelerator.reduce(torch.full((), float(n), device=accelerator.device), reduction="sum")
     return total.clamp_min(1.0)
 
 
