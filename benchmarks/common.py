@@ -46,5 +46,4 @@ def write_json(path: str | Path, data: Any) -> None:
     """Written whole or not at all (temp file, then rename)."""
     from rlora_cli.checkpoint import atomic_write_text
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), json.dumps(data, indent=1) + "\n")

@@ -17,8 +17,8 @@ Run it from the repository root. Steps:
    train.max_steps), each in a subprocess (CUDA memory starts empty; the peak is the run's own)
    unless --in-process.
 5. Report: from each run's metrics.jsonl, the median over its logging windows (the recipes log
-   every 5 steps) of the non-padding input tokens per second (`input_tokens_per_s`; computed from
-   the replayed rows below when a train.py predates that key), leaving out every window that
+   every 5 steps) of the non-padding input tokens per second (`input_tokens_per_s`; the replayed
+   rows below give the same count, kept per window as a check), leaving out every window that
    holds one of the first --warmup-steps (5) steps, and
 
        FLOPs/token = 4·N + 12 · n_layers · (n_heads · head_dim) · c
@@ -291,17 +291,17 @@ def flops_per_token(cfg: Any, context: float) -> tuple[float, float]:
 
 
 def windows(rows: list[dict[str, Any]], steps: list[Step]) -> list[dict[str, Any]]:
-    """One entry per metrics row: its steps, wall time, input tokens/s and whether the replayed
+    """One entry per training row of metrics.jsonl: its steps, wall time, input tokens/s and whether the replayed
     label tokens equal the run's. A window's time is its label tokens ÷ tokens_per_s (train.py
     reports both over the same window)."""
     out, prev_step, prev_tokens = [], 0, 0
-    for r in (r for r in rows if "loss" in r):
+    for r in rows:
         span = steps[prev_step:r["step"]]
         labels = r["tokens"] - prev_tokens
         seconds = labels / r["tokens_per_s"]
         replayed = sum(s.inputs for s in span) / seconds
         out.append({"first": prev_step + 1, "last": r["step"], "seconds": seconds,
-                    "input_tokens_per_s": r.get("input_tokens_per_s", replayed),
+                    "input_tokens_per_s": r["input_tokens_per_s"],
                     "replayed_input_tokens_per_s": replayed,
                     "labels_match": sum(s.labels for s in span) == labels})
         prev_step, prev_tokens = r["step"], r["tokens"]
@@ -336,7 +336,6 @@ def summarize(shape: str, packing: bool, run_dir: Path, steps: list[Step], warmu
         "matmul_parameters": matmul_parameters(cfg), "attention_context": context,
         "examples_per_step": statistics.mean(len(s.lengths) for s in measured),
         "input_tokens_per_step": statistics.mean(s.inputs for s in measured),
-        "throughput_source": "metrics" if all("input_tokens_per_s" in r for r in rows) else "replayed",
         "replay_matches": all(w["labels_match"] for w in every),
         "warmup_steps": warmup, "windows_used": len(kept), "windows": every, "run_dir": str(run_dir),
         "run_info": extra.get("run_info.json"),
@@ -432,6 +431,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         for key, value in SMOKE.items():
             setattr(args, key, value)
         args.set = ["train.compile=false", *args.set]  # compiling on 2 CPU cores takes minutes
+    if args.max_steps < 1:
+        ap.error("--max-steps must be at least 1 (the report needs logging windows after the warm-up)")
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown or not set(args.packing.split(",")) <= {"on", "off"}:
         ap.error(f"unknown shape(s) {sorted(unknown)}" if unknown else "--packing takes on, off or on,off")
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
+    from rlora_cli.config import load_recipe
+
     args = parse(argv)
     console, out = Console(highlight=False), Path(args.out)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -450,7 +453,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = measure_peak(device)
     console.print(f"peak: {peak['tflops']:.2f} TFLOP/s ({peak['how']}, {device})")
     data = write_data(out / "data" / "synthetic.jsonl", max(64, 6 * MICRO_BATCH * args.max_steps), args.max_length)
-    results = []
+    results: list[dict[str, Any]] = []
+    report = {"command": [sys.executable, "-m", "benchmarks.e2e", *(sys.argv[1:] if argv is None else argv)],
+              "environment": environment(device), "peak_tflops": peak["tflops"], "peak_how": peak["how"],
+              "warmup_steps": args.warmup_steps, "max_steps": args.max_steps, "max_length": args.max_length,
+              "results": results}
+    json_path = Path(args.json) if args.json else out / "e2e.json"
     for shape in args.shapes.split(","):
         model = write_model(shape, out / "models" / shape, device)
         recipe = RECIPES[shape]
@@ -461,10 +469,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             console.rule(f"{shape}, packing {'on' if packing else 'off'}")
             cmd = launch(recipe, run_dir, overrides, device, args.in_process)
             row = summarize(shape, packing, run_dir, replay(recipe, overrides), args.warmup_steps, peak["tflops"])
-            if row["throughput_source"] == "replayed":
-                console.print(f"[yellow]note[/]: {run_dir}/metrics.jsonl has no input_tokens_per_s (train.py "
-                              "predates it): input tokens/s = the replayed non-padding input tokens of each window "
-                              "÷ its time (label tokens ÷ tokens_per_s)")
             if not row["replay_matches"]:
                 console.print(f"[red]warning[/]: the replayed rows of {run_dir} do not match the run's label-token "
                               "counts, so the attention context c may be off")
@@ -473,20 +477,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["rlora_train"] = " ".join(["rlora", "train", str(recipe.relative_to(ROOT)), *overrides,
                                            "--output", str(run_dir), "--overwrite"])
             results.append(row)
+            write_json(json_path, report)  # after every run: a later failure loses nothing measured
         if args.floor:  # after the shape's runs, which train in their own processes
             console.rule(f"{shape}, frozen base floor")
-            floor = frozen_floor(shape, MICRO_BATCH, args.max_length, device, peak["tflops"], args.smoke)
+            rows = load_recipe(recipe, overrides).train.micro_batch_size  # the runs' own, after --set
+            floor = frozen_floor(shape, rows, args.max_length, device, peak["tflops"], args.smoke)
             for row in results:
                 if row["shape"] == shape:
                     row |= {"floor": floor, "vs_floor_mfu": row["mfu"] / floor["mfu"],
                             "vs_floor_mfu_4n": row["mfu_4n"] / floor["mfu_4n"],
                             "vs_floor_tokens": row["input_tokens_per_s"] / floor["tokens_per_s"]}
-    report = {"command": [sys.executable, "-m", "benchmarks.e2e", *(sys.argv[1:] if argv is None else argv)],
-              "environment": environment(device), "peak_tflops": peak["tflops"], "peak_how": peak["how"],
-              "warmup_steps": args.warmup_steps, "max_steps": args.max_steps, "max_length": args.max_length,
-              "results": results}
-    json_path = Path(args.json) if args.json else out / "e2e.json"
-    write_json(json_path, report)
+            write_json(json_path, report)
     console.print(f"\n{report['environment']['device']}, peak {peak['tflops']:.2f} TFLOP/s; medians over the "
                   f"logging windows after {args.warmup_steps} warm-up step(s)", markup=False)
     console.print(table(results) + f"\nwritten: {json_path}", markup=False)

@@ -40,17 +40,14 @@ def test_smoke_reports_both_packing_settings(smoke):
     assert set(rows) == {True, False} and all(r["shape"] == "tiny" for r in rows.values())
     assert report["peak_tflops"] > 0 and report["environment"]["torch"]
     for r in rows.values():
-        # input_tokens_per_s comes from metrics.jsonl when train.py logs it, else from the replayed rows.
-        assert r["throughput_source"] in ("metrics", "replayed")
         assert math.isfinite(r["input_tokens_per_s"]) and r["input_tokens_per_s"] > 0
         assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0
         assert 0 < r["mfu_4n"] < r["mfu"] <= 1
         # The replayed rows are the ones the run trained on: their label tokens equal the run's.
         assert r["replay_matches"]
         assert r["windows_used"] == 2 and r["peak_memory_gib"] > 0
-        if r["throughput_source"] == "metrics":  # same input tokens counted both ways
-            for w in r["windows"]:
-                assert w["input_tokens_per_s"] == pytest.approx(w["replayed_input_tokens_per_s"], rel=1e-9)
+        for w in r["windows"]:  # train.py's count and the replayed rows' agree
+            assert w["input_tokens_per_s"] == pytest.approx(w["replayed_input_tokens_per_s"], rel=1e-9)
     # Unpacked: one example per row; packed: several, and more input tokens per step.
     assert rows[False]["examples_per_step"] == 8
     assert rows[True]["examples_per_step"] > 8
@@ -79,14 +76,16 @@ def test_attention_context_of_a_packed_row():
     assert e2e.attention_context([4]) == pytest.approx(2.5)  # an unpacked row of 4 (padding not counted)
 
 
-def test_throughput_from_replayed_rows_when_metrics_lack_input_tokens():
-    # Window time = label tokens / tokens_per_s: 20/10 = 2 s, then 40/20 = 2 s.
+def test_windows_take_logged_throughput_and_replay_it_as_a_check():
+    # Window time = label tokens / tokens_per_s: 10/5 = 2 s, then 30/15 = 2 s.
     steps = [e2e.Step(100, 10, (100,)), e2e.Step(60, 10, (20, 40)), e2e.Step(200, 20, (200,))]
-    rows = [{"step": 1, "loss": 1.0, "tokens": 10, "tokens_per_s": 5.0},
-            {"step": 3, "loss": 1.0, "tokens": 40, "tokens_per_s": 15.0}]
+    rows = [{"step": 1, "loss": 1.0, "tokens": 10, "tokens_per_s": 5.0, "input_tokens_per_s": 49.0},
+            {"step": 3, "loss": 1.0, "tokens": 40, "tokens_per_s": 15.0, "input_tokens_per_s": 131.0}]
     w = e2e.windows(rows, steps)
     assert [(x["first"], x["last"]) for x in w] == [(1, 1), (2, 3)]
-    assert [x["input_tokens_per_s"] for x in w] == pytest.approx([50.0, 130.0])
+    assert [x["seconds"] for x in w] == pytest.approx([2.0, 2.0])
+    assert [x["input_tokens_per_s"] for x in w] == [49.0, 131.0]
+    assert [x["replayed_input_tokens_per_s"] for x in w] == pytest.approx([50.0, 130.0])
     assert all(x["labels_match"] for x in w)
 
 
@@ -125,3 +124,8 @@ def test_model_folder_is_reused_and_has_the_tokenizer_ids(smoke):
     assert cfg.vocab_size == config("tiny").vocab_size and str(cfg.dtype).endswith("bfloat16")
     assert (cfg.pad_token_id, cfg.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
     assert max(tok.pad_token_id, tok.eos_token_id) < cfg.vocab_size
+
+
+def test_max_steps_must_leave_logging_windows():
+    with pytest.raises(SystemExit):
+        e2e.parse(["--max-steps", "-1"])  # a recipe's -1 (epochs) would leave no windows to report
