@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks.common import write_json
 
 RECIPE = """
 seed: 0
@@ -53,7 +56,7 @@ def run(name: str, out: Path, model: Path, accum: int, launch: list[str]) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/multi_gpu")
-    ap.add_argument("--only", default=None, help="run one of 1gpu, ddp2, fsdp2")
+    ap.add_argument("--only", default=None, choices=("1gpu", "ddp2", "fsdp2"), help="run one of them")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,14 +84,14 @@ def main() -> None:
     for k in ("ddp2", "fsdp2"):
         diff = max(abs(a - b) for a, b in zip(base, results[k]["loss"]))
         rel = max(abs(a - b) / abs(b) for a, b in zip(base, results[k]["loss"]))
-        speed = sorted(results[k]["tokens_per_s"][5:])[len(results[k]["tokens_per_s"][5:]) // 2]
-        speed1 = sorted(results["1gpu"]["tokens_per_s"][5:])[len(results["1gpu"]["tokens_per_s"][5:]) // 2]
+        speed = statistics.median_high(results[k]["tokens_per_s"][5:])
+        speed1 = statistics.median_high(results["1gpu"]["tokens_per_s"][5:])
         results[k]["max_abs_loss_diff"], results[k]["max_rel_loss_diff"] = diff, rel
         results[k]["speedup_vs_1gpu"] = speed / speed1
         print(f"{k}: max |Δloss| {diff:.2e} (rel {rel:.2e}); median tokens/s {speed:.0f} vs 1 GPU "
               f"{speed1:.0f} → {speed / speed1:.2f}×; adapter file {results[k]['adapter_bytes']} bytes "
               f"(1 GPU: {results['1gpu']['adapter_bytes']})")
-    (out / "multi_gpu.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "multi_gpu.json", results)
 
 
 if __name__ == "__main__":
