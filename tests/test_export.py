@@ -127,7 +127,7 @@ def test_peft_export_round_trip_or_refuses(case, tmp_path, tiny_model_dir):
     written = json.loads((out / "adapter_config.json").read_text())
     assert written == cfg
     assert (cfg["peft_type"], cfg["task_type"], cfg["r"]) == ("LORA", "CAUSAL_LM", rank)
-    assert cfg["lora_alpha"] == pytest.approx(2.0 * rank) and cfg["use_rslora"] is False  # s = 8 / 4
+    assert cfg["lora_alpha"] == pytest.approx(2.0 * rank)  # s = 8 / 4
     assert cfg["use_rslora"] is False and cfg["lora_dropout"] == 0 and cfg["bias"] == "none"
     assert cfg["fan_in_fan_out"] is False and cfg["base_model_name_or_path"] == str(tiny_model_dir)
     assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
