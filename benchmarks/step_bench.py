@@ -66,6 +66,8 @@ class Spec:
     ce: bool = False
     """Liger's fused linear cross-entropy only: RoPE, RMSNorm and SwiGLU stay the model's own, so
     inside compiled blocks the compiler fuses them (Liger's Triton kernels would break the graph)."""
+    nodrop: bool = False
+    """Adapter dropout 0 instead of 0.05: a diagnostic that shows what the dropout costs."""
 
     @property
     def fused_ce(self) -> bool:
@@ -92,12 +94,12 @@ class Variant:
 
 def parse_name(name: str) -> Spec:
     kind, *flags = name.split("+")
-    if (kind not in KINDS or not set(flags) <= {"liger", "ce", "compile", "bf16"}
+    if (kind not in KINDS or not set(flags) <= {"liger", "ce", "compile", "bf16", "nodrop"}
             or ("bf16" in flags and kind not in METHODS) or {"liger", "ce"} <= set(flags)):
         raise SystemExit(f"unknown variant {name!r}; known: {', '.join(default_names(False, True))}")
     r = 32 if kind == "peft-lora-r32" else 8  # n·r of the 4-head methods, alpha 2r as everywhere
     return Spec("peft-lora" if kind.startswith("peft") else kind, "liger" in flags, "compile" in flags,
-                "bf16" in flags, r, ce="ce" in flags)
+                "bf16" in flags, r, ce="ce" in flags, nodrop="nodrop" in flags)
 
 
 def default_names(smoke: bool, compiled: bool, peft: bool = True) -> list[str]:
@@ -171,7 +173,7 @@ def apply_liger(model: nn.Module) -> Callable[..., Any]:
 
 def add_adapters(model: nn.Module, spec: Spec) -> nn.Module:
     """Wrap the seven projections of every layer; returns the model whose parameters train."""
-    r, alpha, p = spec.r, 2 * spec.r, 0.05
+    r, alpha, p = spec.r, 2 * spec.r, 0.0 if spec.nodrop else 0.05
     if spec.kind == "base":
         model.enable_input_require_grads()  # so the backward runs through every layer, as with adapters
         return model

@@ -1,5 +1,11 @@
 """Optional fused kernels for training: `train.kernels: auto | liger | none`.
 
+Packed rows (data.packing) under sdpa attend through a block-diagonal causal mask that
+transformers builds from the position ids; the attention kernel then computes every masked-out
+block of the row anyway. `auto` and `liger` run them through torch's variable-length flash
+attention instead (`torch.nn.attention.varlen`), which computes only each example's own causal
+triangle: the same attention, a fraction of the work (see `packed_attention`).
+
 Liger's Triton kernels (RoPE, RMSNorm, SwiGLU) replace the model's own on CUDA for the
 architectures Liger supports, and its fused linear cross-entropy computes the loss from the last
 hidden states chunk by chunk, so the [tokens × vocab] logits are never stored. `auto` uses them
@@ -32,17 +38,32 @@ class Kernels:
     """One line for the start banner: what runs, or why Liger is off."""
     fused_loss: bool = False
     """The loss comes from Liger's fused linear cross-entropy (call `token_losses(fused=True)`)."""
+    packed_attention: bool = False
+    """Packed rows attend through varlen flash attention: batches need `cu_seq_lens` (collate)."""
 
 
-def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = False) -> Kernels:
+def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = False,
+                  packed_length: int | None = None) -> Kernels:
     """Patch `model` in place where possible (after the adapters are injected, before compiling).
 
     With `compiled` (train.compile), `auto` takes only the fused cross-entropy: inside a compiled
     block Liger's Triton RoPE, RMSNorm and SwiGLU break the graph, while the compiler fuses the
     model's own versions of them (measured faster, benchmarks/RESULTS.md). `liger` takes all of them.
+    `packed_length` (data.max_length when rows are packed) switches packed attention to varlen
+    flash attention where it can.
     """
     if kernels == "none":
         return Kernels("none (train.kernels: none)")
+    packed = None if packed_length is None else packed_attention(model, device, packed_length)
+    result = _liger(model, kernels, device, compiled)
+    if packed is None:
+        return result
+    if packed:  # why not, for the banner
+        return Kernels(f"{result.note}; packed rows through sdpa's block mask ({packed})", result.fused_loss)
+    return Kernels(f"{result.note}; packed rows through varlen flash attention", result.fused_loss, True)
+
+
+def _liger(model: Any, kernels: str, device: Any, compiled: bool) -> Kernels:
     reason = _unavailable(model, device)
     if reason:
         if kernels == "liger":
@@ -103,6 +124,93 @@ def _plain_head_problem(model: Any) -> str | None:
         if value not in (None, 0, 1, 1.0):
             return f"the model rescales its logits ({key})"
     return None
+
+
+# ------------------------------------------------------------------------- packed attention
+
+PACKED_ATTENTION = "rlora_varlen"
+# Models whose attention calls the interface plainly (no logit softcapping, no attention sinks).
+_VARLEN_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+_HALF = (torch.float16, torch.bfloat16)
+_VARLEN_GQA = False  # torch's varlen_attn takes fewer key/value heads than query heads (>= 2.12)
+
+
+def packed_attention(model: Any, device: Any, packed_length: int) -> str:
+    """Make `model` attend through varlen flash attention; "" when it does, else why not.
+
+    The model then wants `rlora_cu_seq_lens` (from `collate(..., cu_seq_lens=True)`) with every
+    batch. Its attention mask is no longer built (transformers skips mask creation for an
+    attention it does not know), which is also one host sync per forward fewer: transformers'
+    packed-row detection reads a GPU value back."""
+    config = model.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    reason = ("no CUDA device" if getattr(device, "type", str(device)) != "cuda"
+              else "the model's attention is not sdpa" if config._attn_implementation != "sdpa"
+              else f"model type {config.model_type!r} not supported" if config.model_type not in _VARLEN_MODELS
+              else "sliding-window attention" if window and window < packed_length
+              else "attention dropout" if getattr(config, "attention_dropout", 0.0)
+              else None)
+    if reason is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+        except ImportError:
+            reason = f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if reason:
+        return reason
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+
+    global _VARLEN_GQA  # read inside compiled blocks, so decided here, once
+    _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+    AttentionInterface.register(PACKED_ATTENTION, _varlen_attention)
+    config._attn_implementation = PACKED_ATTENTION
+    return ""
+
+
+def _varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      rlora_cu_seq_lens: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: q [B, H, S, D], k and v [B, KV, S, D] -> ([B, S, H, D], None).
+
+    `rlora_cu_seq_lens` [N+1] int32 are the boundaries of the causal segments of the flattened
+    rows (trailing repeats are empty segments that keep the shape static for the compiler)."""
+    B, H, S, D = query.shape
+    if rlora_cu_seq_lens is None or not _flash_ok(query):
+        # The same attention written out: sdpa under the block-diagonal causal mask (CPU, fp32).
+        mask = None if rlora_cu_seq_lens is None else block_causal_mask(rlora_cu_seq_lens, B, S)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    rows = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], D)  # noqa: E731  (a view for q)
+    out = _varlen(rows(query), rows(key), rows(value), rlora_cu_seq_lens, S, scaling)
+    return out.view(B, S, H, D), None
+
+
+def _flash_ok(query: torch.Tensor) -> bool:
+    return query.device.type == "cuda" and query.dtype in _HALF
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+            scale: float | None) -> torch.Tensor:
+    """Causal flash attention within each segment of the flattened rows, [T, H, D]."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and not _VARLEN_GQA:  # grouped-query attention by hand: torch 2.11's varlen has no enable_gqa
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    extra = {"enable_gqa": True} if gqa and _VARLEN_GQA else {}
+    return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), **extra)
+
+
+def block_causal_mask(cu: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """[rows, 1, length, length] bool: token i sees token j iff j ≤ i in the same segment."""
+    pos = torch.arange(rows * length, device=cu.device, dtype=cu.dtype)
+    seg = torch.searchsorted(cu, pos, right=True).view(rows, length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=cu.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
 # ------------------------------------------------------------------------------ fused loss

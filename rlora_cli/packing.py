@@ -54,7 +54,7 @@ def pack_batch(batch: dict[str, list], max_length: int) -> dict[str, list]:
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int, packing: bool,
-            pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+            pad_to_multiple_of: int | None = None, cu_seq_lens: bool = False) -> dict[str, Any]:
     """Pad a list of rows to the longest one (dynamic padding, on the right).
 
     Returns long tensors [B, T]: input_ids, labels (-100 on padding), task_ids (the task of each
@@ -81,4 +81,27 @@ def collate(rows: list[dict[str, Any]], pad_id: int, packing: bool,
             batch["position_ids"].append(list(positions) + list(range(pad)))
         else:
             batch["attention_mask"].append([1] * n + [0] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    if cu_seq_lens:
+        out["rlora_cu_seq_lens"] = segment_bounds(out.get("position_ids"), out["input_ids"].shape)
+    return out
+
+
+def segment_bounds(position_ids: Any, shape: tuple[int, int], bucket: int = 64) -> Any:
+    """Where the causal segments of the flattened [B, T] rows start, and the total: int32 [N+1].
+
+    Packed rows: a segment starts wherever the position ids restart at 0 (the padding tail is a
+    segment of its own, whose tokens are unlabelled). Unpacked rows (no position ids) are one
+    segment each, padding included: they are padded on the right, so causal attention never lets
+    a real token see a pad. The list is padded with the total (empty segments) to a multiple of
+    `bucket` entries, so a compiled model sees few distinct shapes."""
+    import torch
+
+    rows, length = shape
+    if position_ids is None:
+        starts = torch.arange(0, rows * length, length)
+    else:
+        starts = torch.nonzero(position_ids.flatten() == 0).flatten()
+    n = len(starts) + 1
+    total = torch.full((-(-n // bucket) * bucket - len(starts),), rows * length)
+    return torch.cat([starts, total]).to(torch.int32)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from rlora_cli.checkpoint import atomic_write_text, load_adapter_weights, save_adapter
 from rlora_cli.errors import UserError
+from rlora_cli.kernels import Kernels, apply_kernels, compile_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -118,8 +119,8 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
-    from rlora_cli.kernels import apply_kernels, compile_model
-    kern = apply_kernels(model, t.kernels, accelerator.device, compiled=t.compile)
+    kern = apply_kernels(model, t.kernels, accelerator.device, compiled=t.compile,
+                         packed_length=recipe.data.max_length if recipe.data.packing else None)
     compile_note = compile_model(model, t.compile_mode) if t.compile else "off"
     # Compiled blocks replay as CUDA graphs, whose output buffers the next replay reuses: every
     # training forward starts a new generation of them (cudagraph_mark_step_begin below).
@@ -142,7 +143,8 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
         # global RNG that dropout uses (a resumed run calls iter() at a different point).
         data.train, batch_size=t.micro_batch_size, sampler=sampler, generator=torch.Generator(),
         pin_memory=accelerator.device.type == "cuda",  # so the copy below need not wait for the GPU
-        collate_fn=lambda rows: collate(rows, pad_id=pad_id, packing=recipe.data.packing, pad_to_multiple_of=pad_to))
+        collate_fn=lambda rows: collate(rows, pad_id=pad_id, packing=recipe.data.packing, pad_to_multiple_of=pad_to,
+                                        cu_seq_lens=kern.packed_attention))
     micro_per_epoch = math.ceil(math.ceil(len(data.train) / world) / t.micro_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
     total = t.max_steps if t.max_steps > 0 else t.num_epochs * steps_per_epoch
@@ -251,7 +253,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                         progress.update(row)
                     progress.advance(state.step)
                     if recipe.output.eval_steps and state.step % recipe.output.eval_steps == 0 and state.step < total:
-                        _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern.fused_loss)
+                        _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern)
                     if recipe.output.save_steps and state.step % recipe.output.save_steps == 0 and state.step < total:
                         save()
                     micro = upcoming
@@ -264,7 +266,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
             path = save()
             console.print(f"[yellow]interrupted:[/] saved {path}; continue with --resume auto")
         raise
-    _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern.fused_loss)
+    _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern)
     save()
     full = _full_state(accelerator, model)  # a collective under FSDP: every process must call it
     if main:
@@ -285,7 +287,7 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fuse
     """Cross-entropy of every next-token prediction [B, T-1] in float32 (0 where unlabelled), or
     with per_token=False only their sum. `fused`: the model has kernels.install_fused_loss's
     forward, which never builds the logits."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "rlora_cu_seq_lens") if k in batch}
     if fused:
         return model(**inputs, use_cache=False, rlora_labels=batch["labels"],
                      rlora_reduction="none" if per_token else "sum")
@@ -365,8 +367,9 @@ def _token_tasks(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: Any,
-                  fused: bool = False) -> dict[str, float]:
-    """Held-out loss per task: each process scores its share, sums are reduced."""
+                  kern: Kernels = Kernels("none")) -> dict[str, float]:
+    """Held-out loss per task: each process scores its share, sums are reduced; `kern` is what
+    `apply_kernels` did to the model (the loss and attention it expects)."""
     from rlora_cli.data import collate
 
     model.eval()
@@ -379,12 +382,13 @@ def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: 
         for b in range(n_batches):
             idx = rows[b * bs:(b + 1) * bs]
             weight = 1.0 if idx else 0.0  # a process with no rows left runs a dummy batch
-            batch = collate([dataset[i] for i in (idx or [0])], pad_id=pad_id, packing=False)
+            batch = collate([dataset[i] for i in (idx or [0])], pad_id=pad_id, packing=False,
+                            cu_seq_lens=kern.packed_attention)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             # Compiled blocks run eagerly here: held-out rows come in many lengths, each of which
             # would compile (and under reduce-overhead record CUDA graphs) for a few batches.
             with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-                loss = token_losses(model, batch, fused=fused)
+                loss = token_losses(model, batch, fused=kern.fused_loss)
             mask = batch["labels"][:, 1:] != -100
             sums += weight * torch.stack([loss[mask].double().sum(), mask.sum().double()])
         sums = accelerator.reduce(sums, reduction="sum")
@@ -394,10 +398,10 @@ def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: 
     return result
 
 
-def _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, fused) -> None:
+def _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern) -> None:
     if not data.val:
         return
-    losses = evaluate_loss(model, data, accelerator, pad_id, recipe, fused)
+    losses = evaluate_loss(model, data, accelerator, pad_id, recipe, kern)
     row = {"step": state.step, "eval_loss": losses}
     if log:
         log.write(row)

@@ -128,7 +128,7 @@ def test_training_with_the_fused_loss_matches_the_plain_loop(tmp_path, learnable
         calls.append(kw)
         return real(model, batch, **kw)
 
-    monkeypatch.setattr(kernels_mod, "apply_kernels", fused_kernels)
+    monkeypatch.setattr(train_mod, "apply_kernels", fused_kernels)
     monkeypatch.setattr(train_mod, "token_losses", spy)
     train(write_recipe(tmp_path / "b", learnable_model_dir, **kw), output=fused_dir)
 
@@ -181,3 +181,119 @@ def test_adapter_dtype_bf16_trains_bf16_weights_and_bad_values_are_named(tmp_pat
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)  # both steps logged, finite
     with pytest.raises(UserError, match="train.adapter_dtype"):
         load_recipe(recipe, ("train.adapter_dtype=fp8",))
+
+
+# ----------------------------------------------------------------------------- packed attention
+
+
+def packed_rows():
+    """Two packed rows of 16: examples of 6 and 7 tokens + a 3-token pad tail; one of 16."""
+    lengths = [[6, 7, 3], [16]]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 64, (2, 16), generator=g)
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    labels = ids.clone()
+    labels[0, 13:] = -100
+    labels[0, [0, 6]] = -100
+    labels[1, 0] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch's varlen_attn contract written per segment with sdpa ([T, H, D] in and out)."""
+    assert window_size == (-1, 0) and cu_q is cu_k and int(cu_q.diff().max()) <= max_q == max_k
+    assert enable_gqa or k.shape[1] == q.shape[1]
+    out = torch.zeros_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        if b > a:
+            seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale,
+                                                      enable_gqa=enable_gqa).transpose(0, 1)
+    return out
+
+
+def test_segment_bounds_of_packed_and_unpacked_rows():
+    from rlora_cli.packing import segment_bounds
+
+    b = packed_rows()
+    cu = segment_bounds(b["position_ids"], (2, 16), bucket=8)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 6, 13, 16, 32, 32, 32, 32]
+    assert segment_bounds(b["position_ids"], (2, 16)).shape == (64,)  # few shapes for the compiler
+    assert segment_bounds(None, (3, 5), bucket=4).tolist() == [0, 5, 10, 15]  # one segment per row
+
+
+@pytest.mark.parametrize("torch_gqa", [False, True])
+def test_varlen_attention_equals_the_block_mask(tiny_model_dir, monkeypatch, torch_gqa):
+    """The packed model's logits are the plain sdpa model's under transformers' block mask: through
+    the written-out fallback (CPU), and through the varlen call (a per-segment stand-in for torch's
+    kernel, which needs a GPU; the GPU tests run the real one), with and without torch's own GQA."""
+    from rlora_cli.packing import segment_bounds
+
+    plain, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    packed, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    assert packed.config.num_key_value_heads < packed.config.num_attention_heads  # GQA is exercised
+    assert kernels_mod.packed_attention(packed, torch.device("cpu"), 16) == "no CUDA device"
+    assert kernels_mod.packed_attention(packed, torch.device("cuda"), 16) == ""  # nothing runs on it here
+    assert packed.config._attn_implementation == kernels_mod.PACKED_ATTENTION
+    b = packed_rows()
+    want = plain(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+    cu = segment_bounds(b["position_ids"], (2, 16), bucket=8)
+    got = packed(input_ids=b["input_ids"], position_ids=b["position_ids"], rlora_cu_seq_lens=cu).logits
+    torch.testing.assert_close(got, want)
+    monkeypatch.setattr(kernels_mod, "_flash_ok", lambda q: True)
+    monkeypatch.setattr(kernels_mod, "_VARLEN_GQA", torch_gqa)
+    monkeypatch.setattr("torch.nn.attention.varlen.varlen_attn", reference_varlen)
+    got = packed(input_ids=b["input_ids"], position_ids=b["position_ids"], rlora_cu_seq_lens=cu).logits
+    torch.testing.assert_close(got, want)
+    # Without segment bounds (unpacked, right-padded rows): plain causal attention.
+    mask = torch.ones(2, 16, dtype=torch.long)
+    torch.testing.assert_close(packed(input_ids=b["input_ids"]).logits,
+                               plain(input_ids=b["input_ids"], attention_mask=mask).logits)
+
+
+def test_packed_attention_says_why_not(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32")
+    cuda = torch.device("cuda")
+    model.config.sliding_window, model.config.use_sliding_window = 8, True
+    assert kernels_mod.packed_attention(model, cuda, 16) == "sliding-window attention"
+    model.config.sliding_window = 16  # a window no row reaches changes nothing
+    model.config.attention_dropout = 0.1
+    assert kernels_mod.packed_attention(model, cuda, 16) == "attention dropout"
+    eager, _ = load_model(str(tiny_model_dir), dtype="fp32", attn_implementation="eager")
+    assert kernels_mod.packed_attention(eager, cuda, 16) == "the model's attention is not sdpa"
+    note = apply_kernels(model, "auto", torch.device("cpu"), packed_length=16).note
+    assert "packed rows through sdpa's block mask (no CUDA device)" in note
+    assert "packed" not in apply_kernels(model, "auto", torch.device("cpu")).note  # rows not packed
+
+
+def test_training_with_packed_attention_matches_the_block_mask(tmp_path, learnable_model_dir, monkeypatch):
+    """The loop hands every batch its segment bounds (training and held-out rows): same losses as
+    the sdpa run, evaluation included (the model's attention forced on; on the CPU it computes
+    the written-out block mask from the bounds)."""
+    kw = dict(data={"packing": True}, adapter={"lora_dropout": 0.0},
+              output={"logging_steps": 1, "save_steps": 0, "eval_steps": 3})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = train(write_recipe(tmp_path / "a", learnable_model_dir, **kw), output=tmp_path / "plain")
+    seen = []
+
+    def forced(model, kernels, device, **k):
+        assert kernels_mod.packed_attention(model, torch.device("cuda"), k["packed_length"]) == ""
+        return Kernels("varlen (test)", packed_attention=True)
+
+    real = train_mod.token_losses
+
+    def spy(model, batch, **k):
+        seen.append("rlora_cu_seq_lens" in batch)
+        return real(model, batch, **k)
+
+    monkeypatch.setattr(train_mod, "apply_kernels", forced)
+    monkeypatch.setattr(train_mod, "token_losses", spy)
+    packed = train(write_recipe(tmp_path / "b", learnable_model_dir, **kw), output=tmp_path / "packed")
+    assert seen and all(seen)
+    a, b = metrics(plain), metrics(packed)
+    losses = [r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r]
+    held_out = [[v for r in m if "eval_loss" in r for v in r["eval_loss"].values()] for m in (a, b)]
+    for x, y in (losses, held_out):
+        assert x and len(x) == len(y)
+        assert y == pytest.approx(x, rel=1e-5)
