@@ -12,13 +12,14 @@ predicted from the previous example's last.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 IGNORE = -100
 
 
 def pack(dataset: Any, max_length: int, batch_size: int = 1000) -> Any:
-    """Fill rows of at most max_length tokens, first fit within each block of `batch_size`
+    """Fill rows of at most max_length tokens, best fit within each block of `batch_size`
     examples (packed on its own, which keeps the step cached by datasets' fingerprints and
     bounded in memory). The training sampler shuffles the rows, so their order does not matter."""
     return dataset.map(pack_batch, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
@@ -29,26 +30,27 @@ def pack_batch(batch: dict[str, list], max_length: int) -> dict[str, list]:
     """Examples (input_ids, labels, task_id, n_trained_tokens) -> packed rows (input_ids, labels,
     position_ids, task_ids per token, n_trained_tokens, n_examples).
 
-    First fit: each example, in dataset order, joins the first row that still has room for it, so
-    short examples fill the gaps that long ones leave (filling rows in sequence leaves ~12% of
-    every row as padding on mixed lengths; every padded token is computed and thrown away)."""
+    Best fit decreasing: longest examples first, each into the row whose free room fits it most
+    tightly. Every padded token is computed and thrown away: on mixed lengths, filling rows in
+    sequence leaves ~12% of every row as padding, first fit in dataset order ~4%, this ~2%."""
     keys = ("input_ids", "labels", "position_ids", "task_ids", "n_trained_tokens", "n_examples")
     rows: dict[str, list] = {k: [] for k in keys}
-    room: list[int] = []  # tokens still free in each row
-    for ids, labels, task, n in zip(batch["input_ids"], batch["labels"], batch["task_id"],
-                                    batch["n_trained_tokens"]):
-        i = next((j for j, free in enumerate(room) if free >= len(ids)), None)
-        if i is None:  # a new row (an example longer than max_length gets one to itself)
-            i = len(room)
-            room.append(max_length)
+    free: list[tuple[int, int]] = []  # (tokens still free, row), sorted
+    for e in sorted(range(len(batch["input_ids"])), key=lambda e: -len(batch["input_ids"][e])):
+        ids = batch["input_ids"][e]
+        at = bisect.bisect_left(free, (len(ids), -1))
+        if at < len(free):
+            room, i = free.pop(at)
+        else:  # a new row (an example longer than max_length gets one to itself)
+            room, i = max_length, len(rows["input_ids"])
             for k in keys:
                 rows[k].append(0 if k.startswith("n_") else [])
-        room[i] -= len(ids)
+        bisect.insort(free, (room - len(ids), i))
         rows["input_ids"][i] += ids
-        rows["labels"][i] += [IGNORE] + list(labels[1:])  # never predict across the boundary
+        rows["labels"][i] += [IGNORE] + list(batch["labels"][e][1:])  # never predict across the boundary
         rows["position_ids"][i] += range(len(ids))
-        rows["task_ids"][i] += [task] * len(ids)
-        rows["n_trained_tokens"][i] += n
+        rows["task_ids"][i] += [batch["task_id"][e]] * len(ids)
+        rows["n_trained_tokens"][i] += batch["n_trained_tokens"][e]
         rows["n_examples"][i] += 1
     return rows
 

@@ -241,12 +241,14 @@ def test_pack_keeps_labels_aligned():
     examples = {"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]],
                 "labels": [[-100, 2, 3], [4, 5], [-100, -100, 8, 9], [10]],
                 "task_id": [0, 1, 2, 0], "n_trained_tokens": [2, 2, 2, 1]}
-    rows = pack_batch(examples, max_length=6)  # first fit: [10] fills the first row's last slot
-    assert rows["input_ids"] == [[1, 2, 3, 4, 5, 10], [6, 7, 8, 9]]
-    assert rows["labels"] == [[-100, 2, 3, -100, 5, -100], [-100, -100, 8, 9]]  # no target across a boundary
-    assert rows["position_ids"] == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3]]
-    assert rows["task_ids"] == [[0, 0, 0, 1, 1, 0], [2, 2, 2, 2]]
-    assert rows["n_examples"] == [3, 1] and rows["n_trained_tokens"] == [5, 2]
+    # Best fit decreasing: [4 tokens] opens a row, [3] does not fit beside it and opens another,
+    # [2] fills the first row exactly, [1] joins the second.
+    rows = pack_batch(examples, max_length=6)
+    assert rows["input_ids"] == [[6, 7, 8, 9, 4, 5], [1, 2, 3, 10]]
+    assert rows["labels"] == [[-100, -100, 8, 9, -100, 5], [-100, 2, 3, -100]]  # no target across a boundary
+    assert rows["position_ids"] == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0]]
+    assert rows["task_ids"] == [[2, 2, 2, 2, 1, 1], [0, 0, 0, 0]]
+    assert rows["n_examples"] == [2, 2] and rows["n_trained_tokens"] == [4, 3]
     batch = collate([{k: v[i] for k, v in rows.items()} for i in range(2)] + [
         {"input_ids": [11, 12], "labels": [-100, 12], "task_id": 1, "n_trained_tokens": 1}], pad_id=0, packing=True)
     assert "attention_mask" not in batch
