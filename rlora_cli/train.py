@@ -125,12 +125,10 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     # Compiled blocks replay as CUDA graphs, whose output buffers the next replay reuses: every
     # training forward starts a new generation of them (cudagraph_mark_step_begin below).
     graphs = t.compile and t.compile_mode == "reduce-overhead" and accelerator.device.type == "cuda"
-    # Fused AdamW on CUDA: one kernel launch per step for all adapter tensors instead of a
-    # foreach chain (~10 ms of host time a step on a 1B model, which the GPU waits for). FSDP's
-    # sharded parameters keep the foreach version.
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate,
-                                  fused=accelerator.device.type == "cuda"
-                                  and accelerator.distributed_type != DistributedType.FSDP)
+                                  fused=_fused_optimizer(accelerator))
+    # The fp16 grad scaler drives a fused optimizer's skip flag itself: no deferred read then.
+    reads = _LossReads(optimizer, defer=bool(optimizer.defaults["fused"]) and accelerator.scaler is None)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = EpochSampler(len(data.train), recipe.seed, rank, world)
@@ -198,6 +196,15 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     window = _Window(len(data.tasks), accelerator.device, every=recipe.output.logging_steps)
     progress = _progress(console, total, state.step, main)
     rng = _rng_snapshot()
+
+    def settle(finished: list[tuple[int, float, float]]) -> None:
+        """Account finished steps read back from the device: (step, Σ loss, label tokens)."""
+        for step, loss_sum, n_total in finished:
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(f"the loss became {loss_sum / n_total} at step {step}")
+            window.add_step(loss_sum, n_total)
+            state.tokens += int(n_total)
+
     try:
         with progress:
             while state.step < total:
@@ -231,12 +238,11 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     # (the check below waits for it). Resume counts batches from `state`, not from
                     # this iterator, and collating draws nothing from the RNG that dropout uses.
                     upcoming = list(islice(batches, t.gradient_accumulation_steps)) if state.step + 1 < total else []
-                    # Checked every step, before the update: a diverged step never reaches the
-                    # weights or a checkpoint. One host sync per step (it also reads the token count).
-                    step_loss, n_total = torch.stack([accelerator.reduce(step_loss, reduction="sum"), n_tokens]).tolist()
-                    if not math.isfinite(step_loss):
-                        raise TrainingDiverged(f"the loss became {step_loss / n_total} at step {state.step + 1}")
-                    window.add_step(step_loss, n_total)
+                    # A diverged step never reaches the weights or a checkpoint: it is read here,
+                    # before the update, or (deferred) the optimizer skips it on the device and it
+                    # is read next step, before any later checkpoint (_LossReads).
+                    values = torch.stack([accelerator.reduce(step_loss, reduction="sum"), n_tokens])
+                    settle(reads.push(values, state.step + 1))
                     grad_norm = (accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                                  if t.max_grad_norm > 0 else None)
                     optimizer.step()
@@ -244,7 +250,10 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     optimizer.zero_grad(set_to_none=not graphs)
                     state.step += 1
                     state.batch_in_epoch += len(micro)
-                    state.tokens += int(n_total)
+                    evaluates = bool(recipe.output.eval_steps) and state.step % recipe.output.eval_steps == 0
+                    saves = bool(recipe.output.save_steps) and state.step % recipe.output.save_steps == 0
+                    if window.logs_at(state.step, total) or evaluates or saves:
+                        settle(reads.flush())
                     row = window.maybe_log(state, accelerator, scheduler, grad_norm, data.tasks)
                     if row is not None:
                         if log:
@@ -252,9 +261,9 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state.step)
                         progress.update(row)
                     progress.advance(state.step)
-                    if recipe.output.eval_steps and state.step % recipe.output.eval_steps == 0 and state.step < total:
+                    if evaluates and state.step < total:
                         _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern)
-                    if recipe.output.save_steps and state.step % recipe.output.save_steps == 0 and state.step < total:
+                    if saves and state.step < total:
                         save()
                     micro = upcoming
                 if state.batch_in_epoch >= micro_per_epoch:
@@ -262,10 +271,12 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     except KeyboardInterrupt:
         _rng_restore(rng)  # undo the dropout draws of the unfinished step, so resume is exact
         optimizer.zero_grad(set_to_none=True)
+        settle(reads.flush())  # the last finished step's tokens, before its checkpoint
         if state.step > 0:
             path = save()
             console.print(f"[yellow]interrupted:[/] saved {path}; continue with --resume auto")
         raise
+    settle(reads.flush())
     _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern)
     save()
     full = _full_state(accelerator, model)  # a collective under FSDP: every process must call it
@@ -277,6 +288,55 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                       + (f", plots in {out / 'plots'}" if plots else ""))
     accelerator.end_training()
     return out
+
+
+def _fused_optimizer(accelerator: Any) -> bool:
+    """Fused AdamW on CUDA: one kernel launch per step for all adapter tensors instead of a
+    foreach chain (~10 ms of host time a step on a 1B model, which the GPU waits for). FSDP's
+    sharded parameters keep the foreach version."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.device.type == "cuda" and accelerator.distributed_type != DistributedType.FSDP
+
+
+class _LossReads:
+    """Each step's [Σ loss, label tokens], read on the host without stalling the GPU where safe.
+
+    Reading a GPU value waits for all queued work, and the host's work after the read (clipping,
+    the optimizer, the next step's set-up; ~10 ms a step on a 1B model) then runs while the GPU
+    idles. With a fused optimizer (`defer`) the values are copied to pinned memory behind an
+    event and read one step later, once the next step's forward and backward are queued. The
+    update of a step whose loss is not finite is skipped on the device meanwhile: the fused
+    optimizer's `found_inf`, the flag the fp16 grad scaler uses."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, defer: bool) -> None:
+        self.optimizer, self.defer = optimizer, defer
+        self.pending: list[tuple[int, torch.Tensor, Any]] = []
+
+    def push(self, values: torch.Tensor, step: int) -> list[tuple[int, float, float]]:
+        """Queue `step`'s values; return the finished steps that can be read now: this one, or
+        (deferred) the one before."""
+        if not self.defer:
+            return [(step, *values.tolist())]
+        self.optimizer.found_inf = (~torch.isfinite(values[0])).float()
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event() if values.is_cuda else None
+        if event is not None:
+            event.record()
+        ready, self.pending = self.pending, [(step, host, event)]
+        return [self._read(p) for p in ready]
+
+    def flush(self) -> list[tuple[int, float, float]]:
+        ready, self.pending = self.pending, []
+        return [self._read(p) for p in ready]
+
+    @staticmethod
+    def _read(pending: tuple[int, torch.Tensor, Any]) -> tuple[int, float, float]:
+        step, host, event = pending
+        if event is not None:
+            event.synchronize()  # that step's copy only, not the work queued after it
+        return (step, *host.tolist())
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -318,7 +378,7 @@ class _Window:
         # Kept on the device: adding a micro-batch must not wait for the GPU (no host sync).
         self.loss = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
         self.count = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
-        self.step_loss = self.step_tokens = 0.0  # global sums, read at each step's sync
+        self.step_loss = self.step_tokens = 0.0  # global sums, as _LossReads reads them back
         self.inputs = 0  # this process's non-padding input tokens, counted on the host
         self.started = time.perf_counter()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -151,11 +152,15 @@ def test_resume_refuses_a_changed_recipe(tmp_path, learnable_model_dir):
     assert (tmp_path / "run" / "checkpoint-3").is_dir()
 
 
-@pytest.mark.parametrize("logging_steps", [1, 10])  # the check must not wait for a log line
+@pytest.mark.parametrize("logging_steps,deferred", [(1, False), (10, False), (10, True)])  # the check must not wait for a log line
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, learnable_model_dir, monkeypatch,
-                                                                          logging_steps):
+                                                                          logging_steps, deferred):
+    """Deferred: a fused optimizer (as on CUDA), whose step's loss is read one step late; step 3
+    is found at step 4, before anything is saved (checkpoints every 2 steps)."""
+    if deferred:
+        monkeypatch.setattr(train_mod, "_fused_optimizer", lambda accelerator: True)
     recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 4, "gradient_accumulation_steps": 1},
-                          output={"save_steps": 1, "logging_steps": logging_steps})
+                          output={"save_steps": 2 if deferred else 1, "logging_steps": logging_steps})
     real, calls = train_mod.token_losses, {"n": 0}
 
     def nan_at_step_3(model, batch, **kw):
@@ -166,9 +171,47 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     monkeypatch.setattr(train_mod, "token_losses", nan_at_step_3)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(recipe, output=tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    kept = ["checkpoint-2"] if deferred else ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == kept
     kept = load_file(str(tmp_path / "run" / "checkpoint-2" / "adapter" / "rlora_adapter.safetensors"))
     assert all(torch.isfinite(t).all() for t in kept.values())
+
+
+def test_deferred_loss_reads_skip_a_nan_update_on_the_device():
+    """The fused optimizer skips the step whose loss is not finite (found_inf) before the host
+    has read it; the reads come back one step late, in order, and flush returns the rest."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    reads = train_mod._LossReads(opt, defer=True)
+    w.grad = torch.full((3,), float("nan"))
+    assert reads.push(torch.tensor([float("nan"), 5.0], dtype=torch.float64), 1) == []
+    opt.step()
+    assert torch.equal(w.detach(), torch.ones(3))  # skipped
+    w.grad = torch.ones(3)
+    (step, loss, n), = reads.push(torch.tensor([2.0, 4.0], dtype=torch.float64), 2)
+    assert step == 1 and math.isnan(loss) and n == 5.0
+    opt.step()
+    assert bool((w.detach() < 1).all())  # applied
+    assert reads.flush() == [(2, 2.0, 4.0)] and reads.flush() == []
+    plain = train_mod._LossReads(opt, defer=False)
+    assert plain.push(torch.tensor([1.0, 2.0]), 7) == [(7, 1.0, 2.0)]
+
+
+def test_deferred_reads_log_the_same_run(tmp_path, learnable_model_dir, monkeypatch):
+    """The fused optimizer's deferred reads change when the host reads a step, not what it logs."""
+    runs = {}
+    for deferred in (False, True):
+        monkeypatch.setattr(train_mod, "_fused_optimizer", lambda accelerator: deferred)
+        (tmp_path / str(deferred)).mkdir()
+        recipe = write_recipe(tmp_path / str(deferred), learnable_model_dir,
+                              output={"logging_steps": 2, "save_steps": 3, "eval_steps": 3})
+        rows = metrics(train(recipe, output=tmp_path / str(deferred) / "run"))
+        runs[deferred] = [(r["step"], r.get("loss"), r.get("tokens")) for r in rows]
+        assert json.loads((tmp_path / str(deferred) / "run" / "checkpoint-3" / "trainer_state.json").read_text())["tokens"] > 0
+    assert [r[0] for r in runs[True]] == [r[0] for r in runs[False]]
+    for (_, a, ta), (_, b, tb) in zip(runs[False], runs[True]):
+        assert ta == tb and (a is None) == (b is None)
+        assert a is None or b == pytest.approx(a, rel=1e-5)
 
 
 def test_cli_exit_codes(tmp_path, learnable_model_dir, monkeypatch, capsys):
