@@ -16,6 +16,7 @@ One readable loop (`train`), in the spirit of Accelerate's examples. Choices tha
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -195,6 +196,11 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
 
     window = _Window(len(data.tasks), accelerator.device, every=recipe.output.logging_steps)
     progress = _progress(console, total, state.step, main)
+    # What exists now (the model, the data, compiled graphs) lives for the whole run: frozen out
+    # of the garbage collector's view, so its occasional full collection does not walk all of it
+    # in the middle of a step.
+    gc.collect()
+    gc.freeze()
     rng = _rng_snapshot()
 
     def settle(finished: list[tuple[int, float, float]]) -> None:
@@ -276,6 +282,8 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
             path = save()
             console.print(f"[yellow]interrupted:[/] saved {path}; continue with --resume auto")
         raise
+    finally:
+        gc.unfreeze()  # the run's objects become collectable again once train() returns
     settle(reads.flush())
     _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern)
     save()
