@@ -203,11 +203,17 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     gc.freeze()
     rng = _rng_snapshot()
 
+    uncounted: list[tuple[int, float, float]] = []
+
     def settle(finished: list[tuple[int, float, float]]) -> None:
-        """Account finished steps read back from the device: (step, Σ loss, label tokens)."""
+        """Check the steps read back from the device, (step, Σ loss, label tokens), and count
+        those `state` has reached: an interrupted step's update may not have happened."""
         for step, loss_sum, n_total in finished:
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(f"the loss became {loss_sum / n_total} at step {step}")
+        uncounted.extend(finished)
+        while uncounted and uncounted[0][0] <= state.step:
+            _, loss_sum, n_total = uncounted.pop(0)
             window.add_step(loss_sum, n_total)
             state.tokens += int(n_total)
 
@@ -277,7 +283,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     except KeyboardInterrupt:
         _rng_restore(rng)  # undo the dropout draws of the unfinished step, so resume is exact
         optimizer.zero_grad(set_to_none=True)
-        settle(reads.flush())  # the last finished step's tokens, before its checkpoint
+        settle(reads.flush())  # the finished steps' tokens, before their checkpoint
         if state.step > 0:
             path = save()
             console.print(f"[yellow]interrupted:[/] saved {path}; continue with --resume auto")
