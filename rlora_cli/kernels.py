@@ -39,7 +39,8 @@ class Kernels:
     fused_loss: bool = False
     """The loss comes from Liger's fused linear cross-entropy (call `token_losses(fused=True)`)."""
     packed_attention: bool = False
-    """Packed rows attend through varlen flash attention: batches need `cu_seq_lens` (collate)."""
+    """Packed rows attend through varlen flash attention: batches need `rlora_cu_seq_lens`
+    (`collate(..., cu_seq_lens=True)`)."""
 
 
 def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = False,
@@ -152,14 +153,13 @@ def packed_attention(model: Any, device: Any, packed_length: int) -> str:
               else None)
     if reason is None:
         try:
-            from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+            from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
         except ImportError:
             reason = f"torch {torch.__version__} has no torch.nn.attention.varlen"
     if reason:
         return reason
     import inspect
 
-    from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
 
     global _VARLEN_GQA  # read inside compiled blocks, so decided here, once
