@@ -77,7 +77,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
           resume: str = "never", overwrite: bool = False, console: Any = None) -> Path:
     """Train the recipe's adapter; returns the run directory. Raises UserError for bad input."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from rich.console import Console
     from transformers import get_scheduler
 
@@ -196,12 +196,12 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
 
     window = _Window(len(data.tasks), accelerator.device, every=recipe.output.logging_steps)
     progress = _progress(console, total, state.step, main)
-    # What exists now (the model, the data, compiled graphs) lives for the whole run: frozen out
-    # of the garbage collector's view, so its occasional full collection does not walk all of it
-    # in the middle of a step.
+    # What exists now (the model, the optimizer, the data) lives for the whole run: frozen out of
+    # the garbage collector's view, so its occasional full collection does not walk all of it in
+    # the middle of a step. (Compiled graphs come later, in the first step; measured enough as is.)
     gc.collect()
     gc.freeze()
-    rng = _rng_snapshot()
+    rng = _rng_snapshot()  # where a resume of the next step starts; retaken after every step
 
     uncounted: list[tuple[int, float, float]] = []
 
@@ -224,7 +224,6 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                 batches = iter(loader)
                 micro = list(islice(batches, t.gradient_accumulation_steps))
                 while state.step < total and micro:
-                    rng = _rng_snapshot()  # the state a resume of this step would start from
                     n_tokens = _label_tokens(micro, accelerator)
                     step_loss = torch.zeros((), device=accelerator.device)
                     # The fused loss returns a plain sum (its fast path) except on steps that log
@@ -247,7 +246,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                         if per_token:
                             window.add(loss.detach(), batch)
                     # The next step's rows are collated now, while the GPU still works on this one
-                    # (the check below waits for it). Resume counts batches from `state`, not from
+                    # (a check that reads this step's loss waits for it). Resume counts batches from `state`, not from
                     # this iterator, and collating draws nothing from the RNG that dropout uses.
                     upcoming = list(islice(batches, t.gradient_accumulation_steps)) if state.step + 1 < total else []
                     # A diverged step never reaches the weights or a checkpoint: it is read here,
@@ -262,6 +261,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     optimizer.zero_grad(set_to_none=not graphs)
                     state.step += 1
                     state.batch_in_epoch += len(micro)
+                    rng = _rng_snapshot()  # where a resume after this step starts (Ctrl-C from here on)
                     evaluates = bool(recipe.output.eval_steps) and state.step % recipe.output.eval_steps == 0
                     saves = bool(recipe.output.save_steps) and state.step % recipe.output.save_steps == 0
                     if window.logs_at(state.step, total) or evaluates or saves:
