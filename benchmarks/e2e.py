@@ -52,6 +52,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,8 @@ def train_one(recipe: str, run_dir: str, overrides: list[str]) -> None:
 
 
 def launch(recipe: Path, run_dir: Path, overrides: list[str], device: str, in_process: bool) -> list[str]:
-    """Run `train_one`, in a subprocess unless `in_process`; returns the command it ran."""
+    """Run `train_one`, in a subprocess unless `in_process`; returns the command that runs it on its
+    own (in-process runs record it too, as the way to repeat the run)."""
     code = "import sys; from benchmarks.e2e import train_one; train_one(sys.argv[1], sys.argv[2], sys.argv[3:])"
     cmd = [sys.executable, "-c", code, str(recipe), str(run_dir), *overrides]
     if in_process:
@@ -365,9 +367,10 @@ def environment(device: str) -> dict[str, Any]:
 def frozen_floor(shape: str, rows: int, seq: int, device: str, peak_tflops: float, smoke: bool) -> dict[str, Any]:
     """The frozen base alone on full rows×seq steps, timed as step_bench times it, in this
     process: the floor the MFU target is stated against, with the same peak. On CUDA the faster
-    of two: eager with Liger, and compiled blocks with Liger's loss replayed as CUDA graphs (what
-    the recipes run; it matters for narrow models, whose eager steps the host paces). Every token
-    is real there and attends to its whole prefix, so c = (seq + 1) / 2."""
+    of two: eager with Liger, and compiled blocks with Liger's loss replayed as CUDA graphs (as
+    the recipes compile; it matters for narrow models, whose eager steps the host paces). Both use
+    Liger's stock fused loss, as every step_bench variant does. Every token is real there and
+    attends to its whole prefix, so c = (seq + 1) / 2."""
     import torch
 
     from benchmarks.step_bench import bench, build_base, free_memory, parse_name
@@ -378,6 +381,7 @@ def frozen_floor(shape: str, rows: int, seq: int, device: str, peak_tflops: floa
                   "reduce-overhead" if device == "cuda" else "default")
     cfg = base.config
     del base
+    torch._dynamo.reset()  # the compiled variant's graphs and CUDA-graph pool go before the next shape
     free_memory()
     failed = [f"{r['variant']}: {r['error']}" for r in timed if not r["ok"]]
     if failed:
@@ -482,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "counts, so the attention context c may be off")
             row["command"] = cmd
             row["overrides"] = list(args.set)
-            row["rlora_train"] = " ".join(["rlora", "train", str(recipe.relative_to(ROOT)), *overrides,
+            row["rlora_train"] = shlex.join(["rlora", "train", str(recipe.relative_to(ROOT)), *overrides,
                                            "--output", str(run_dir), "--overwrite"])
             results.append(row)
             write_json(json_path, report)  # after every run: a later failure loses nothing measured

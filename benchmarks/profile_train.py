@@ -52,19 +52,27 @@ def main(argv: list[str] | None = None) -> None:
     def counted_step(self, *a, **k):  # the optimizer step closes a training step
         result = step(self, *a, **k)
         # An event, not a sync: the loop keeps the GPU fed across steps, which waiting here would hide.
-        marks.append(torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter())
+        mark = torch.cuda.Event(enable_timing=True) if cuda else None
+        n = len(marks) + 1
+        starting, stopping = n == args.steps - args.active, n == args.steps  # profile exactly the last --active steps
+        if starting:  # the profiler's own start-up falls before the first profiled step's mark
+            prof.start()
+        marks.append(mark if cuda else time.perf_counter())
         if cuda:
-            marks[-1].record()
-        if len(marks) in (args.steps - args.active, args.steps):  # profile exactly the last --active steps
-            on = len(marks) < args.steps
-            prof.start() if on else prof.stop()
-            if args.syncs:
-                torch.cuda.set_sync_debug_mode("warn" if on else "default")
+            mark.record()
+        if stopping:
+            prof.stop()
+        if args.syncs and (starting or stopping):
+            torch.cuda.set_sync_debug_mode("warn" if starting else "default")
         return result
 
+    show = warnings.showwarning
+
     def count_sync(message, *rest, **kw):
-        if "synchroniz" in str(message):  # torch's sync debug mode; other warnings are not counted
+        if "synchroniz" in str(message):  # torch's sync debug mode
             syncs.update([_caller()])
+        else:
+            show(message, *rest, **kw)
 
     torch.optim.AdamW.step = counted_step
     try:
@@ -80,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_sync_debug_mode("default")
     if cuda:
         torch.cuda.synchronize()
-        walls = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])][-args.active:]
+        walls_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])][-args.active:]
     else:
-        walls = [b - a for a, b in zip(marks, marks[1:])][-args.active:]
+        walls_ms = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])][-args.active:]
     kernels = cuda_kernels(prof)
-    summary = {"wall_ms_per_step": [round(w * 1e3, 1) for w in walls],
+    summary = {"wall_ms_per_step": [round(w, 1) for w in walls_ms],
                "gpu_busy_ms_per_step": round(sum(e.device_time for e in kernels) / 1e3 / args.active, 1),
                "kernels_per_step": len(kernels) / args.active,
                "syncs_per_step": {k: v / args.active for k, v in syncs.most_common(25)}}

@@ -38,7 +38,7 @@ from torch import nn
 from benchmarks.common import cuda_kernels, time_ms, version, write_json
 from benchmarks.layer_bench import ReferenceRLoRA
 from benchmarks.shapes import config
-from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters
+from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters, parameter_counts
 from rlora_cli.config import COMPILE_MODES
 from rlora_cli.kernels import compile_model
 
@@ -212,7 +212,8 @@ def build_variant(base: nn.Module, spec: Spec, compile_mode: str) -> Variant:
         # all blocks); the embeddings and the loss stay eager.
         compile_model(hf, compile_mode)
     backbone = hf.get_decoder()
-    # torch.optim.AdamW's default (foreach on CUDA), the optimizer rlora's training loop builds.
+    # torch.optim.AdamW's default (foreach on CUDA), for every variant alike. `rlora train` itself
+    # uses the fused AdamW on CUDA, which is timed end to end by benchmarks.e2e.
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     return Variant(model, backbone, hf.get_output_embeddings(), (home, rope), fused_loss, optimizer, spec.compiled)
 
@@ -366,7 +367,7 @@ def bench(base: nn.Module, specs: dict[str, Spec], batch: tuple[int, int], warmu
             kernels, busy = profile_step(v, ids, labels)
             extra[name] = {"peak_gib": peak_gib(v, ids, labels, held), "held_gib": held / 2**30,
                            "kernels": kernels, "gpu_busy_ms": busy, "loss": float(v.last_loss),
-                           "trainable": sum(q.numel() for q in v.model.parameters() if q.requires_grad)}
+                           "trainable": parameter_counts(v.model)[0]}
         for name in list(variants):
             attempt(variants, failures, name, lambda: measure(name))
     finally:
@@ -523,9 +524,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the raw numbers here")
-    ap.add_argument("--compile", action="store_true", help="add torch.compile'd +liger variants")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd +liger and +ce variants")
     ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
-    ap.add_argument("--scale", action="store_true", help="largest micro-batch; heads and rank sweeps")
+    ap.add_argument("--scale", action="store_true",
+                    help="largest micro-batch; heads and rank sweeps (always llama-1b at 8x1024, default compile)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, no Liger, 2+2 steps")
     return ap.parse_args(argv)
 

@@ -213,7 +213,8 @@ class TrainConfig:
     """torch.compile each decoder block in place (the whole model when it has no block list)."""
     compile_mode: str = "default"
     """torch.compile mode with compile: true: default | reduce-overhead (CUDA graphs: each compiled
-    block's kernels replay as one launch; packed rows are padded to one shape, so it records once)
+    block's kernels replay as one launch; packed rows are padded to max_length, so it records
+    once, or once more when varlen attention's segment list grows past a multiple of 64)
     | max-autotune-no-cudagraphs."""
     adapter_dtype: str = "auto"
     """Adapter weights: auto (fp32 over a half-precision base, as PEFT) | fp32 | bf16 (no casts
@@ -234,6 +235,10 @@ class TrainConfig:
                              ("adapter_dtype", ADAPTER_DTYPES), ("compile_mode", COMPILE_MODES)):
             if getattr(self, key) not in allowed:
                 p.append(_choice(f"{where}.{key}", getattr(self, key), allowed))
+        if self.compile and self.compile_mode == "reduce-overhead" and self.kernels == "liger":
+            p.append(f"{where}.kernels: liger puts Liger's Triton RoPE/RMSNorm/SwiGLU inside the compiled blocks, "
+                     "which breaks the CUDA graphs of compile_mode: reduce-overhead; use kernels: auto (the fused "
+                     "loss only) or compile_mode: default")
         return p
 
 
@@ -385,11 +390,7 @@ def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) ->
         # CUDA graphs replay one recorded shape; unpacked rows vary in length and carry a padding
         # mask, whose attention path breaks the compiled block (and graph outputs get overwritten).
         problems.append("train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
-                        "to one shape, which CUDA graphs replay); use compile_mode: default for unpacked data")
-    if train and train.compile and train.compile_mode == "reduce-overhead" and train.kernels == "liger":
-        problems.append("train.kernels: liger puts Liger's Triton RoPE/RMSNorm/SwiGLU inside the compiled blocks, "
-                        "which breaks the CUDA graphs of compile_mode: reduce-overhead; use kernels: auto (the fused "
-                        "loss only) or compile_mode: default")
+                        "to max_length: fixed shapes, which CUDA graphs replay); use compile_mode: default for unpacked data")
     if len(problems) > before:
         return None
     output = parts.get("output", OutputConfig())

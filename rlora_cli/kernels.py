@@ -60,7 +60,7 @@ def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = Fal
     if packed is None:
         return result
     if packed:  # why not, for the banner
-        return Kernels(f"{result.note}; packed rows through sdpa's block mask ({packed})", result.fused_loss)
+        return Kernels(f"{result.note}; packed rows through the model's own attention ({packed})", result.fused_loss)
     return Kernels(f"{result.note}; packed rows through varlen flash attention", result.fused_loss, True)
 
 
@@ -142,7 +142,9 @@ def packed_attention(model: Any, device: Any, packed_length: int) -> str:
     The model then wants `rlora_cu_seq_lens` (from `collate(..., cu_seq_lens=True)`) with every
     batch. Its attention mask is no longer built (transformers skips mask creation for an
     attention it does not know), which is also one host sync per forward fewer: transformers'
-    packed-row detection reads a GPU value back."""
+    packed-row detection reads a GPU value back. Without the bounds a batch attends plain causal,
+    which is right only for rows padded on the right (the training loop's): a model switched here
+    is for training, not for left-padded generation."""
     config = model.config
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     reason = ("no CUDA device" if getattr(device, "type", str(device)) != "cuda"

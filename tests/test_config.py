@@ -223,7 +223,7 @@ def test_cuda_graphs_need_packed_compiled_runs(tmp_path, data_file):
     recipe = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True}}
     problems = problems_of(tmp_path, recipe)
     assert problems == ["train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
-                        "to one shape, which CUDA graphs replay); use compile_mode: default for unpacked data"]
+                        "to max_length: fixed shapes, which CUDA graphs replay); use compile_mode: default for unpacked data"]
     liger = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True, "kernels": "liger"}}
     liger["data"]["packing"] = True
     assert [p.split(" puts ")[0] for p in problems_of(tmp_path, liger)] == ["train.kernels: liger"]

@@ -262,7 +262,7 @@ def test_packed_attention_says_why_not(tiny_model_dir):
     eager, _ = load_model(str(tiny_model_dir), dtype="fp32", attn_implementation="eager")
     assert kernels_mod.packed_attention(eager, cuda, 16) == "the model's attention is not sdpa"
     note = apply_kernels(model, "auto", torch.device("cpu"), packed_length=16).note
-    assert "packed rows through sdpa's block mask (no CUDA device)" in note
+    assert "packed rows through the model's own attention (no CUDA device)" in note
     assert "packed" not in apply_kernels(model, "auto", torch.device("cpu")).note  # rows not packed
 
 
