@@ -7,10 +7,11 @@ attention instead (`torch.nn.attention.varlen`), which computes only each exampl
 triangle: the same attention, a fraction of the work (see `packed_attention`).
 
 Liger's Triton kernels (RoPE, RMSNorm, SwiGLU) replace the model's own on CUDA for the
-architectures Liger supports, and its fused linear cross-entropy computes the loss from the last
-hidden states chunk by chunk, so the [tokens × vocab] logits are never stored. `auto` uses them
-when it can and says why not otherwise; `liger` that cannot be honoured is a user error. Liger
-is imported only here, only when asked for.
+architectures Liger supports, and the loss is computed from the last hidden states chunk by chunk
+with Liger's cross-entropy row kernel (linear_ce.py), so the [tokens × vocab] logits are never
+stored and the host never waits for the GPU. `auto` uses them when it can and says why not
+otherwise; `liger` that cannot be honoured is a user error. Liger is imported only here and in
+linear_ce.py, only when used.
 
 The fused loss is installed as the model's own `forward` (called with `rlora_labels=`), so it
 runs inside whatever wraps the model (DDP, FSDP, torch.compile) exactly as the plain forward does.
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from rlora_cli.errors import UserError
+from rlora_cli.linear_ce import linear_cross_entropy
 
 INSTALL_HINT = 'pip install "rlora[gpu]" (liger-kernel)'
 # Config keys that change the logits after the output head; the fused loss would skip them.
@@ -37,7 +39,7 @@ class Kernels:
     note: str
     """One line for the start banner: what runs, or why Liger is off."""
     fused_loss: bool = False
-    """The loss comes from Liger's fused linear cross-entropy (call `token_losses(fused=True)`)."""
+    """The loss comes from the fused linear cross-entropy (call `token_losses(fused=True)`)."""
     packed_attention: bool = False
     """Packed rows attend through varlen flash attention: batches need `rlora_cu_seq_lens`
     (`collate(..., cu_seq_lens=True)`)."""
@@ -133,7 +135,11 @@ PACKED_ATTENTION = "rlora_varlen"
 # Models whose attention calls the interface plainly (no logit softcapping, no attention sinks).
 _VARLEN_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 _HALF = (torch.float16, torch.bfloat16)
-_VARLEN_GQA = False  # torch's varlen_attn takes fewer key/value heads than query heads (>= 2.12)
+# How grouped-query attention (fewer key/value heads than query heads) reaches varlen flash
+# attention, which groups heads itself: "flag" (torch >= 2.12: varlen_attn(enable_gqa=True)),
+# "op" (torch 2.11: its public function has no such flag, the op under it takes the heads as
+# they are), or "" (repeated by hand: a [T, H, D] copy of keys and values each way per layer).
+_VARLEN_GQA = ""
 
 
 def packed_attention(model: Any, device: Any, packed_length: int) -> str:
@@ -165,7 +171,8 @@ def packed_attention(model: Any, device: Any, packed_length: int) -> str:
     from transformers import AttentionInterface
 
     global _VARLEN_GQA  # read inside compiled blocks, so decided here, once
-    _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    _VARLEN_GQA = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters
+                   else "op" if hasattr(torch.ops.torch_attn, "_varlen_attn") else "")
 
     AttentionInterface.register(PACKED_ATTENTION, _varlen_attention)
     config._attn_implementation = PACKED_ATTENTION
@@ -201,9 +208,12 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
     from torch.nn.attention.varlen import varlen_attn
 
     gqa = k.shape[1] != q.shape[1]
-    if gqa and not _VARLEN_GQA:  # grouped-query attention by hand: torch 2.11's varlen has no enable_gqa
+    if gqa and _VARLEN_GQA == "op":
+        return torch.ops.torch_attn._varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale,
+                                                 window_size=[-1, 0])[0]
+    if gqa and not _VARLEN_GQA:
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    extra = {"enable_gqa": True} if gqa and _VARLEN_GQA else {}
+    extra = {"enable_gqa": True} if gqa and _VARLEN_GQA == "flag" else {}
     return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), **extra)
 
 
@@ -219,36 +229,24 @@ def block_causal_mask(cu: torch.Tensor, rows: int, length: int) -> torch.Tensor:
 
 
 def install_fused_loss(model: Any, loss_fn: Any = None) -> None:
-    """Give `model` a forward that, called with `rlora_labels`, returns next-token losses
-    computed from the hidden states by `loss_fn` (Liger's fused linear cross-entropy by default)
-    instead of logits; without `rlora_labels` it is the model's own forward (generation, eval)."""
-    loss_fn = loss_fn or _liger_loss
+    """Give `model` a forward that, called with `rlora_labels`, returns the next-token loss of
+    every token [B, S-1] computed from the hidden states by `loss_fn` (hidden [T, d], head
+    weight [V, d], labels [T] -> [T]; linear_ce.linear_cross_entropy by default) instead of
+    logits; without `rlora_labels` it is the model's own forward (generation, eval)."""
+    loss_fn = loss_fn or linear_cross_entropy
     plain = model.forward
 
-    def forward(self: Any, *args: Any, rlora_labels: torch.Tensor | None = None, rlora_reduction: str = "none",
-                **kwargs: Any) -> Any:
+    def forward(self: Any, *args: Any, rlora_labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if rlora_labels is None:
             return plain(*args, **kwargs)
-        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = rlora_labels[:, 1:]
+        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        # Every position against the next token (none after the last): no copy of the hidden states.
+        labels = torch.nn.functional.pad(rlora_labels[:, 1:], (0, 1), value=-100)
         loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.get_output_embeddings().weight,
-                       labels.reshape(-1), rlora_reduction)
-        return loss.view(labels.shape) if rlora_reduction == "none" else loss
+                       labels.reshape(-1))
+        return loss.view(labels.shape)[:, :-1]
 
     model.forward = types.MethodType(forward, model)
-
-
-def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Σ or per-token cross-entropy of hidden·Wᵀ against labels (-100 ignored, 0 there), in fp32.
-    "sum" computes the input gradient in the forward (Liger's fast path); "none" recomputes the
-    chunked logits in the backward, so the loop asks for it only on steps it logs per task."""
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-
-    # chunk_mem_const=8: chunks of logits up to 8 × the hidden states' size (for Llama-3's 128k
-    # vocabulary: 8 chunks of ~1k tokens instead of 32 of 256), fewer Python-side launches per step.
-    return LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0,
-                                                      reduction, None, False, None, False, False, False, None,
-                                                      None, 8)[0]
 
 
 # ------------------------------------------------------------------------------- compile

@@ -226,9 +226,6 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                 while state.step < total and micro:
                     n_tokens = _label_tokens(micro, accelerator)
                     step_loss = torch.zeros((), device=accelerator.device)
-                    # The fused loss returns a plain sum (its fast path) except on steps that log
-                    # losses per task, which need the loss of every token.
-                    per_token = not kern.fused_loss or window.logs_at(state.step + 1, total)
                     model.train()
                     for i, batch in enumerate(micro):
                         window.add_inputs(batch)
@@ -238,13 +235,12 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                         if graphs:
                             torch.compiler.cudagraph_mark_step_begin()
                         with sync, accelerator.autocast():
-                            loss = token_losses(model, batch, fused=kern.fused_loss, per_token=per_token)
+                            loss = token_losses(model, batch, fused=kern.fused_loss)
                             total_loss = loss.sum()
                             # Σ over processes of (local sum · world / N), averaged by DDP = global sum / N.
                             accelerator.backward(total_loss * world / n_tokens)
                         step_loss += total_loss.detach()
-                        if per_token:
-                            window.add(loss.detach(), batch)
+                        window.add(loss.detach(), batch)
                     # The next step's rows are collated now, while the GPU still works on this one
                     # (a check that reads this step's loss waits for it). Resume counts batches from `state`, not from
                     # this iterator, and collating draws nothing from the RNG that dropout uses.
@@ -356,20 +352,19 @@ class _LossReads:
 # ---------------------------------------------------------------------------- the loss
 
 
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = False,
-                 per_token: bool = True) -> torch.Tensor:
-    """Cross-entropy of every next-token prediction [B, T-1] in float32 (0 where unlabelled), or
-    with per_token=False only their sum. `fused`: the model has kernels.install_fused_loss's
-    forward, which never builds the logits."""
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = False) -> torch.Tensor:
+    """Cross-entropy of every next-token prediction [B, T-1] in float32 (float64 for a float64
+    model), 0 where unlabelled.
+    `fused`: the model has kernels.install_fused_loss's forward, which never builds the logits."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "rlora_cu_seq_lens") if k in batch}
     if fused:
-        return model(**inputs, use_cache=False, rlora_labels=batch["labels"],
-                     rlora_reduction="none" if per_token else "sum")
+        return model(**inputs, use_cache=False, rlora_labels=batch["labels"])
     logits = model(**inputs, use_cache=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, reduction="none")
-    return loss.view(labels.shape) if per_token else loss.sum()
+    return loss.view(labels.shape)
 
 
 def _label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> torch.Tensor:
@@ -381,8 +376,8 @@ def _label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> tor
 
 
 class _Window:
-    """What a log line reports: the loss over the steps since the last line, per-task loss sums
-    (every step; with the fused loss only the logged step's), and token throughput."""
+    """What a log line reports: the loss over the steps since the last line, per-task loss sums,
+    and token throughput."""
 
     def __init__(self, n_tasks: int, device: Any, every: int) -> None:
         self.n_tasks, self.device, self.every = n_tasks, device, max(every, 1)
@@ -403,10 +398,12 @@ class _Window:
         self.inputs += int((batch["task_ids"] != -1).sum())  # a CPU tensor still: no sync
 
     def add(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        mask = batch["labels"][:, 1:] != -100
-        tasks = _token_tasks(batch)[:, 1:][mask]
-        self.loss.index_add_(0, tasks, token_loss[mask].double())
-        self.count.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
+        # Every token added, unlabelled ones with weight 0: selecting the labelled ones
+        # (token_loss[mask]) would wait for the GPU to count them.
+        mask = (batch["labels"][:, 1:] != -100).flatten()
+        tasks = _token_tasks(batch)[:, 1:].flatten().clamp_min(0)  # padding's task -1 -> 0, weight 0
+        self.loss.index_add_(0, tasks, torch.where(mask, token_loss.flatten().double(), 0.0))
+        self.count.index_add_(0, tasks, mask.double())
 
     def add_step(self, loss_sum: float, tokens: float) -> None:
         self.step_loss += loss_sum
