@@ -28,6 +28,7 @@ import torch
 
 from rlora_cli.errors import UserError
 from rlora_cli.linear_ce import linear_cross_entropy
+from rlora_cli.packing import IGNORE
 
 INSTALL_HINT = 'pip install "rlora[gpu]" (liger-kernel)'
 # Config keys that change the logits after the output head; the fused loss would skip them.
@@ -241,7 +242,7 @@ def install_fused_loss(model: Any, loss_fn: Any = None) -> None:
             return plain(*args, **kwargs)
         hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
         # Every position against the next token (none after the last): no copy of the hidden states.
-        labels = torch.nn.functional.pad(rlora_labels[:, 1:], (0, 1), value=-100)
+        labels = torch.nn.functional.pad(rlora_labels[:, 1:], (0, 1), value=IGNORE)
         loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.get_output_embeddings().weight,
                        labels.reshape(-1))
         return loss.view(labels.shape)[:, :-1]

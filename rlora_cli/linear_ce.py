@@ -17,11 +17,13 @@ own logits.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
 
-IGNORE = -100
+from rlora_cli.packing import IGNORE
+
 # Rows per chunk: the largest power of two whose logits fit this many elements (256 MiB in
 # bf16): 1024 rows for a 128k vocabulary, 512 for Qwen's 152k. Bigger chunks mean fewer
 # launches; this bounds the memory whatever the batch.
@@ -36,8 +38,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          chunk_fn: ChunkFn | None = None) -> torch.Tensor:
     """Per-token cross-entropy [T] (float32, or float64 for float64 inputs) of `hidden` [T, d]
     · `weight`ᵀ [d, V] against `labels` [T], 0 where the label is -100."""
-    if chunk_fn is None:
-        chunk_fn = liger_chunk if hidden.is_cuda and _liger_kernel() is not None else torch_chunk
+    if chunk_fn is None:  # Liger's kernel computes in fp32: float64 stays with torch
+        liger = hidden.is_cuda and hidden.dtype != torch.float64 and _liger_kernel() is not None
+        chunk_fn = liger_chunk if liger else torch_chunk
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_fn)
 
 
@@ -67,6 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         hidden_dtype, weight_dtype = ctx.dtypes
         if not ctx.needs_input_grad[1]:
@@ -89,7 +93,7 @@ def _sweep(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk_fn: Chu
     `upstream`, when given), written into the tensors passed."""
     T, V = h.shape[0], w.shape[0]
     grads = grad_h is not None or grad_w is not None
-    rows = min(T, 1 << max((CHUNK_ELEMENTS // V).bit_length() - 1, 0))
+    rows = max(1, min(T, 1 << max((CHUNK_ELEMENTS // V).bit_length() - 1, 0)))
     logits = torch.empty(rows, V, dtype=h.dtype, device=h.device)
     for start in range(0, T, rows):
         part = slice(start, start + rows)
@@ -131,14 +135,28 @@ def liger_chunk(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor
         lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None,
         RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
         BLOCK_SIZE=min(max_block, 1 << (V - 1).bit_length()),
-        HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=grads, num_warps=32)
+        HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=grads, num_warps=16 if torch.version.hip else 32)
 
 
+# The row kernel's parameters as liger_chunk passes them (liger-kernel 0.8.x). The kernel is
+# internal to Liger: another release may change them, and then torch_chunk runs instead.
+_KERNEL_ARGS = ("X_ptr", "X_stride", "Y_ptr", "Y_stride", "weight_ptr", "loss_ptr", "z_loss_ptr", "loss_stride",
+                "token_accuracy_ptr", "token_accuracy_stride", "predicted_tokens_ptr", "predicted_tokens_stride",
+                "n_cols", "n_non_ignore", "sum_non_ignore_weight", "weight_sum", "ignore_index",
+                "lse_square_scale", "label_smoothing", "reduction", "softcap", "RETURN_Z_LOSS",
+                "RETURN_TOKEN_ACCURACY", "RETURN_PREDICTED_TOKENS", "BLOCK_SIZE", "HAS_WEIGHT",
+                "HAS_SOFTCAPPING", "HAS_GRADIENTS")
+
+
+@functools.cache
 def _liger_kernel() -> tuple[Any, int] | None:
-    """Liger's row kernel and its largest block, or None when liger-kernel is not installed."""
+    """Liger's row kernel and its largest block, or None when liger-kernel is not installed or
+    its kernel takes other parameters than liger_chunk passes."""
     try:
         from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
         from liger_kernel.ops.fused_linear_cross_entropy import MAX_FUSED_SIZE
     except ImportError:
+        return None
+    if set(getattr(liger_cross_entropy_kernel, "arg_names", ())) != set(_KERNEL_ARGS):
         return None
     return liger_cross_entropy_kernel, MAX_FUSED_SIZE

@@ -53,6 +53,14 @@ def test_without_gradients_only_losses():
     assert not got.requires_grad
 
 
+def test_no_tokens_gives_an_empty_loss():
+    hidden, weight, _ = _case()
+    h = hidden[:0].clone().requires_grad_(True)
+    loss = linear_cross_entropy(h, weight, torch.zeros(0, dtype=torch.long))
+    loss.sum().backward()
+    assert loss.shape == (0,) and h.grad.shape == (0, 16)
+
+
 def test_every_token_unlabelled_gives_zero_loss_and_gradient():
     hidden, weight, labels = _case()
     labels[:] = -100
