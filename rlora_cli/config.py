@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from rlora_cli.adapters.methods import METHODS, AdapterConfig
-from rlora_cli.errors import UserError, collect
+from rlora_cli.errors import UserError, collect, first_line
 from rlora_cli.recipe_schema import about, build, join, unknown_key_problems
 from rlora_cli.templates import KIND_FIELDS, KINDS, TEMPLATE_NAMES
 
@@ -309,7 +309,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        what = getattr(e, "problem", None) or first_line(e)
         raise UserError(f"{path}{at}: not valid YAML ({what})",
                         "fix the line shown (indent with spaces; quote values containing ': ')") from None
     except UnicodeDecodeError:

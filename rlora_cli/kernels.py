@@ -58,12 +58,13 @@ def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = Fal
     """
     if kernels == "none":
         return Kernels("none (train.kernels: none)")
-    packed = None if packed_length is None else packed_attention(model, device, packed_length)
+    varlen_off = None if packed_length is None else packed_attention(model, device, packed_length)
     result = _liger(model, kernels, device, compiled)
-    if packed is None:
+    if varlen_off is None:
         return result
-    if packed:  # why not, for the banner
-        return Kernels(f"{result.note}; packed rows through the model's own attention ({packed})", result.fused_loss)
+    if varlen_off:  # why not, for the banner
+        return Kernels(f"{result.note}; packed rows through the model's own attention ({varlen_off})",
+                       result.fused_loss)
     return Kernels(f"{result.note}; packed rows through varlen flash attention", result.fused_loss, True)
 
 
@@ -229,12 +230,10 @@ def block_causal_mask(cu: torch.Tensor, rows: int, length: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------ fused loss
 
 
-def install_fused_loss(model: Any, loss_fn: Any = None) -> None:
+def install_fused_loss(model: Any) -> None:
     """Give `model` a forward that, called with `rlora_labels`, returns the next-token loss of
-    every token [B, S-1] computed from the hidden states by `loss_fn` (hidden [T, d], head
-    weight [V, d], labels [T] -> [T]; linear_ce.linear_cross_entropy by default) instead of
-    logits; without `rlora_labels` it is the model's own forward (generation, eval)."""
-    loss_fn = loss_fn or linear_cross_entropy
+    every token [B, S-1] computed from the hidden states by linear_ce.linear_cross_entropy
+    instead of logits; without `rlora_labels` it is the model's own forward (generation, eval)."""
     plain = model.forward
 
     def forward(self: Any, *args: Any, rlora_labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -243,7 +242,7 @@ def install_fused_loss(model: Any, loss_fn: Any = None) -> None:
         hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
         # Every position against the next token (none after the last): no copy of the hidden states.
         labels = torch.nn.functional.pad(rlora_labels[:, 1:], (0, 1), value=IGNORE)
-        loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.get_output_embeddings().weight,
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.get_output_embeddings().weight,
                        labels.reshape(-1))
         return loss.view(labels.shape)[:, :-1]
 

@@ -34,13 +34,12 @@ CHUNK_ELEMENTS = 1 << 27
 ChunkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_fn: ChunkFn | None = None) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [T] (float32, or float64 for float64 inputs) of `hidden` [T, d]
     · `weight`ᵀ [d, V] against `labels` [T], 0 where the label is -100."""
-    if chunk_fn is None:  # Liger's kernel computes in fp32: float64 stays with torch
-        liger = hidden.is_cuda and hidden.dtype != torch.float64 and _liger_kernel() is not None
-        chunk_fn = liger_chunk if liger else torch_chunk
+    # Liger's kernel computes in fp32: float64 stays with torch.
+    liger = hidden.is_cuda and hidden.dtype != torch.float64 and _liger_kernel() is not None
+    chunk_fn = liger_chunk if liger else torch_chunk
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_fn)
 
 
@@ -129,23 +128,22 @@ def liger_chunk(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor
     V = logits.shape[1]
     kernel[(logits.shape[0],)](
         X_ptr=logits, X_stride=logits.stride(0), Y_ptr=labels, Y_stride=labels.stride(0),
-        weight_ptr=None, loss_ptr=losses, z_loss_ptr=None, loss_stride=losses.stride(0),
-        token_accuracy_ptr=None, token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0,
-        n_cols=V, n_non_ignore=1.0, sum_non_ignore_weight=1.0, weight_sum=0.0, ignore_index=IGNORE,
-        lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None,
-        RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
-        BLOCK_SIZE=min(max_block, 1 << (V - 1).bit_length()),
-        HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=grads, num_warps=16 if torch.version.hip else 32)
+        loss_ptr=losses, loss_stride=losses.stride(0), n_cols=V,
+        BLOCK_SIZE=min(max_block, 1 << (V - 1).bit_length()), HAS_GRADIENTS=grads, **_KERNEL_FIXED,
+        num_warps=16 if torch.version.hip else 32)
 
 
-# The row kernel's parameters as liger_chunk passes them (liger-kernel 0.8.x). The kernel is
-# internal to Liger: another release may change them, and then torch_chunk runs instead.
-_KERNEL_ARGS = ("X_ptr", "X_stride", "Y_ptr", "Y_stride", "weight_ptr", "loss_ptr", "z_loss_ptr", "loss_stride",
-                "token_accuracy_ptr", "token_accuracy_stride", "predicted_tokens_ptr", "predicted_tokens_stride",
-                "n_cols", "n_non_ignore", "sum_non_ignore_weight", "weight_sum", "ignore_index",
-                "lse_square_scale", "label_smoothing", "reduction", "softcap", "RETURN_Z_LOSS",
-                "RETURN_TOKEN_ACCURACY", "RETURN_PREDICTED_TOKENS", "BLOCK_SIZE", "HAS_WEIGHT",
-                "HAS_SOFTCAPPING", "HAS_GRADIENTS")
+# The row kernel's parameters (liger-kernel 0.8.x): these fixed ones, and those liger_chunk
+# passes per call. The kernel is internal to Liger: when another release changes its
+# parameters, torch_chunk runs instead.
+_KERNEL_FIXED = dict(weight_ptr=None, z_loss_ptr=None, token_accuracy_ptr=None, token_accuracy_stride=0,
+                     predicted_tokens_ptr=None, predicted_tokens_stride=0, n_non_ignore=1.0,
+                     sum_non_ignore_weight=1.0, weight_sum=0.0, ignore_index=IGNORE, lse_square_scale=0.0,
+                     label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False,
+                     RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False,
+                     HAS_SOFTCAPPING=False)
+_KERNEL_PER_CALL = ("X_ptr", "X_stride", "Y_ptr", "Y_stride", "loss_ptr", "loss_stride", "n_cols", "BLOCK_SIZE",
+                    "HAS_GRADIENTS")
 
 
 @functools.cache
@@ -157,6 +155,6 @@ def _liger_kernel() -> tuple[Any, int] | None:
         from liger_kernel.ops.fused_linear_cross_entropy import MAX_FUSED_SIZE
     except ImportError:
         return None
-    if set(getattr(liger_cross_entropy_kernel, "arg_names", ())) != set(_KERNEL_ARGS):
+    if set(getattr(liger_cross_entropy_kernel, "arg_names", ())) != {*_KERNEL_FIXED, *_KERNEL_PER_CALL}:
         return None
     return liger_cross_entropy_kernel, MAX_FUSED_SIZE

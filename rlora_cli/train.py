@@ -126,10 +126,10 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     # Compiled blocks replay as CUDA graphs, whose output buffers the next replay reuses: every
     # training forward starts a new generation of them (cudagraph_mark_step_begin below).
     graphs = t.compile and t.compile_mode == "reduce-overhead" and accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate,
-                                  fused=_fused_optimizer(accelerator))
+    fused = _fused_optimizer(accelerator)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate, fused=fused)
     # The fp16 grad scaler drives a fused optimizer's skip flag itself: no deferred read then.
-    reads = _LossReads(optimizer, defer=bool(optimizer.defaults["fused"]) and accelerator.scaler is None)
+    reads = _LossReads(optimizer, defer=fused and accelerator.scaler is None)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     sampler = EpochSampler(len(data.train), recipe.seed, rank, world)

@@ -6,7 +6,7 @@ computed as one GEMM into rank space and one GEMM out of it (DESIGN.md §1, "The
 
     H = x · [A; W_router; A0]ᵀ          [T, n_A·r + n + r]    (one GEMM: same input)
     Z = gate ⊙ drop_heads(H_A viewed as [T, n, r])             (rank space, cheap)
-    y = base(x) + s · [Z | −H_A0] · [B_cat | B0]ᵀ              (one GEMM out, added in place)
+    y = base(x) + s · [Z | −H_A0] · [B_cat | B0]ᵀ              (one GEMM out, added in place when eager)
 
 Nothing of size T×n×d_out is ever built. Every adapter tensor is named `rlora_*`, so freezing,
 saving and counting are one name test. The base module is wrapped, never edited.
