@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +32,37 @@ def cuda_kernels(prof: Any) -> list[Any]:
     """The CUDA kernels a torch.profiler run recorded (memcpy and memset are not kernels here)."""
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
             and not e.name.startswith(("Memcpy", "Memset"))]
+
+
+def busy_ms(events: list[Any]) -> float:
+    """Summed duration of profiler events (the GPU's busy time, for cuda_kernels' list), in ms."""
+    return sum(e.time_range.elapsed_us() for e in events) / 1e3
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Device name, the versions that matter, and the commit measured (None outside a git checkout)."""
+    import rlora_cli
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name, memory = props.name, props.total_memory / 2**30
+    else:
+        name, memory = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", None
+    return {"device": name, "device_memory_gib": memory, "cuda": torch.version.cuda if device == "cuda" else None,
+            "python": platform.python_version(), "rlora": rlora_cli.__version__, "commit": _commit(),
+            **{p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "peft", "liger-kernel",
+                                      "triton")}}
+
+
+def _commit() -> str | None:
+    """HEAD of the checkout the benchmark runs from, with '+dirty' when files differ from it."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,  # noqa: E731
+                                        cwd=Path(__file__).parent).stdout.strip()
+        head = run("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "") if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def version(pkg: str) -> str | None:

@@ -51,7 +51,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -64,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, config, matmul_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +156,7 @@ def write_data(path: Path, n_rows: int, max_length: int, seed: int = 0) -> Path:
     seed. Prompt and response word counts are log-uniform in [2, max_length/10] each (many short
     examples, a few long ones, as in real instruction data). With ~2 tokens a word plus ~90 of
     Alpaca template, at max_length 1024 the examples are 87-503 tokens (mean ~200): none is cut,
-    unpacked batches are ~35% padding, and packing (best fit) puts ~5.4 examples in a row (~98% full)."""
+    unpacked batches are ~35% padding, and packing (best fit) puts ~4.9 examples in a row (~98% full)."""
     import random
 
     rng, words = random.Random(seed), word_list()
@@ -189,7 +188,7 @@ def run_overrides(model: Path, data: Path, packing: bool, max_steps: int, max_le
     """Dotted overrides that point a shipped recipe at OUT's model and data."""
     out = [f"model.name_or_path={model.resolve()}", f"data.datasets.synthetic.path={data.resolve()}",
            f"data.packing={str(packing).lower()}", f"data.max_length={max_length}", f"train.max_steps={max_steps}"]
-    if not packing:  # CUDA graphs (the recipes' reduce-overhead) need one shape: packed rows only
+    if not packing:  # CUDA graphs (the recipes' reduce-overhead) need fixed shapes: packed rows only
         out.append("train.compile_mode=default")
     return out + ([f"output.logging_steps={logging_steps}"] if logging_steps else [])
 
@@ -346,24 +345,6 @@ def summarize(shape: str, packing: bool, run_dir: Path, steps: list[Step], warmu
     }
 
 
-def environment(device: str) -> dict[str, Any]:
-    """Device name and the versions that matter."""
-    import torch
-
-    import rlora_cli
-    from benchmarks.common import version
-
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        name, memory = props.name, props.total_memory / 2**30
-    else:
-        name, memory = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", None
-    return {"device": name, "device_memory_gib": memory, "cuda": torch.version.cuda if device == "cuda" else None,
-            "python": platform.python_version(),
-            "rlora": rlora_cli.__version__,
-            **{p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "liger-kernel")}}
-
-
 def frozen_floor(shape: str, rows: int, seq: int, device: str, peak_tflops: float, smoke: bool) -> dict[str, Any]:
     """The frozen base alone on full rows×seq steps, timed as step_bench times it, in this
     process: the floor the MFU target is stated against, with the same peak. On CUDA the faster
@@ -496,8 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             floor = frozen_floor(shape, rows, args.max_length, device, peak["tflops"], args.smoke)
             for row in results:
                 if row["shape"] == shape:
+                    # (the 4N-MFU ratio is the tokens/s ratio: the same FLOPs per token and peak)
                     row |= {"floor": floor, "vs_floor_mfu": row["mfu"] / floor["mfu"],
-                            "vs_floor_mfu_4n": row["mfu_4n"] / floor["mfu_4n"],
                             "vs_floor_tokens": row["input_tokens_per_s"] / floor["tokens_per_s"]}
             write_json(json_path, report)
     console.print(f"\n{report['environment']['device']}, peak {peak['tflops']:.2f} TFLOP/s; medians over the "

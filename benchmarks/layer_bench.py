@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from benchmarks.common import time_ms, write_json
+from benchmarks.common import environment, time_ms, write_json
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
 
 SHAPES = {"q_proj": (2048, 2048), "k_proj": (2048, 512), "gate_proj": (2048, 8192), "down_proj": (8192, 2048)}
@@ -130,9 +130,7 @@ def main() -> None:
         print(f"{r['shape']:10} {r['variant']:16} {r['median_ms']:8.3f} {r['median_ms'] / anchor[r['shape']]:8.2f} "
               f"{r.get('kernels', 0):8d} {r.get('saved_MiB', 0):8.1f}")
     if args.json:
-        write_json(args.json, {"torch": torch.__version__,
-                               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                               "args": vars(args), "results": results})
+        write_json(args.json, {"environment": environment(device), "args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import rlora_cli.train as train_mod
-    from benchmarks.common import cuda_kernels, write_json
+    from benchmarks.common import busy_ms, cuda_kernels, write_json
 
     out = Path(args.out)
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         walls_ms = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])][-args.active:]
     kernels = cuda_kernels(prof)
     summary = {"wall_ms_per_step": [round(w, 1) for w in walls_ms],
-               "gpu_busy_ms_per_step": round(sum(e.device_time for e in kernels) / 1e3 / args.active, 1),
+               "gpu_busy_ms_per_step": round(busy_ms(kernels) / args.active, 1),
                "kernels_per_step": len(kernels) / args.active,
                "syncs_per_step": {k: v / args.active for k, v in syncs.most_common(25)}}
     print(json.dumps(summary, indent=1))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import cuda_kernels, time_ms, version, write_json
+from benchmarks.common import busy_ms, cuda_kernels, environment, time_ms, write_json
 from benchmarks.layer_bench import ReferenceRLoRA
 from benchmarks.shapes import config
 from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters, parameter_counts
@@ -318,7 +318,7 @@ def profile_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> tuple[i
         work = cuda_kernels(prof)
     else:
         work = [e for e in prof.events() if e.device_type == DeviceType.CPU and not e.cpu_children]
-    return len(work), sum(e.time_range.elapsed_us() for e in work) / 1e3
+    return len(work), busy_ms(work)
 
 
 def bench(base: nn.Module, specs: dict[str, Spec], batch: tuple[int, int], warmup: int, steps: int,
@@ -540,8 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup, steps = (2, 2) if args.smoke else (args.warmup, args.steps)
     anchor = SMOKE_ANCHOR if args.smoke else ANCHOR
     result: dict[str, Any] = {"meta": {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "liger-kernel", "triton")},
+        "environment": environment(device.type),
         "command": shlex.join(["python", "-m", "benchmarks.step_bench", *(sys.argv[1:] if argv is None else argv)]),
         "anchor": anchor, "warmup": warmup, "steps": steps, "compile_mode": args.compile_mode,
         "kernels_are": "CUDA kernels" if device.type == "cuda" else "leaf CPU ops",

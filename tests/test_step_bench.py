@@ -53,7 +53,7 @@ def test_every_variant_runs_with_finite_times_and_losses(smoke):
         assert abs(r["loss"] - math.log(512)) < 1.0  # random init: about ln(vocab)
     meta = smoke["meta"]
     assert meta["anchor"] == SMOKE_ANCHOR and meta["kernels_are"] == "leaf CPU ops"
-    assert "--smoke" in meta["command"] and meta["versions"]["torch"] == torch.__version__
+    assert "--smoke" in meta["command"] and meta["environment"]["torch"] == torch.__version__
 
 
 def test_trainable_counts_match_peft_and_rlora(smoke):
