@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import write_json
+from rlora_cli.report import read_metrics
 
 RECIPE = """
 seed: 0
@@ -45,7 +46,7 @@ def run(name: str, out: Path, model: Path, accum: int, launch: list[str]) -> dic
     cmd = [*launch, "-m", "rlora_cli", "train", str(recipe), "--output", str(out / name), "--overwrite"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / name / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r]
     adapter = out / name / "adapter" / "rlora_adapter.safetensors"
     return {"loss": [r["loss"] for r in steps], "tokens_per_s": [r["tokens_per_s"] for r in steps],
