@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,9 @@ class OutputConfig:
     """Run directory ('' = runs/<recipe file name>)."""
     save_steps: int = 500
     """Write a checkpoint every this many optimizer steps (0 = only at the end)."""
+    save_minutes: float = 0.0
+    """Also write a checkpoint once this many minutes have passed since the last one (0 = off);
+    for preemptible machines, where a step count says little about lost time."""
     save_total_limit: int = 3
     """Checkpoints kept (oldest deleted first; 0 = keep all)."""
     logging_steps: int = 10
@@ -262,6 +266,8 @@ class OutputConfig:
     def problems(self, where: str = "output") -> list[str]:
         p = [f"{where}.{k}: must be >= 0, got {getattr(self, k)}"
              for k in ("save_steps", "save_total_limit", "eval_steps") if getattr(self, k) < 0]
+        if not (math.isfinite(self.save_minutes) and self.save_minutes >= 0):
+            p.append(f"{where}.save_minutes: must be a finite number >= 0, got {self.save_minutes}")
         if self.logging_steps < 1:
             p.append(f"{where}.logging_steps: must be >= 1, got {self.logging_steps}")
         if self.log_with not in TRACKERS:
