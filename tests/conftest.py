@@ -13,8 +13,18 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-# Real BIG-bench task files (Apache-2.0) live in shared/ beside the checkout, never in the repo.
-BIGBENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"
+# Small BIG-bench-format tasks written for the tests; fixtures/bigbench/README.md lists their shapes.
+BIGBENCH_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bigbench"
+# The real BIG-bench tasks, where `make bigbench-data` writes them (git-ignored, absent on a fresh clone).
+BIGBENCH_DATA = Path(__file__).resolve().parents[1] / "data" / "bigbench"
+
+
+def real_bigbench_task(name: str) -> Path:
+    """The real corpus' `<name>/task.json`; skips the calling test when it is not there."""
+    path = BIGBENCH_DATA / name / "task.json"
+    if not path.is_file():
+        pytest.skip(f"needs the real BIG-bench task {name}: {path} is missing (run `make bigbench-data`)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,8 @@ def test_smoke_reports_both_packing_settings(smoke):
     for r in rows.values():
         assert math.isfinite(r["input_tokens_per_s"]) and r["input_tokens_per_s"] > 0
         assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0
-        assert 0 < r["mfu_4n"] < r["mfu"] <= 1
+        # No upper bound on mfu: on the CPU the smoke run's "peak" is a tiny timed matmul, not a real peak.
+        assert math.isfinite(r["mfu"]) and 0 < r["mfu_4n"] < r["mfu"]
         # The replayed rows are the ones the run trained on: their label tokens equal the run's.
         assert r["replay_matches"]
         assert r["windows_used"] == 2 and r["peak_memory_gib"] > 0

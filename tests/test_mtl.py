@@ -16,9 +16,9 @@ from benchmarks.mtl.fetch_bigbench import extract, task_path
 from benchmarks.mtl.run import run_benchmark
 from rlora_cli.config import load_recipe
 from rlora_cli.errors import UserError
-from conftest import BIGBENCH_DIR  # noqa: E402
+from conftest import BIGBENCH_FIXTURES  # noqa: E402
 
-SHARED_BIGBENCH = str(BIGBENCH_DIR)
+BIGBENCH = str(BIGBENCH_FIXTURES)
 
 
 def test_smoke_runs_and_writes_its_table(tmp_path):
@@ -50,9 +50,12 @@ def test_smoke_runs_and_writes_its_table(tmp_path):
 
 
 def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
-    settings = plan.Settings(model=str(tiny_model_dir), r=4, num_heads=3, target_modules="all-linear")
-    tasks = plan.find_tasks(SHARED_BIGBENCH, ("snarks", "object_counting"))
-    assert set(tasks) == {"snarks", "object_counting"} and tasks["snarks"][1] == 181
+    settings = plan.Settings(model=str(tiny_model_dir), r=4, num_heads=3, target_modules="all-linear", val_size=2)
+    tasks = plan.find_tasks(BIGBENCH, ("plausibility", "count_items"))
+    assert list(tasks) == ["plausibility", "count_items"] and [n for _, n in tasks.values()] == [12, 5]
+    assert tasks["count_items"][0] == BIGBENCH_FIXTURES / "count_items" / "task.json"
+    assert set(plan.find_tasks(BIGBENCH)) == {"answer_first", "count_items", "plausibility", "several_correct",
+                                              "spell_backwards", "table_lookup", "word_kinds/nouns"}
     r = plan.matched_lora_rank(str(tiny_model_dir), settings)
     counts = plan.trainable_counts(str(tiny_model_dir), settings, tuple(plan.VARIANTS), r)
     # LoRA's count is linear in r, so the matched rank is the closest to rlora's count
@@ -66,7 +69,7 @@ def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
                                  plan.recipe(method, 1, settings, tasks, r))
         recipe = load_recipe(path)  # the real validator
         assert recipe.seed == 1 and [d.format for d in recipe.data.datasets] == ["bigbench", "bigbench"]
-        assert [d.val_size for d in recipe.data.datasets] == [45, 100]  # ≤ a quarter of 181; 100 of 1000
+        assert [d.val_size for d in recipe.data.datasets] == [2, 1]  # val_size 2 of 12; a quarter of 5
         assert recipe.adapter.scaling == pytest.approx(settings.lora_alpha / settings.r)  # same s for all
     ablation = load_recipe(tmp_path / "recipes" / "hydralora-ri-seed1.yaml").adapter
     assert (ablation.type, ablation.random_init, ablation.head_dropout) == ("hydralora", True, False)
@@ -122,7 +125,7 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError, match="none of its task.json files holds examples"):
         plan.find_tasks(tmp_path / "prog")
     with pytest.raises(UserError, match="no JSON task nope"):
-        plan.find_tasks(SHARED_BIGBENCH, ("nope",))
+        plan.find_tasks(BIGBENCH, ("nope",))
     with pytest.raises(UserError, match="unknown method"):
         plan.check_methods(("lora", "dora"))
     with pytest.raises(SystemExit) as e:
