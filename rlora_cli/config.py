@@ -6,8 +6,11 @@ A recipe is frozen typed dataclasses with a docstring and a default per field (b
 reads the YAML, applies dotted `KEY=VALUE` overrides (values parsed as YAML), starts the adapter
 from its preset in `configs/adapters/<type>.yaml`, then reports every problem in one `UserError`,
 each with its YAML path: unknown keys (with "did you mean" and other tools' names translated,
-see `recipe_schema.py`), types, ranges, missing local files and columns. Checks are offline and
-cheap; a hub source is checked by its schema alone.
+see `recipe_schema.py`), types, ranges, missing local files and columns. Every number is checked
+here, once: floats must be finite (nan and inf are refused everywhere but train.max_grad_norm),
+integers must fit in 32 bits (`recipe_schema.INT_MAX`), the seed in numpy's [0, 2**32-1], and
+adapter.r / adapter.num_heads under `ADAPTER_CAPS`. Checks are offline and cheap; a hub source is
+checked by its schema alone.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ TRACKERS = ("none", "all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", 
 # Keys that may change between a run and its resume (everything else must match OUT/recipe.yaml).
 RESUMABLE = ("train.max_steps", "train.num_epochs", "output.")
 
-FIX = "fix the recipe (recipes/demo.yaml is a complete example; DESIGN.md §3 lists every key)"
+# numpy (and accelerate's set_seed, which seeds numpy) accepts seeds in [0, 2**32-1].
+SEED_RANGE = (0, 2**32 - 1)
+# Bounds no real adapter reaches: public models' Linear layers are at most ~50k wide, and the
+# multi-head papers use a handful of heads. A value past them is a typo, and would otherwise
+# fail as an allocation error when the adapter is injected.
+ADAPTER_CAPS = {"r": 65536, "num_heads": 256}
+
+FIX = "fix the recipe (recipes/demo.yaml is a complete example; rlora_cli/config.py documents every key)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +96,7 @@ class DatasetConfig:
     split: str | None = None
     """Hub sources: the split to read (None = train); slices such as train[:10%] work."""
     weight: float = 1.0
-    """Relative share of training examples (before data.temperature); must be > 0."""
+    """Relative share of training examples (before data.temperature); finite and > 0."""
     columns: dict[str, str] = field(default_factory=dict)
     """Kind field -> source column, for columns named differently ({text: sentence})."""
     label_words: tuple[str, ...] | None = None
@@ -156,7 +166,8 @@ class DataConfig:
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on responses)."""
     temperature: float = 1.0
-    """Example shares follow weight^(1/temperature): 1 = weights as given; >1 flattens toward uniform."""
+    """Example shares follow weight^(1/temperature): 1 = weights as given; >1 flattens toward uniform,
+    <1 sharpens toward the heaviest source (finite and > 0)."""
     num_samples: int | None = None
     """Training examples per epoch over all sources (None = the sum of every source's usable
     training rows, each capped by its max_samples)."""
@@ -208,8 +219,9 @@ class TrainConfig:
     """auto | liger | none: Liger's fused kernels on CUDA (auto = when installed)."""
     weight_decay: float = 0.0
     """AdamW weight decay; never applied to gates and routers."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
+    max_grad_norm: float = field(default=1.0, metadata={"inf": True})
+    """Clip the global gradient norm to this. 0 = no clipping (and no grad_norm in the logs);
+    .inf = no clipping, but the norm is still computed and logged (nan is refused)."""
     compile: bool = False
     """torch.compile each decoder block in place (the whole model when it has no block list)."""
     compile_mode: str = "default"
@@ -280,7 +292,8 @@ class Recipe:
     """A whole training run: base model, adapter, data mixture, loop and outputs."""
 
     seed: int = 0
-    """Seeds the adapter init, the held-out splits, the mixture draw and the data order."""
+    """Seeds the adapter init, the held-out splits, the mixture draw and the data order; an integer
+    from 0 to 2**32-1 (what numpy accepts)."""
     model: ModelConfig
     """The frozen base model."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -308,10 +321,14 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The recipe file as a mapping; UserError for a missing, malformed or empty file."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))  # a run folder holds its recipe.yaml
+        example = f", e.g. {path / inside[0]}" if inside else " (see recipes/)"
+        raise UserError(f"{path}: is a directory, not a recipe file", "give the recipe YAML file itself" + example)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file", "give the path of a recipe YAML (see recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -319,7 +336,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}{at}: not valid YAML ({what})",
                         "fix the line shown (indent with spaces; quote values containing ': ')") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file", "give a recipe YAML file") from None
+        from rlora_cli.sources import not_utf8
+
+        raise not_utf8(path) from None
     if raw is None:
         raise UserError(f"{path}: the recipe is empty",
                         "give at least model.name_or_path and data.datasets (see recipes/demo.yaml)")
@@ -406,7 +425,7 @@ def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) ->
 
 @dataclass(frozen=True, kw_only=True)
 class _Seed:
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": SEED_RANGE})
 
     def problems(self, where: str) -> list[str]:
         return []
@@ -475,6 +494,10 @@ def build_adapter(raw: Any, problems: list[str]) -> AdapterConfig | None:
         merged["router"] = "off"
     before = len(problems)
     values, bad = build(AdapterConfig, merged, "adapter", problems)
+    for key, cap in ADAPTER_CAPS.items():
+        if values is not None and isinstance(values.get(key), int) and values[key] > cap:
+            problems.append(f"adapter.{key}: {values.pop(key)} is larger than any model needs; give at most {cap}")
+            bad.add(key)
     try:
         config = AdapterConfig(**values) if values is not None else None
     except UserError as e:  # AdapterConfig validates itself; merge its report into ours

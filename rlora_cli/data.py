@@ -253,6 +253,8 @@ def _line(s: _Source, share: float, used: int, trained_tokens: int, truncated: i
 
 
 def _print_report(report: MixtureReport, console: Any) -> None:
+    from rich.markup import escape
+
     console.print(mixture_table(report))
     truncated = sum(s.truncated for s in report.sources)
     if truncated:
@@ -260,7 +262,8 @@ def _print_report(report: MixtureReport, console: Any) -> None:
                       f"{report.max_length} and lose tokens from the prompt side[/]")
     for s in report.sources:
         if s.used == 0:
-            console.print(f"[yellow]{s.name} contributes no training examples: raise its weight or num_samples[/]")
+            console.print(f"[yellow]{escape(s.name)} contributes no training examples: raise its weight or "
+                          "num_samples[/]")
 
 
 def _templates(recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -277,14 +280,16 @@ def dry_run(recipe_path: str | Path, overrides: tuple[str, ...] | list[str] = ()
 
     from rlora_cli.model import load_tokenizer
 
+    from rich.markup import escape
+
     console = console or Console()
     recipe = load_recipe(recipe_path, overrides)
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     prepared = prepare(recipe, tokenizer, console)
     for d in recipe.data.datasets:
         show_example(prepared.samples[d.name], tokenizer, console, template=d.template, recipe=recipe)
-    console.print(f"[green]dry run ok[/]: {recipe_path} is valid and its data loads; no model weights were "
-                  "loaded and nothing was trained.")
+    console.print(f"[green]dry run ok[/]: {escape(str(recipe_path))} is valid and its data loads; no model "
+                  "weights were loaded and nothing was trained.")
 
 
 def show_example(example: Example, tokenizer: Any, console: Any, *, template: str, recipe: Recipe) -> None:
@@ -303,6 +308,6 @@ def show_example(example: Example, tokenizer: Any, console: Any, *, template: st
         if token is not None:
             run, trained = run + [token], is_trained
     n = sum(1 for x in e.labels if x != IGNORE)
-    title = f"{example.task} ({example.kind}): {len(e.input_ids)} tokens, {n} trained" + \
-            (", truncated" if e.truncated else "")
+    title = Text(f"{example.task} ({example.kind}): {len(e.input_ids)} tokens, {n} trained"
+                 + (", truncated" if e.truncated else ""))  # Text, not markup: task names are the user's
     console.print(Panel(text, title=title, subtitle="[dim]prompt[/] / [bold green]trained[/]"))

@@ -26,7 +26,10 @@ def rng_for(seed: int, *names: str) -> np.random.Generator:
 
 
 def target_shares(weights: list[float], temperature: float) -> list[float]:
-    scaled = [w ** (1.0 / temperature) for w in weights]
+    """p_i ∝ w_i^(1/T), for any finite w_i > 0 and T > 0: each weight is first divided by the
+    largest, so the powers stay in [0, 1] (w^(1/T) itself overflows for, say, w = 10 and T = 0.001)."""
+    top = max(weights)
+    scaled = [(w / top) ** (1.0 / temperature) for w in weights]
     total = sum(scaled)
     return [s / total for s in scaled]
 
@@ -100,6 +103,7 @@ def make_report(lines: list[dict[str, Any]], **totals: Any) -> MixtureReport:
 
 def mixture_table(report: MixtureReport) -> Any:
     """The report as a rich table."""
+    from rich.markup import escape
     from rich.table import Table
 
     packed = f", packed into {report.rows:,} rows" if report.packing else ""
@@ -109,7 +113,7 @@ def mixture_table(report: MixtureReport) -> Any:
         table.add_column(header, justify="left" if header in ("source", "kind") else "right")
     for s in report.sources:
         epochs = f" ({s.used / s.train_rows:.1f}x)" if s.used > s.train_rows else ""
-        table.add_row(s.name, s.kind, f"{s.rows:,}", f"{s.val_rows:,}", f"{s.used:,}{epochs}",
+        table.add_row(escape(s.name), s.kind, f"{s.rows:,}", f"{s.val_rows:,}", f"{s.used:,}{epochs}",
                       f"{s.share_examples:.1%}", f"{s.share_tokens:.1%}", f"{s.truncated:,}")
     return table
 

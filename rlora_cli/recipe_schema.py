@@ -1,7 +1,8 @@
 """Recipe schema checks: YAML values against dataclass field types, and unknown keys.
 
 `build` turns one YAML mapping into a dataclass from its type hints and reports, with YAML paths,
-what does not fit: wrong types, missing required keys, unknown keys. Unknown keys get the most
+what does not fit: wrong types, numbers no run can use (nan, inf, integers past `INT_MAX`),
+missing required keys, unknown keys. Unknown keys get the most
 useful hint we can give: other tools' names translated (`cutoff_len` is LLaMA-Factory's name for
 `data.max_length`), keys written in the wrong section, then difflib's "did you mean".
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -56,6 +58,10 @@ ALIASES: dict[str, tuple[str, str | None]] = {
     "val_set_size": ("data.datasets[].val_size", "axolotl"),
     "interleave_probs": ("data.datasets[].weight", "LLaMA-Factory"),
 }
+# Every integer key is a count, size or step that reaches numpy and torch as a 32-bit integer
+# (index tensors, dataloader lengths); past this a run overflows somewhere deep instead of
+# starting. A field narrows or moves the bounds with `metadata={"range": (lo, hi)}`.
+INT_MAX = 2**31 - 1
 # The same inside one `data.datasets[]` entry, where names mean a source's fields.
 DATASET_ALIASES: dict[str, tuple[str, str | None]] = {
     "type": ("kind", "axolotl"),
@@ -134,18 +140,42 @@ def build(cls: type, raw: Any, where: str, problems: list[str], *,
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if name in raw:
             ok, value = convert(raw[name], hints[name])
-            if ok:
+            problem = (number_problem(join(where, name), value, f) if ok else
+                       f"{join(where, name)}: must be {describe(hints[name])}, got {_show(raw[name])}"
+                       + _yaml_bool_hint(raw[name], hints[name]))
+            if problem is None:
                 values[name] = value
                 continue
             bad.add(name)
-            problems.append(f"{join(where, name)}: must be {describe(hints[name])}, got {_show(raw[name])}"
-                            + _yaml_bool_hint(raw[name], hints[name]))
+            problems.append(problem)
         elif required:
             bad.add(name)
             problems.append(f"{join(where, name)}: missing (required)")
     required_bad = any(fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING
                        for n in bad)
     return (None if required_bad else values), bad
+
+
+def number_problem(key: str, value: Any, f: dataclasses.Field) -> str | None:
+    """Why a well-typed number cannot be used, or None: nan and inf (unless the field's metadata
+    has `"inf": True`, which allows +inf) and integers outside the field's `"range"` (default
+    +-INT_MAX). The field's own range checks (> 0, in [0, 1) ...) come after, in its class."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if "range" in f.metadata:
+            lo, hi = f.metadata["range"]
+            if not lo <= value <= hi:
+                return f"{key}: {_show(value)} is out of range; give an integer from {lo} to {hi}"
+        elif abs(value) > INT_MAX:
+            return (f"{key}: {_show(value)} is too {'large' if value > 0 else 'small'}; integers in a recipe "
+                    f"must be within ±{INT_MAX} (2**31-1)")
+    if isinstance(value, float) and not math.isfinite(value):
+        if value == math.inf and f.metadata.get("inf"):
+            return None
+        allowed = "a finite number or .inf" if f.metadata.get("inf") else "a finite number"
+        return f"{key}: must be {allowed}, got {value}"
+    return None
 
 
 def about(problem: str, where: str, names: set[str]) -> bool:

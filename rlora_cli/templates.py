@@ -26,6 +26,8 @@ from rlora_cli.errors import UserError
 
 KINDS = ("instruction", "nlu", "knowledge", "chat")
 TEMPLATE_NAMES = ("default", "chat")
+# The roles chat templates know; sources.py translates other datasets' names into these.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 LETTERS = string.ascii_uppercase
 
 # kind -> (required fields, optional fields), in the kind's own names (a recipe's `columns:` maps
@@ -191,7 +193,12 @@ def _prompt(kind: str, f: dict) -> str:
 
 
 def _messages(example: Example) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": m["content"]} for m in example.fields["messages"]]
+    messages = [{"role": m["role"], "content": m["content"]} for m in example.fields["messages"]]
+    bad = next((m["role"] for m in messages if m["role"] not in CHAT_ROLES), None)
+    if bad is not None:  # a template renders an unknown role as it likes, or drops it silently
+        raise UserError(f"{example.task}: chat message role {bad!r} is not one of {', '.join(CHAT_ROLES)}",
+                        "fix the role in the data")
+    return messages
 
 
 def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, bool]]:

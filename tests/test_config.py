@@ -11,7 +11,7 @@ import yaml
 from rlora_cli.adapters import AdapterConfig
 from rlora_cli.config import (Recipe, configs_dir, load_recipe, recipe_diff, recipe_to_dict, resume_conflicts)
 from rlora_cli.errors import UserError
-from conftest import BIGBENCH_DIR  # noqa: E402
+from conftest import BIGBENCH_FIXTURES  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -219,6 +219,43 @@ def test_max_length_and_ranges(tmp_path, data_file):
     assert len(problems) == 7
 
 
+def test_numbers_no_run_can_use_are_all_reported_in_every_section(tmp_path, data_file):
+    nan, inf = float("nan"), float("inf")
+    recipe = minimal(data_file, weight=nan, val_size=inf) | {
+        "seed": 2**32, "adapter": {"r": 2**31, "lora_alpha": inf, "lora_dropout": nan},
+        "train": {"learning_rate": nan, "max_grad_norm": -inf, "micro_batch_size": 10**30},
+        "output": {"save_minutes": inf, "eval_steps": -(10**20)}}
+    recipe["data"] |= {"temperature": inf, "max_length": 2**40}
+    problems = problems_of(tmp_path, recipe)
+    assert sorted(problems) == sorted([
+        "seed: 4294967296 is out of range; give an integer from 0 to 4294967295",
+        "adapter.r: 2147483648 is too large; integers in a recipe must be within ±2147483647 (2**31-1)",
+        "adapter.lora_alpha: must be a finite number, got inf",
+        "adapter.lora_dropout: must be a finite number, got nan",
+        "data.datasets[0].weight: must be a finite number, got nan",
+        "data.datasets[0].val_size: must be a finite number, got inf",
+        "data.temperature: must be a finite number, got inf",
+        "data.max_length: 1099511627776 is too large; integers in a recipe must be within ±2147483647 (2**31-1)",
+        "train.learning_rate: must be a finite number, got nan",
+        "train.max_grad_norm: must be a finite number or .inf, got -inf",
+        f"train.micro_batch_size: {10**30} is too large; integers in a recipe must be within ±2147483647 (2**31-1)",
+        "output.save_minutes: must be a finite number, got inf",
+        f"output.eval_steps: {-(10**20)} is too small; integers in a recipe must be within ±2147483647 (2**31-1)",
+    ])
+
+
+def test_the_edges_of_the_number_ranges_are_accepted(tmp_path, data_file):
+    recipe = minimal(data_file) | {"seed": 2**32 - 1, "adapter": {"r": 65536, "num_heads": 256},
+                                   "train": {"max_grad_norm": float("inf"), "max_steps": 2**31 - 1}}
+    r = load_recipe(write(tmp_path, recipe))
+    assert (r.seed, r.adapter.r, r.adapter.num_heads, r.train.max_steps) == (2**32 - 1, 65536, 256, 2**31 - 1)
+    assert r.train.max_grad_norm == float("inf")  # no clipping, the norm still logged
+    assert load_recipe(write(tmp_path, recipe), ["train.max_grad_norm=0", "seed=0"]).train.max_grad_norm == 0.0
+    assert problems_of(tmp_path, recipe, ["adapter.r=65537", "adapter.num_heads=257"]) == [
+        "adapter.r: 65537 is larger than any model needs; give at most 65536",
+        "adapter.num_heads: 257 is larger than any model needs; give at most 256"]
+
+
 def test_cuda_graphs_need_packed_compiled_runs(tmp_path, data_file):
     recipe = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True}}
     problems = problems_of(tmp_path, recipe)
@@ -273,10 +310,13 @@ def test_hub_source_is_checked_by_schema_only(tmp_path):
 
 
 def test_bigbench_source(tmp_path):
-    task = str(BIGBENCH_DIR / "date_understanding" / "task.json")
+    task = str(BIGBENCH_FIXTURES / "answer_first" / "task.json")
     recipe = {"model": {"name_or_path": "m"}, "data": {"datasets": [{"path": task, "format": "bigbench"}]}}
     d = load_recipe(write(tmp_path, recipe)).data.datasets[0]
-    assert (d.name, d.kind, d.format) == ("date_understanding", "knowledge", "bigbench")
+    assert (d.name, d.kind, d.format) == ("answer_first", "knowledge", "bigbench")
+    folder = {"model": {"name_or_path": "m"}, "data": {"datasets": [  # a (sub)task folder names the task too
+        {"path": str(BIGBENCH_FIXTURES / "word_kinds" / "nouns"), "format": "bigbench"}]}}
+    assert load_recipe(write(tmp_path, folder, "folder.yaml")).data.datasets[0].name == "nouns"
     recipe["data"]["datasets"][0] |= {"kind": "nlu", "path": str(tmp_path / "task.json")}
     problems = problems_of(tmp_path, recipe)
     assert problems == ["data.datasets[0].kind: BIG-bench tasks become knowledge rows; remove kind or set it to knowledge"]

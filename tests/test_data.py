@@ -14,12 +14,17 @@ import yaml
 from rlora_cli.config import load_recipe
 from rlora_cli.data import collate, load_splits, prepare, split_indices, write_mixture
 from rlora_cli.errors import UserError
+from rlora_cli.evalsets import bigbench_prompt
 from rlora_cli.mixture import draw_indices, plan_counts, target_shares
 from rlora_cli.packing import pack_batch
 from rlora_cli.templates import choices, gold_index, prompt_and_response
-from conftest import BIGBENCH_DIR  # noqa: E402
+from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 
-BIGBENCH = BIGBENCH_DIR
+BIGBENCH = BIGBENCH_FIXTURES
+# fixture task -> the answer its first example trains on
+BIGBENCH_FIRST_ANSWERS = {"answer_first": "ampere", "plausibility": "possible", "several_correct": "4",
+                          "count_items": "4", "spell_backwards": "pmal", "table_lookup": "plum",
+                          "word_kinds/nouns": "noun"}
 
 
 @pytest.fixture(scope="module")
@@ -183,27 +188,69 @@ def test_arc_style_choices_and_sharegpt_chat(tmp_path, tok):
     assert p.mixture.sources[1].dropped == 1 and p.mixture.sources[1].rows == 1
 
 
-@pytest.mark.parametrize("task", ["date_understanding", "physics", "object_counting", "penguins_in_a_table"])
+def check_bigbench_rows(rows: list, raw: dict) -> None:
+    """Each row is BIG-bench's prompt for its example (file order), answered as BIG-bench scores it."""
+    assert len(rows) == len(raw["examples"]) and all(e.kind == "knowledge" for e in rows)
+    for row, ex in zip(rows, raw["examples"]):
+        q = row.fields["question"]
+        assert q == bigbench_prompt(raw, ex, [])  # the evaluator's own prompt: train and eval see one text
+        assert q.startswith(raw.get("task_prefix", "") + raw.get("example_input_prefix", "\nQ: ") + ex["input"])
+        assert q.endswith(raw.get("example_output_prefix", "\nA: "))
+        prompt, response = prompt_and_response(row)
+        assert prompt + response == q + row.fields["answer"]
+        if "target_scores" in ex:  # multiple choice wins over a target (table_lookup has both)
+            scores = ex["target_scores"]
+            best = max(scores, key=scores.get)  # the first of equally scored choices, in file order
+            assert row.fields["choices"] == list(scores) and row.fields["answer"] == best
+            assert choices(row)[gold_index(row)] == response
+            appended = raw.get("append_choices_to_input", True)
+            assert (raw.get("choice_prefix", "\n  choice: ") + best in q) == appended
+        else:
+            targets = ex["target"] if isinstance(ex["target"], list) else [ex["target"]]
+            assert row.fields["answer"] == targets[0] and row.fields["targets"] == targets
+            assert choices(row) is None and gold_index(row) is None
+
+
+def test_bigbench_fixtures_cover_every_shape():
+    """The fixture tasks hold every shape the BIG-bench readers handle (the tests below rely on it)."""
+    tasks = {t: json.loads((BIGBENCH / t / "task.json").read_text()) for t in BIGBENCH_FIRST_ANSWERS}
+    assert {p.parent.relative_to(BIGBENCH).as_posix() for p in BIGBENCH.rglob("task.json")} == set(tasks)
+    examples = [ex for t in tasks.values() for ex in t["examples"]]
+    scored = [ex["target_scores"] for ex in examples if "target_scores" in ex]
+    assert any(sum(v == max(s.values()) for v in s.values()) > 1 for s in scored)  # several right answers
+    assert any(0 < v < 1 for s in scored for v in s.values())  # a partial score
+    assert any(isinstance(ex.get("target"), list) and "target_scores" not in ex for ex in examples)
+    assert any(isinstance(ex.get("target"), str) and "target_scores" not in ex for ex in examples)
+    assert any("target" in ex and "target_scores" in ex for ex in examples)
+    first = tasks["answer_first"]["examples"]  # the right answer listed first, in every example
+    assert all(list(ex["target_scores"])[0] == max(ex["target_scores"], key=ex["target_scores"].get) for ex in first)
+    keys = {"task_prefix", "example_input_prefix", "example_output_prefix", "choice_prefix",
+            "few_shot_example_separator", "append_choices_to_input"}
+    assert keys <= {k for t in tasks.values() for k in t}
+    assert any(t.get("append_choices_to_input") is False for t in tasks.values())
+    assert any("target_scores" in ex and t.get("append_choices_to_input", True)
+               for t in tasks.values() for ex in t["examples"])
+
+
+@pytest.mark.parametrize("task", list(BIGBENCH_FIRST_ANSWERS))
 def test_bigbench_source(tmp_path, tok, task):
     raw = json.loads((BIGBENCH / task / "task.json").read_text())
     recipe = recipe_for(tmp_path, [{"path": str(BIGBENCH / task), "format": "bigbench", "val_size": 0}])
     (rows, _), = load_splits(recipe, 0).values()
-    assert len(rows) == len(raw["examples"]) and all(e.kind == "knowledge" and e.task == task for e in rows)
-    first, ex = rows[0], raw["examples"][0]
-    prompt, response = prompt_and_response(first)
-    assert (prompt + response).startswith(raw.get("task_prefix", "") + raw.get("example_input_prefix", "\nQ: ") + ex["input"])
-    assert first.fields["question"].endswith(raw.get("example_output_prefix", "\nA: "))
-    if "target_scores" in ex:  # multiple choice wins over a target (penguins has both)
-        best = max(ex["target_scores"], key=ex["target_scores"].get)
-        assert first.fields["choices"] == list(ex["target_scores"]) and first.fields["answer"] == best
-        assert choices(first)[gold_index(first)] == response
-        appended = raw.get("append_choices_to_input", True)
-        assert ("\n  choice: " + best in first.fields["question"]) == appended
-    else:
-        targets = ex["target"] if isinstance(ex["target"], list) else [ex["target"]]
-        assert first.fields["answer"] == targets[0] and first.fields["targets"] == targets
-        assert choices(first) is None
+    assert all(e.task == Path(task).name for e in rows)  # a subtask is named by its own folder
+    check_bigbench_rows(rows, raw)
+    assert rows[0].fields["answer"] == BIGBENCH_FIRST_ANSWERS[task]
     assert prepare(recipe, tok).mixture.sources[0].rows == len(raw["examples"])
+
+
+def test_real_bigbench_tasks_read_like_the_fixtures(tmp_path):
+    """Real task files (their prefixes, choices and targets) become the same rows as the fixtures."""
+    for task in ("date_understanding", "implicatures", "misconceptions", "object_counting", "penguins_in_a_table",
+                 "physics", "presuppositions_as_nli", "snarks", "sports_understanding"):
+        path = real_bigbench_task(task)
+        recipe = recipe_for(tmp_path, [{"path": str(path.parent), "format": "bigbench", "val_size": 0}])
+        (rows, _), = load_splits(recipe, 0).values()
+        check_bigbench_rows(rows, json.loads(path.read_text()))
 
 
 def test_hub_source_offline_is_one_clear_line(tmp_path, tok):
