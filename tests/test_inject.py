@@ -189,3 +189,10 @@ def test_other_architectures_inject_train_and_merge(kind, targets):
     expected = model(ids).logits
     merge_adapters(model)
     assert (model(ids).logits - expected).abs().max().item() <= 1e-10
+
+
+def test_a_rank_past_a_layers_smallest_side_is_refused_before_anything_is_wrapped(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match=r"adapter.r: 100000 is larger than .*smallest dimension \(\d+\)"):
+        inject_adapters(model, AdapterConfig(type="lora", r=100000, target_modules=["q_proj"]))
+    assert not adapter_layers(model)

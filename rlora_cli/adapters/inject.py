@@ -15,7 +15,7 @@ from torch import nn
 
 from rlora_cli.errors import UserError
 
-from .layer import PREFIX, MultiHeadLoRA, is_conv1d
+from .layer import PREFIX, MultiHeadLoRA, is_conv1d, linear_shape
 from .methods import AdapterConfig, layer_spec
 
 
@@ -83,6 +83,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, modules: Iterable[s
             raise UserError(f"the adapter wraps modules this model does not have as Linear: "
                             f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}",
                             "load it onto the base model it was trained on (see rlora inspect)")
+    table = dict(model.named_modules())
+    _check_rank(cfg.r, {name: linear_shape(table[name]) for name in names})
     spec = layer_spec(cfg)
     for name in names:
         parent, child = _parent(model, name)
@@ -93,6 +95,15 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, modules: Iterable[s
         p.requires_grad_(PREFIX in pname)
     model.rlora_config = cfg
     return model
+
+
+def _check_rank(r: int, shapes: dict[str, tuple[int, int]]) -> None:
+    # Checked before anything is allocated: a rank past a layer's smallest side adds no capacity,
+    # and an absurd one would only fail later as an out-of-memory traceback.
+    name, (d_in, d_out) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    if r > min(d_in, d_out):
+        raise UserError(f"adapter.r: {r} is larger than {name}'s smallest dimension ({min(d_in, d_out)})",
+                        f"give adapter.r <= {min(d_in, d_out)}")
 
 
 def adapter_layers(model: nn.Module) -> dict[str, MultiHeadLoRA]:
