@@ -49,18 +49,21 @@ HEATMAP_MODULES = 4  # head-cosine heatmaps drawn per adapter, evenly spread ove
 
 def analyze(adapter: str | Path, other: str | Path | None = None, *, recipe: str | Path | None = None,
             output: str | Path = "analysis", limit: int | None = None, batch_size: int = 8,
-            console: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+            trust_remote_code: bool = False, console: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Analyse one adapter (or compare two); writes OUT/analysis.json (+ analysis_2.json) and PNGs.
 
     Returns (analysis of `adapter`, analysis of `other` or None). Bad input raises UserError
-    before any model is loaded.
+    before any model is loaded. Only `recipe` loads the base model (the rest reads the adapter
+    files alone), so only then does a base with its own code need `trust_remote_code`.
     """
     from rich.console import Console
+    from rich.markup import escape
 
-    from rlora_cli.checkpoint import atomic_write_text, read_adapter_config
+    from rlora_cli.checkpoint import atomic_write_text, check_output_dir, check_remote_code, read_adapter_config
     from rlora_cli.evaluate import adapter_dir
 
     console = console or Console()
+    check_output_dir(output, "--output")
     dirs = [Path(adapter_dir(str(d))) for d in (adapter, other) if d is not None]
     configs = [read_adapter_config(d) for d in dirs]
     if recipe is not None and not AdapterConfig.from_dict(configs[0]["adapter"]).has_router:
@@ -69,14 +72,20 @@ def analyze(adapter: str | Path, other: str | Path | None = None, *, recipe: str
                         "drop --recipe, or analyze a hydralora/rlora adapter trained with router: softmax")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})", "give --limit 1 or more")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})", "give --batch-size 1 or more")
+    if recipe is not None:
+        for d, config in zip(dirs, configs):
+            check_remote_code(config, d, trust_remote_code)
     results = [analyze_adapter(d) for d in dirs]
     if recipe is not None:
         held_out, templates, max_length, default = _held_out(recipe, limit)
         for d, config, result in zip(dirs, configs, results):
             if not AdapterConfig.from_dict(config["adapter"]).has_router:
-                console.print(f"[yellow]note:[/] {d} has no softmax router; no router usage for it")
+                console.print(f"[yellow]note:[/] {escape(str(d))} has no softmax router; no router usage for it")
                 continue
-            result["router_usage"] = _usage_for(d, held_out, templates, max_length, default, batch_size, console)
+            result["router_usage"] = _usage_for(d, held_out, templates, max_length, default, batch_size, console,
+                                                trust_remote_code)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for name, result in zip(("analysis.json", "analysis_2.json"), results):
@@ -84,7 +93,7 @@ def analyze(adapter: str | Path, other: str | Path | None = None, *, recipe: str
     labels = _labels(dirs, configs)
     plots = write_plots(dict(zip(labels, results)), out)
     _print_summary(dict(zip(labels, results)), console)
-    console.print(f"analysis written to {out} ({', '.join(p.name for p in plots) or 'no plots'})")
+    console.print(f"analysis written to {escape(str(out))} ({', '.join(p.name for p in plots) or 'no plots'})")
     return results[0], (results[1] if len(results) > 1 else None)
 
 
@@ -106,10 +115,12 @@ def _held_out(recipe_path: str | Path, limit: int | None) -> tuple[dict, dict[st
 
 
 def _usage_for(directory: Path, held_out: dict, templates: dict[str, str], max_length: int, default: str,
-               batch_size: int, console: Any) -> dict[str, Any]:
-    from rlora_cli.evaluate import load_eval_model, progress_bar
+               batch_size: int, console: Any, trust_remote_code: bool = False) -> dict[str, Any]:
+    from rlora_cli.evaluate import load_eval_model
+    from rlora_cli.scoring import progress_bar
 
-    model, tokenizer, _ = load_eval_model(None, str(directory), console=console, default=default)
+    model, tokenizer, _ = load_eval_model(None, str(directory), console=console, default=default,
+                                          trust_remote_code=trust_remote_code)
     total = sum(len(v) for v in held_out.values())
     with progress_bar(console, total, f"router usage: {directory}") as advance:
         return router_usage(model, tokenizer, held_out, templates=templates, max_length=max_length,
@@ -125,18 +136,11 @@ def saved_layers(directory: str | Path) -> tuple[dict[str, Any], dict[str, Multi
     Each layer wraps a weightless (meta-device) Linear: enough for `static_factors`,
     `delta_weight` and `router_weights`, which never read the base weight.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from rlora_cli.checkpoint import WEIGHTS_FILE, read_adapter_config
+    from rlora_cli.checkpoint import WEIGHTS_FILE, read_adapter_config, read_weights
 
     config = read_adapter_config(directory)
     path = Path(directory) / WEIGHTS_FILE
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot read the adapter weights ({e})",
-                        "the file is missing or corrupt; save the adapter again") from None
+    tensors = read_weights(path)  # checked readable and finite
     spec = LayerSpec(**config["layer"])
     by_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in config["modules"]}
     for key, value in tensors.items():
@@ -499,13 +503,15 @@ def plot_router_usage(analyses: dict[str, dict[str, Any]], path: str | Path) -> 
 def _print_summary(analyses: dict[str, dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
+    from rich.markup import escape
+
     table = Table(title="rlora analyze (means over modules)")
     for col in ("adapter", "modules", "head cosine (off-diag)", "effective rank", "top-1 energy"):
         table.add_column(col, justify="left" if col == "adapter" else "right")
     for label, a in analyses.items():
         mods = a["modules"].values()
         keys = ("mean_offdiag_cosine", "effective_rank", "top1_energy")
-        table.add_row(label, str(len(a["modules"])), *(_mean_str([m[k] for m in mods]) for k in keys))
+        table.add_row(escape(label), str(len(a["modules"])), *(_mean_str([m[k] for m in mods]) for k in keys))
     console.print(table)
 
 

@@ -1,7 +1,8 @@
 """Adapter files and atomic writes.
 
 An adapter directory holds `rlora_config.json` (format version, method, every layer option, the
-wrapped module names, the base model, its dtype and any metadata such as prompt templates) and
+wrapped module names, the base model, its dtype, whether it needs its repository's own code, and
+any metadata such as prompt templates) and
 `rlora_adapter.safetensors` (the `rlora_*` tensors, R-LoRA's A0/B0 included), plus the
 tokenizer files when one is given. Everything is written to a temporary sibling and renamed, so
 a crash never leaves a half-written directory behind.
@@ -78,13 +79,43 @@ def base_model_id(model: nn.Module) -> str | None:
     return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
+def base_record(name: str | None) -> dict[str, str | None]:
+    """`base_model` as the adapter stores it: a local folder as an absolute path (so the adapter
+    works from any working directory), else the hub id; `base_model_hub_id` when one is known."""
+    if not name:
+        return {"base_model": None, "base_model_hub_id": None}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        local = os.path.abspath(path)  # abspath, not resolve: keep the user's own (symlinked) names
+        return {"base_model": local, "base_model_hub_id": _cached_hub_id(Path(local))}
+    return {"base_model": name, "base_model_hub_id": name}
+
+
+def _cached_hub_id(path: Path) -> str | None:
+    """org/name of a folder inside the Hugging Face cache (…/models--org--name/snapshots/<sha>)."""
+    for part in path.parts:
+        if part.startswith("models--"):
+            return "/".join(part.removeprefix("models--").split("--"))
+    return None
+
+
+def uses_remote_code(model: nn.Module, tokenizer: Any = None) -> bool:
+    """Whether the model (or tokenizer) class came from its repository's own code, which
+    transformers imports as `transformers_modules.*` only under trust_remote_code=True."""
+    return any(type(obj).__module__.startswith("transformers_modules")
+               for obj in (model, tokenizer) if obj is not None)
+
+
 def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
                  metadata: dict[str, Any] | None = None,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                 state_dict: dict[str, torch.Tensor] | None = None,
+                 trust_remote_code: bool | None = None) -> Path:
     """Write the adapter of `model` to `directory` atomically; returns the directory.
 
     `state_dict` (optional) is a full state dict to take the tensors from, for models whose own
-    parameters are sharded (FSDP gathers a full one on the main process).
+    parameters are sharded (FSDP gathers a full one on the main process). `trust_remote_code`
+    records that the base needs its repository's code (default: whether the loaded classes
+    came from it); commands that load the base then ask for --trust-remote-code.
     """
     from safetensors.torch import save_file
 
@@ -101,8 +132,9 @@ def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = No
         "adapter": cfg.to_dict(),
         "layer": asdict(first.spec),
         "modules": list(layers),
-        "base_model": base_model_id(model),
+        **base_record(base_model_id(model)),
         "base_dtype": str(first.base.weight.dtype).removeprefix("torch."),
+        "trust_remote_code": uses_remote_code(model, tokenizer) if trust_remote_code is None else trust_remote_code,
         **(metadata or {}),
     }
     source = adapter_state(model) if state_dict is None else state_dict
@@ -165,14 +197,26 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, checked finite: a NaN would otherwise score and generate quietly."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (OSError, SafetensorError, RuntimeError) as e:
         raise UserError(f"{path}: cannot read the adapter weights ({e})",
                         "the file is missing or corrupt; save the adapter again or use another checkpoint") from None
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """UserError naming the first tensor (in file order) that holds NaN or ±inf."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{path}: tensor {key} holds NaN or infinite values",
+                            "training diverged or the file is corrupt; use an earlier checkpoint "
+                            "(RUN/checkpoint-<step>) or train again")
 
 
 @torch.no_grad()
@@ -194,6 +238,87 @@ def check_tensors(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
         if target.shape != tensors[key].shape:
             raise UserError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this base "
                             f"model needs {tuple(target.shape)}", fix)
+
+
+# ------------------------------------------------------------------ using a saved adapter
+
+
+def recorded_base(config: dict[str, Any], directory: str | Path, *, option: str = "--model") -> str | None:
+    """The base model the adapter records, as something `from_pretrained` can load from here.
+
+    Adapters now record a local base by its absolute path. Older ones kept the path as given
+    (relative to wherever training ran): it is looked for under the working directory, then
+    under each folder above the adapter (a run in runs/demo/ beside .models/). A local base that
+    is gone is a UserError naming `option`, the flag that names another base.
+    """
+    name = config.get("base_model")
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        if path.is_dir():
+            return str(path)
+        raise _base_gone(f"{path} no longer exists", config, option)
+    if path.is_dir():
+        return str(name)
+    for root in Path(os.path.abspath(directory)).parents:
+        if (root / path / "config.json").is_file():
+            return str(root / path)
+    if _is_repo_id(str(name)):
+        return str(name)
+    raise _base_gone(f"{name} is not in the working folder nor above the adapter", config, option)
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _base_gone(where: str, config: dict[str, Any], option: str) -> UserError:
+    hub = config.get("base_model_hub_id")
+    also = f" (its hub id: {option} {hub})" if hub and hub != config.get("base_model") else ""
+    return UserError(f"the adapter's base model {where}",
+                     f"pass {option} with the base model's folder or hub id{also}")
+
+
+def check_remote_code(config: dict[str, Any], directory: str | Path, allowed: bool) -> None:
+    """Refuse an adapter whose base runs its repository's own code unless the user allowed it:
+    rlora never turns remote code on by itself."""
+    if config.get("trust_remote_code") and not allowed:
+        raise UserError(f"{directory} was trained on a model that runs its own code "
+                        "(model.trust_remote_code: true)",
+                        "pass --trust-remote-code if you trust that model's repository")
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Before any work: `path` must be writable as a file (not a folder, no file in its way)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder", f"give a file name, e.g. {option} {path / 'out.json'}")
+    _no_file_above(path, option)
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Before any work: `path` must be usable as a folder (not an existing file, none in its way)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} exists and is a file, not a folder",
+                        f"choose another {option}, or remove the file")
+    _no_file_above(path, option)
+
+
+def _no_file_above(path: Path, option: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is a file, not a folder", f"choose another {option}")
+            return
 
 
 def _version() -> str:

@@ -1,7 +1,8 @@
 """The `rlora` command line. Thin: each command parses, calls one importable function, and is
 the only place that turns a UserError into a red line and an exit code.
 
-Exit codes: 0 ok, 1 runtime failure, 2 usage/config/input error, 130 interrupted.
+Exit codes: 0 ok, 1 runtime failure, 2 usage/config/input error, 130 interrupted. Every bad
+input, ours or the command line parser's, is one line on stderr: the problem and the fix.
 Heavy libraries (torch, transformers) are imported inside the commands, so `--help` is instant.
 """
 
@@ -9,13 +10,37 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from rlora_cli import __version__
-from rlora_cli.errors import UserError
+from rlora_cli.errors import UserError, first_line
+
+
+class _FlagsAsFlags:
+    """typer's rich help gives a flag a type column as if it took a value (`--overwrite <bool>`);
+    an empty metavar leaves that column blank, for our flags and for --help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsAsFlags, TyperCommand):
+    pass
+
+
+class _Group(_FlagsAsFlags, TyperGroup):
+    pass
+
 
 app = typer.Typer(
     name="rlora",
@@ -24,8 +49,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 err = Console(stderr=True)
+# The commands that load a base model share this flag; off unless the user says so.
+TRUST_HELP = ("Run the base model's own code from its repository (needed when it was trained with "
+              "model.trust_remote_code: true; only for repositories you trust).")
 
 
 def _version(value: bool) -> None:
@@ -40,7 +69,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """rlora: train, evaluate, merge and export multi-head low-rank adapters."""
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     recipe: Path = typer.Argument(..., help="The recipe YAML (see recipes/)."),
     overrides: Optional[list[str]] = typer.Argument(
@@ -49,9 +78,15 @@ def train(
     resume: str = typer.Option("never", "--resume", help="never | auto (newest complete checkpoint in OUT) | a checkpoint folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty OUT and start over."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the data, show the mixture and one example per source; load no model weights."),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the fully resolved recipe (every key, defaults filled in) as YAML "
+                                      "and exit; writes nothing."),
 ) -> None:
     """Train an adapter on a recipe's multi-task mixture (Ctrl-C saves a checkpoint)."""
-    _bad_override(overrides or [])
+    _bad_override(overrides or [], {"--overwrite": overwrite, "--dry-run": dry_run, "--print-config": print_config})
+    if print_config:
+        _print_config(recipe, overrides or [], output)
+        return
     if dry_run:
         from rlora_cli.data import dry_run as preview
 
@@ -62,13 +97,13 @@ def train(
     try:
         run_training(recipe, tuple(overrides or ()), output=output, resume=resume, overwrite=overwrite)
     except TrainingDiverged as e:
-        err.print(f"[bold red]training stopped:[/] {e}; the last good checkpoint is kept "
+        err.print(f"[bold red]training stopped:[/] {escape(str(e))}; the last good checkpoint is kept "
                   "(lower train.learning_rate or check the data, then --resume auto)")
         raise typer.Exit(1)
 
 
 eval_app = typer.Typer(help="Evaluate a model or an adapter; `rlora eval compare A.json B.json` "
-                            "compares two results files.", pretty_exceptions_enable=False)
+                            "compares two results files.", pretty_exceptions_enable=False, cls=_Group)
 app.add_typer(eval_app, name="eval")
 
 
@@ -96,6 +131,7 @@ def eval_cmd(
         "rlora", "--backend", help="rlora | lm-eval (lm-evaluation-harness: install the eval extra)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32."),
     output: Optional[str] = typer.Option(None, "--output", help="Write the results JSON here."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Score a model (+ adapter) on MMLU, BIG-bench tasks, the recipe's held-out tasks, or lm-eval."""
     if ctx.invoked_subcommand is not None:
@@ -107,10 +143,11 @@ def eval_cmd(
 
     evaluate(task, model=model, adapter=adapter, data=data, shots=shots, limit=limit,
              subjects=[s.strip() for s in subjects.split(",") if s.strip()] if subjects else None,
-             recipe=recipe, batch_size=batch_size, backend=backend, dtype=dtype, output=output)
+             recipe=recipe, batch_size=batch_size, backend=backend, dtype=dtype, output=output,
+             trust_remote_code=trust_remote_code)
 
 
-@eval_app.command("compare")
+@eval_app.command("compare", cls=_Command)
 def eval_compare_cmd(
     a: str = typer.Argument(..., help="Results file A (the baseline)."),
     b: str = typer.Argument(..., help="Results file B (deltas are B - A)."),
@@ -122,7 +159,7 @@ def eval_compare_cmd(
     compare(a, b, plot=plot)
 
 
-@app.command("merge")
+@app.command("merge", cls=_Command)
 def merge_cmd(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged Hugging Face model."),
@@ -130,15 +167,16 @@ def merge_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: the dtype the adapter was trained over)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Fold the adapter into its base model: a plain Hugging Face model folder (no rlora needed to load it)."""
     from rlora_cli.export import merge_to_folder
 
     merge_to_folder(adapter, output, base=base, dtype=dtype, overwrite=overwrite,
-                    max_shard_size=max_shard_size, console=err)
+                    max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, console=err)
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 def export_cmd(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
     format: str = typer.Option(..., "--format", "-f", help="peft (a PEFT LoRA adapter: vLLM, TGI, PEFT) | merged (same as rlora merge)."),
@@ -147,15 +185,16 @@ def export_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="--format merged only: bfloat16 | float16 | float32."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="--format merged only: largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Export the adapter as a PEFT LoRA (prints its rank) or as a merged model."""
     from rlora_cli.export import export_adapter
 
     export_adapter(adapter, output, format=format, base=base, dtype=dtype, overwrite=overwrite,
-                   max_shard_size=max_shard_size, console=err)
+                   max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, console=err)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
 def inspect_cmd(
     path: Path = typer.Argument(..., help="An adapter folder or a run folder (OUT of rlora train)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a panel."),
@@ -172,7 +211,7 @@ def inspect_cmd(
         render_inspect(info, Console())
 
 
-@app.command("analyze")
+@app.command("analyze", cls=_Command)
 def analyze_cmd(
     adapter: Path = typer.Argument(..., help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
     other: Optional[Path] = typer.Argument(None, help="A second adapter to compare with; its analysis goes to OUT/analysis_2.json."),
@@ -180,14 +219,16 @@ def analyze_cmd(
     output: Path = typer.Option(Path("analysis"), "--output", "-o", help="Folder for analysis.json and the PNG plots."),
     limit: Optional[int] = typer.Option(None, "--limit", help="--recipe: at most N held-out examples per task."),
     batch_size: int = typer.Option(8, "--batch-size", help="--recipe: examples per forward pass."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="--recipe: " + TRUST_HELP),
 ) -> None:
     """What an adapter learned: head similarity, ΔW spectra, router use per task (two adapters: compared)."""
     from rlora_cli.analyze import analyze
 
-    analyze(adapter, other, recipe=recipe, output=output, limit=limit, batch_size=batch_size, console=Console())
+    analyze(adapter, other, recipe=recipe, output=output, limit=limit, batch_size=batch_size,
+            trust_remote_code=trust_remote_code, console=Console())
 
 
-@app.command("generate")
+@app.command("generate", cls=_Command)
 def generate_cmd(
     prompt: Optional[str] = typer.Argument(None, help="The prompt (or --file for many)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model hub id or folder, or a merged model (default: the adapter's recorded base)."),
@@ -202,29 +243,54 @@ def generate_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="--file: prompts per batch (left-padded)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Try a model: base, base + adapter, or a merged folder, in the adapter's own prompt template."""
     from rlora_cli.generate import generate
 
     generate(prompt, model=model, adapter=str(adapter) if adapter else None, file=file, output=output,
              kind=kind, template=template, max_new_tokens=max_new_tokens, temperature=temperature,
-             top_p=top_p, batch_size=batch_size, seed=seed, dtype=dtype, console=err)
+             top_p=top_p, batch_size=batch_size, seed=seed, dtype=dtype, trust_remote_code=trust_remote_code,
+             console=err)
 
 
-def _bad_override(overrides: list[str]) -> None:
+def _bad_override(overrides: list[str], flags: dict[str, bool]) -> None:
+    """Every extra argument must be KEY=VALUE. A true/false there most likely followed a flag the
+    user gave a value (`--overwrite true`): the parser took the flag and left the value over."""
     bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise UserError(f"override {bad[0]!r} is not KEY=VALUE", "write e.g. train.learning_rate=1e-4")
+    if not bad:
+        return
+    given = [name for name, on in flags.items() if on]
+    if bad[0].lower() in _BOOL_WORDS and given:
+        flag = given[0] if len(given) == 1 else " / ".join(given)
+        raise UserError(f"{flag} takes no value (got {bad[0]!r} after it)",
+                        f"write {given[0]} alone to turn it on, or leave it out")
+    raise UserError(f"override {bad[0]!r} is not KEY=VALUE", "write e.g. train.learning_rate=1e-4")
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _print_config(recipe: Path, overrides: list[str], output: Optional[Path]) -> None:
+    """The recipe as training would run it: every key, defaults and presets filled in, as YAML."""
+    import yaml
+
+    from rlora_cli.config import load_recipe, recipe_to_dict
+
+    resolved = recipe_to_dict(load_recipe(recipe, tuple(overrides)))
+    if output is not None:
+        resolved["output"]["dir"] = str(output)  # --output wins over output.dir, as in training
+    typer.echo(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), nl=False)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app and maps errors to exit codes."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="rlora", standalone_mode=False)  # the same name however launched
         if isinstance(code, int) and code:  # typer returns 130 for a Ctrl-C it caught itself
             sys.exit(code)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        _error_line(e.message)  # a Text, never markup: paths and names print as they are
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
@@ -238,6 +304,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         # Click's usage errors (bad option, missing argument) arrive here in non-standalone mode;
         # typer may vendor click, so recognise them by what they offer rather than by import.
         if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
+            if type(e).__name__ == "NoArgsIsHelpError" or not callable(getattr(e, "format_message", None)):
+                e.show()  # `rlora` alone: the help
+            else:
+                _error_line(_usage_message(e))
             sys.exit(2)
         raise
+
+
+def _error_line(message: str) -> None:
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
+def _usage_message(e: Exception) -> str:
+    """Click's usage error as our one line: its message, then where the usage is."""
+    ctx = getattr(e, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "rlora"
+    return f"{first_line(e.format_message())} — see {where} --help"  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ import string
 from collections import Counter
 from typing import Any
 
-from rlora_cli.evaluate import task_record
+from rlora_cli.scoring import task_record
 
 
 def prepare_recipe(recipe_path: str, limit: int | None) -> dict[str, Any]:
@@ -38,8 +38,7 @@ def run_recipe(model: Any, tokenizer: Any, prepared: dict[str, Any], *, batch_si
     """{task: {accuracy, n, kind, ...}} with f1 for free-form knowledge and loss/perplexity for
     instruction and chat; a task without held-out rows reports n = 0."""
     from rlora_cli.data import tokenize_example
-    from rlora_cli.evaluate import progress_bar
-    from rlora_cli.scoring import greedy_generate, label_losses, loglikelihoods
+    from rlora_cli.scoring import greedy_generate, label_losses, loglikelihoods, progress_bar
     from rlora_cli.templates import choices, gold_index, prompt_and_response, prompt_text
 
     recipe = prepared["recipe"]

@@ -1,7 +1,7 @@
 """Benchmark data and prompts, pure Python (no torch): MMLU and BIG-bench task files.
 
 MMLU (`load_mmlu`, `mmlu_prompt`): hub `cais/mmlu` or a local folder of `dev` and `test` files,
-the standard 5-shot prompt of DESIGN.md. BIG-bench (`load_bigbench`, `bigbench_prompt`,
+the standard 5-shot prompt (Hendrycks et al.'s format). BIG-bench (`load_bigbench`, `bigbench_prompt`,
 `bigbench_choices`, `bigbench_targets`,
 `bigbench_best_choice`): a BIG-bench `task.json` or a BBH `.json`, the prompt
 BIG-bench's own `default_format_fn` builds. `bigbench_prompt` is shared with the training data

@@ -8,7 +8,7 @@
 
 `evaluate(...)` loads the data first (bad input fails before a model is loaded), then the model
 (base + adapter, or a merged folder), scores every task with `scoring.py`, prints a table and
-writes the results file (DESIGN.md "Results files"). `compare` reads two results files.
+writes the results file (`results_dict`). `compare` reads two results files.
 Scoring and data live in `scoring.py` and `evalsets.py`; the recipe task in `eval_recipe.py`.
 """
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +31,17 @@ def evaluate(task: str, *, model: str | None = None, adapter: str | None = None,
              data: str | None = None, shots: int | None = None, limit: int | None = None,
              subjects: list[str] | None = None, recipe: str | None = None, batch_size: int = 8,
              backend: str = "rlora", dtype: str = "auto", output: str | None = None,
-             console: Any = None) -> dict[str, Any]:
+             trust_remote_code: bool = False, console: Any = None) -> dict[str, Any]:
     """Run one evaluation and return the results dict (also written to `output` when given)."""
     from rich.console import Console
+    from rich.markup import escape
+
+    from rlora_cli.checkpoint import check_output_file
 
     console = console or Console()
     start = time.perf_counter()
+    if output:
+        check_output_file(output, "--output")  # now, not after the whole evaluation
     adapter = adapter_dir(adapter) if adapter else None
     if task == "recipe" and not recipe and adapter and (Path(adapter).parent / "recipe.yaml").is_file():
         recipe = str(Path(adapter).parent / "recipe.yaml")  # RUN/adapter: the run's resolved recipe
@@ -46,13 +49,14 @@ def evaluate(task: str, *, model: str | None = None, adapter: str | None = None,
     if backend == "lm-eval":
         _import_lm_eval()
         names = [t.strip() for t in task.split(",") if t.strip()]
-        lm, tokenizer, base = load_eval_model(model, adapter, dtype=dtype, console=console)
+        lm, tokenizer, base = load_eval_model(model, adapter, dtype=dtype, console=console,
+                                              trust_remote_code=trust_remote_code)
         tasks = lm_eval_tasks(run_lm_eval(lm, tokenizer, names, shots=shots, limit=limit,
                                           batch_size=batch_size))
     else:
         prepared = _prepare(task, data, shots, limit, subjects, recipe)
         lm, tokenizer, base = load_eval_model(model, adapter, dtype=dtype, console=console,
-                                              default=prepared.get("model"))
+                                              default=prepared.get("model"), trust_remote_code=trust_remote_code)
         tasks = _run(task, prepared, lm, tokenizer, batch_size, console)
     results = results_dict(task, base, adapter, default_shots(task, shots, backend), limit,
                            time.perf_counter() - start, tasks)
@@ -60,7 +64,7 @@ def evaluate(task: str, *, model: str | None = None, adapter: str | None = None,
     if output:
         from rlora_cli.checkpoint import atomic_write_text
         atomic_write_text(output, json.dumps(results, indent=2) + "\n")
-        console.print(f"results written to {output}")
+        console.print(f"results written to {escape(str(output))}")
     return results
 
 
@@ -83,7 +87,7 @@ def _check_args(task: str, backend: str, shots: int | None, limit: int | None, b
                         "--task NAME for an lm-evaluation-harness task")
     for name, value, low in (("--shots", shots, 0), ("--limit", limit, 1), ("--batch-size", batch_size, 1)):
         if value is not None and value < low:
-            raise UserError(f"{name} must be at least {low} (got {value})", f"give {name} {max(low, 1)} or more")
+            raise UserError(f"{name} must be at least {low} (got {value})", f"give {name} {low} or more")
     if backend == "rlora" and task == "bbh" and not data:
         raise UserError("--task bbh needs --data", "give a BIG-bench task.json, a BBH .json, or a folder of them")
     if backend == "rlora" and task == "recipe" and not recipe:
@@ -137,31 +141,52 @@ def adapter_dir(path: str) -> str:
 
 
 def load_eval_model(model: str | None, adapter: str | None, *, dtype: str = "auto", console: Any = None,
-                    default: str | None = None) -> tuple[Any, Any, str]:
+                    default: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
     """(model, tokenizer, base name): the base is `model`, else the adapter's recorded base, else
-    `default` (the recipe's model); the adapter is applied on it."""
+    `default` (the recipe's model); the adapter is applied on it. An adapter whose base runs its
+    own code needs `trust_remote_code` (--trust-remote-code)."""
     import torch
 
-    from rlora_cli.checkpoint import load_adapter, read_adapter_config
+    from rlora_cli.checkpoint import check_remote_code, load_adapter, read_adapter_config
     from rlora_cli.model import load_model, load_tokenizer
 
     config = read_adapter_config(adapter) if adapter else {}
-    recorded = config.get("base_model")
+    if adapter:
+        check_remote_code(config, adapter, trust_remote_code)
+    recorded = _recorded(config, adapter, strict=not model)
     base = model or recorded or default
     if not base:
         raise UserError("no model to evaluate" + (f": {adapter} records no base model" if adapter else ""),
                         "give --model ID_OR_PATH (a hub id, a local folder, or a merged model)")
     if adapter and model and recorded and not _same_model(model, recorded):
         if console is not None:
-            console.print(f"[yellow]warning:[/] adapter {adapter} was trained on {recorded}, "
-                          f"applying it to {model}", highlight=False)
-    lm, tokenizer = load_model(base, dtype=dtype, device="cuda" if torch.cuda.is_available() else None)
+            from rich.markup import escape
+
+            note = f"adapter {adapter} was trained on {recorded}, applying it to {model}"
+            console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+    lm, tokenizer = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                               device="cuda" if torch.cuda.is_available() else None)
     if adapter:
         load_adapter(lm, adapter)  # UserError on a shape mismatch: the adapter is for another base
         if (Path(adapter) / "tokenizer_config.json").is_file():
-            tokenizer = load_tokenizer(adapter)
+            tokenizer = load_tokenizer(adapter, trust_remote_code=trust_remote_code)
     lm.eval()
     return lm, tokenizer, base
+
+
+def _recorded(config: dict[str, Any], adapter: str | None, *, strict: bool) -> str | None:
+    """The adapter's base, found from here. With --model given (`strict` False) the record only
+    feeds a warning, so a base that has moved away is no error."""
+    from rlora_cli.checkpoint import recorded_base
+
+    if not adapter:
+        return None
+    try:
+        return recorded_base(config, adapter, option="--model")
+    except UserError:
+        if strict:
+            raise
+        return config.get("base_model")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -171,19 +196,6 @@ def _same_model(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-@contextmanager
-def progress_bar(console: Any, total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar; yields `advance(k)`."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        handle = bar.add_task(label, total=total)
-        yield lambda k: bar.advance(handle, k)
-
-
 # -------------------------------------------------------------------------------- the tasks
 
 
@@ -191,7 +203,7 @@ def run_mmlu(model: Any, tokenizer: Any, subjects: dict[str, tuple[list, list]],
              limit: int | None = None, batch_size: int = 8, console: Any = None) -> dict[str, dict]:
     """{subject: {accuracy, n}}: the letter among " A".." D" with the highest log-likelihood."""
     from rlora_cli.evalsets import LETTERS, mmlu_prompt
-    from rlora_cli.scoring import loglikelihoods
+    from rlora_cli.scoring import loglikelihoods, progress_bar, task_record
 
     requests, gold = [], []
     for subject, (dev, test) in subjects.items():
@@ -210,7 +222,7 @@ def run_bigbench(model: Any, tokenizer: Any, tasks: dict[str, dict], *, shots: i
                  limit: int | None = None, batch_size: int = 8, console: Any = None) -> dict[str, dict]:
     """{task: {accuracy, n, multiple_choice, exact_match}} for BIG-bench/BBH task files."""
     from rlora_cli.evalsets import bigbench_choices, bigbench_prompt, bigbench_targets
-    from rlora_cli.scoring import greedy_generate, loglikelihoods
+    from rlora_cli.scoring import greedy_generate, loglikelihoods, progress_bar, task_record
 
     mc, gen = [], []  # (task, example, prompt)
     for name, task in tasks.items():
@@ -237,16 +249,12 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # ties: the first
 
 
-def task_record(correct: list[bool], **extra: Any) -> dict[str, Any]:
-    return {"accuracy": sum(correct) / len(correct) if correct else None, "n": len(correct), **extra}
-
-
 # ------------------------------------------------------------------------------ results file
 
 
 def results_dict(task: str, model: str | None, adapter: str | None, shots: int | None,
                  limit: int | None, wall_s: float, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The results-file object of DESIGN.md: header, overall and mean accuracy, then per task."""
+    """The results-file object: header, overall and mean accuracy, then per task."""
     from rlora_cli import __version__
 
     scored = {k: v for k, v in tasks.items() if v.get("accuracy") is not None and v.get("n")}
@@ -271,13 +279,16 @@ def print_results(results: dict[str, Any], console: Any) -> None:
     """A rich table: one row per task, then the overall and the mean accuracy."""
     from rich.table import Table
 
+    from rich.markup import escape
+
     extras = [k for k in ("f1", "loss", "perplexity") if any(k in v for v in results["tasks"].values())]
-    table = Table(title=f"{results['task']}: {results['model']}"
-                        + (f" + {results['adapter']}" if results["adapter"] else ""))
+    table = Table(title=escape(f"{results['task']}: {results['model']}"
+                               + (f" + {results['adapter']}" if results["adapter"] else "")))
     for col in ("task", "n", "accuracy", *extras):
         table.add_column(col, justify="left" if col == "task" else "right")
     for name, rec in results["tasks"].items():
-        table.add_row(name, _fmt(rec.get("n")), _fmt(rec.get("accuracy")), *(_fmt(rec.get(k)) for k in extras))
+        table.add_row(escape(name), _fmt(rec.get("n")), _fmt(rec.get("accuracy")),
+                      *(_fmt(rec.get(k)) for k in extras))
     table.add_section()
     table.add_row("overall", _fmt(results["n"]), _fmt(results["accuracy"]), *("" for _ in extras))
     table.add_row("mean over tasks", "", _fmt(results["mean_accuracy"]), *("" for _ in extras))
@@ -374,9 +385,14 @@ def compare(a_path: str | Path, b_path: str | Path, plot: str | Path | None = No
             console: Any = None) -> dict[str, Any]:
     """Per-task deltas (B − A) of two results files; a rich table, and a PNG bar chart with `plot`."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    from rlora_cli.checkpoint import check_output_file
+
     console = console or Console()
+    if plot:
+        check_output_file(plot, "--plot")
     a, b = load_results(a_path), load_results(b_path)
     tasks = {}
     for name in [*a["tasks"], *(t for t in b["tasks"] if t not in a["tasks"])]:
@@ -387,11 +403,12 @@ def compare(a_path: str | Path, b_path: str | Path, plot: str | Path | None = No
     out = {"a": str(a_path), "b": str(b_path), "tasks": tasks,
            "accuracy": _delta(a["accuracy"], b["accuracy"]),
            "mean_accuracy": _delta(a.get("mean_accuracy"), b.get("mean_accuracy"))}
-    table = Table(title=f"B − A   (A = {a_path}, B = {b_path})")
+    table = Table(title=escape(f"B − A   (A = {a_path}, B = {b_path})"))
     for col in ("task", "metric", "A", "B", "Δ"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, row in tasks.items():
-        table.add_row(name, row["metric"], _fmt(row["a"]), _fmt(row["b"]), _signed(row["delta"]))
+        metric = row["metric"] + (" ↓" if row["metric"] in LOWER_IS_BETTER else "")  # lower is better
+        table.add_row(escape(name), metric, _fmt(row["a"]), _fmt(row["b"]), _signed(row["delta"]))
     table.add_section()
     for name in ("accuracy", "mean_accuracy"):
         row = out[name]
@@ -400,7 +417,7 @@ def compare(a_path: str | Path, b_path: str | Path, plot: str | Path | None = No
     console.print(table)
     if plot:
         plot_comparison(out, plot, _label(a, "A"), _label(b, "B"))
-        console.print(f"plot written to {plot}")
+        console.print(f"plot written to {escape(str(plot))}")
     return out
 
 
@@ -414,27 +431,61 @@ def _label(results: dict[str, Any], default: str) -> str:
 
 
 def plot_comparison(comparison: dict[str, Any], path: str | Path, label_a: str, label_b: str) -> None:
-    """Grouped bars of A and B per task (accuracy-type metrics), with Δ written above each pair."""
+    """Write `comparison_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(comparison, label_a, label_b)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def comparison_figure(comparison: dict[str, Any], label_a: str, label_b: str) -> Any:
+    """Grouped bars of A and B per task, Δ above each pair (green when B is better): one panel
+    for accuracy-type metrics (with the overall accuracy), one for loss-type metrics, whose scale
+    and direction differ — so every task of both files appears."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(k, v) for k, v in comparison["tasks"].items() if v["metric"] in ("accuracy", "f1")]
-    rows.append(("overall", comparison["accuracy"]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5))
+    tasks = comparison["tasks"].items()
+    higher = [(k, v) for k, v in tasks if v["metric"] not in LOWER_IS_BETTER]
+    higher.append(("overall", {"metric": "accuracy", **comparison["accuracy"]}))
+    lower = [(k, v) for k, v in tasks if v["metric"] in LOWER_IS_BETTER]
+    panels = [p for p in (higher, lower) if p]
+    width = max(6.0, 0.7 * (len(higher) + len(lower)) + 2.5 * len(panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [len(p) + 1 for p in panels]})
+    for ax, rows in zip(axes[0], panels):
+        _bars(ax, rows, label_a, label_b, lower_is_better=rows is lower)
+    # One legend above the panels: inside a panel it would cover a bar or its Δ.
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    return fig
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def _bars(ax: Any, rows: list[tuple[str, dict[str, Any]]], label_a: str, label_b: str, *,
+          lower_is_better: bool) -> None:
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["a"] or 0 for _, r in rows], width=0.4, label=label_a)
     ax.bar([x + 0.2 for x in xs], [r["b"] or 0 for _, r in rows], width=0.4, label=label_b)
     for x, (_, r) in zip(xs, rows):
         if r["delta"] is not None:
-            ax.annotate(f"{r['delta']:+.3f}", (x, max(r["a"] or 0, r["b"] or 0)), ha="center",
-                        va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(list(xs), [name for name, _ in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            better = (r["delta"] < 0) == lower_is_better and r["delta"] != 0
+            ax.annotate(f"{r['delta']:+.3f}", (x, max(r["a"] or 0, r["b"] or 0)), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points",
+                        color="green" if better else "firebrick" if r["delta"] != 0 else "black")
+    names = [name + {"f1": " (F1)", "perplexity": " (perplexity)"}.get(r["metric"], "") for name, r in rows]
+    ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
+    if lower_is_better:
+        ax.set_ylabel("held-out loss (lower is better ↓)")
+        ax.set_title("loss-scored tasks", fontsize=9)
+        ax.set_ylim(0, 1.2 * max([r[k] or 0 for _, r in rows for k in ("a", "b")] + [1e-9]))
+    else:
+        ax.set_ylabel("accuracy or F1 (higher is better ↑)")
+        ax.set_title("accuracy-scored tasks", fontsize=9)
+        ax.set_ylim(0, 1.1)

@@ -17,9 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters, layer_spec
-from rlora_cli.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_dir, check_tensors, read_adapter_config,
-                                  read_weights)
+from rlora_cli.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_dir, check_output_dir, check_remote_code,
+                                  check_tensors, read_adapter_config, read_weights, recorded_base)
 from rlora_cli.errors import UserError, first_line
 
 FORMATS = ("peft", "merged")
@@ -39,7 +41,8 @@ _FROZEN = ("rlora_A0", "rlora_B0")  # R-LoRA's saved initial factors: in the fil
 
 def merge_to_folder(adapter_dir: str | Path, output: str | Path, *, base: str | None = None,
                     dtype: str | None = None, overwrite: bool = False,
-                    max_shard_size: str | int = DEFAULT_SHARD, console: Any = None) -> Path:
+                    max_shard_size: str | int = DEFAULT_SHARD, trust_remote_code: bool = False,
+                    console: Any = None) -> Path:
     """Fold the adapter into its base and write a standard Hugging Face model folder.
 
     The base is the one recorded in rlora_config.json unless `base` names another; the result is
@@ -47,9 +50,10 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, *, base: str | 
     """
     adapter_dir, config, cfg = _read(adapter_dir)
     _require_static(cfg, "merge")
+    check_remote_code(config, adapter_dir, trust_remote_code)
     read_safetensors_header(adapter_dir / WEIGHTS_FILE)  # a corrupt file fails now, not after a long load
     target = _target_dtype(dtype, config)
-    base = _base_of(config, base)
+    base = _base_of(config, base, adapter_dir)
     _check_output(output, overwrite, [adapter_dir, Path(base)])
 
     import torch
@@ -58,9 +62,10 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, *, base: str | 
     from rlora_cli.checkpoint import load_adapter
     from rlora_cli.model import load_model
 
-    _say(console, f"loading {base} and the {cfg.type} adapter from {adapter_dir}")
+    _say(console, f"loading {escape(base)} and the {cfg.type} adapter from {escape(str(adapter_dir))}")
     try:
-        model, _ = load_model(base, dtype=_load_dtype(base, target))
+        model, _ = load_model(base, dtype=_load_dtype(base, target, trust_remote_code),
+                              trust_remote_code=trust_remote_code)
     except UserError as e:
         raise UserError(e.problem, f"{e.fix}; or name the base model with --base") from None
     load_adapter(model, adapter_dir)
@@ -68,15 +73,15 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, *, base: str | 
     _untie_adapted_head(model, console)
     merge_adapters(model)  # float32 (or wider) per weight, checked finite
     model.to(getattr(torch, target))  # the one cast
-    tokenizer = _tokenizer(adapter_dir, base)
+    tokenizer = _tokenizer(adapter_dir, base, trust_remote_code)
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-    _say(console, f"[green]merged[/] {len(config['modules'])} modules into {output} ({target})")
+    _say(console, f"[green]merged[/] {len(config['modules'])} modules into {escape(str(output))} ({target})")
     return Path(output)
 
 
-def _load_dtype(base: str, target: str) -> str:
+def _load_dtype(base: str, target: str, trust_remote_code: bool = False) -> str:
     """The dtype to load the base in so that the merge rounds exactly once, to `target`.
 
     merge_adapters adds ΔW in float32 and rounds to the weight's dtype. Loading in `target` is
@@ -88,7 +93,7 @@ def _load_dtype(base: str, target: str) -> str:
     from transformers import AutoConfig
 
     try:
-        stored = getattr(AutoConfig.from_pretrained(base), "dtype", None)
+        stored = getattr(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), "dtype", None)
     except (OSError, ValueError):
         return "float32"  # load_model will say what is wrong with the base
     return target if str(stored).removeprefix("torch.") == target else "float32"
@@ -113,13 +118,13 @@ def _untie_adapted_head(model: Any, console: Any) -> None:
                   "input embeddings; the merged model unties them")
 
 
-def _tokenizer(adapter_dir: Path, base: str) -> Any:
+def _tokenizer(adapter_dir: Path, base: str, trust_remote_code: bool = False) -> Any:
     """The adapter's own tokenizer (what it was trained with) when it has one, else the base's."""
     from transformers import AutoTokenizer
 
     source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer from {source}: {first_line(e)}",
                         "save the adapter with its tokenizer, or pass --base with a model that has one") from None
@@ -130,23 +135,26 @@ def _tokenizer(adapter_dir: Path, base: str) -> Any:
 
 def export_adapter(adapter_dir: str | Path, output: str | Path, *, format: str, base: str | None = None,
                    dtype: str | None = None, overwrite: bool = False,
-                   max_shard_size: str | int = DEFAULT_SHARD, console: Any = None) -> Path:
+                   max_shard_size: str | int = DEFAULT_SHARD, trust_remote_code: bool = False,
+                   console: Any = None) -> Path:
     """`rlora export`: `format` peft (a PEFT LoRA adapter folder) or merged (same as merge)."""
     if format not in FORMATS:
         raise UserError(f"--format: unknown format {format!r}",
                         "use peft (a PEFT LoRA adapter folder) or merged (a full model folder)")
     if format == "merged":
         return merge_to_folder(adapter_dir, output, base=base, dtype=dtype, overwrite=overwrite,
-                               max_shard_size=max_shard_size, console=console)
+                               max_shard_size=max_shard_size, trust_remote_code=trust_remote_code,
+                               console=console)
     if dtype is not None:
         raise UserError("--dtype applies to --format merged only",
                         "drop --dtype: PEFT factors are written in float32 and servers cast them")
-    export_peft(adapter_dir, output, base=base, overwrite=overwrite, console=console)
+    export_peft(adapter_dir, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                console=console)
     return Path(output)
 
 
 def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None = None,
-                overwrite: bool = False, console: Any = None) -> dict[str, Any]:
+                overwrite: bool = False, trust_remote_code: bool = False, console: Any = None) -> dict[str, Any]:
     """Write the adapter as a PEFT LoRA folder; returns the adapter_config.json written.
 
     Needs only the base's config.json (modules are built on the meta device, no weights load),
@@ -157,10 +165,11 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
 
     adapter_dir, config, cfg = _read(adapter_dir)
     _require_static(cfg, "export --format peft")
+    check_remote_code(config, adapter_dir, trust_remote_code)
     read_safetensors_header(adapter_dir / WEIGHTS_FILE)
-    base = _base_of(config, base)
+    base = _base_of(config, base, adapter_dir)
     _check_output(output, overwrite, [adapter_dir])
-    layers, targets = _adapter_on_meta_base(adapter_dir, config, cfg, base)
+    layers, targets = _adapter_on_meta_base(adapter_dir, config, cfg, base, trust_remote_code)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         B, A = layer.static_factors()
@@ -175,10 +184,10 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base,
+        "base_model_name_or_path": _portable(base),
         "revision": None,
         "r": rank,
-        # DESIGN §1: B'/s is exported and PEFT's own scaling lora_alpha / r' puts s back, so
+        # B'/s is exported and PEFT's own scaling lora_alpha / r' puts s back, so
         # lora_alpha = s·r' (never rslora) reproduces rlora's ΔW whatever options it trained with.
         "lora_alpha": cfg.scaling * rank,
         "use_rslora": False,
@@ -201,17 +210,18 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
         for name in _TOKENIZER_FILES:  # the tokenizer it was trained with, for servers that read it
             if (adapter_dir / name).is_file():
                 shutil.copy2(adapter_dir / name, tmp / name)
-    _say(console, f"[green]exported[/] a PEFT LoRA of rank {rank} over {len(layers)} modules to {output} "
-                  f"(servers cap the rank: vLLM needs --max-lora-rank >= {rank})")
+    _say(console, f"[green]exported[/] a PEFT LoRA of rank {rank} over {len(layers)} modules to "
+                  f"{escape(str(output))} (servers cap the rank: vLLM needs --max-lora-rank >= {rank})")
     return peft_config
 
 
-def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig,
-                          base: str) -> tuple[dict[str, Any], list[str]]:
+def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig, base: str,
+                          trust_remote_code: bool = False) -> tuple[dict[str, Any], list[str]]:
     """The adapter's layers over a weightless (meta) copy of the base, and PEFT's target list."""
     from rlora_cli.model import meta_model
 
-    model = meta_model(base, fix="pass --base with the base model's hub id or a folder holding its config.json")
+    model = meta_model(base, fix="pass --base with the base model's hub id or a folder holding its config.json",
+                       trust_remote_code=trust_remote_code)
     path = adapter_dir / WEIGHTS_FILE
     tensors = read_weights(path)
     targets = _peft_targets(model, config["modules"])
@@ -282,7 +292,8 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
     numel = {k: _prod(v["shape"]) for k, v in header.items()}
     frozen = sum(n for k, n in numel.items() if k.rsplit(".", 1)[-1] in _FROZEN)
     modules = list(config["modules"])
-    known = {"format_version", "rlora_version", "method", "adapter", "layer", "modules", "base_model", "base_dtype"}
+    known = {"format_version", "rlora_version", "method", "adapter", "layer", "modules", "base_model",
+             "base_model_hub_id", "base_dtype", "trust_remote_code"}
     return {
         "path": str(d),
         "method": cfg.type,
@@ -299,7 +310,9 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
         "tensor_dtypes": sorted({v["dtype"] for v in header.values()}),
         "file_bytes": weights.stat().st_size,
         "base_model": config.get("base_model"),
+        "base_model_hub_id": config.get("base_model_hub_id"),
         "base_dtype": config.get("base_dtype"),
+        "trust_remote_code": bool(config.get("trust_remote_code")),
         "mergeable": cfg.mergeable,
         "not_mergeable_because": None if cfg.mergeable else
             "softmax router: ΔW depends on each token (train with adapter.router=off to merge)",
@@ -311,7 +324,8 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
 
 
 def render_inspect(info: dict[str, Any], console: Any) -> None:
-    """A rich panel per run and adapter."""
+    """A rich panel per run and adapter; every value prints literally (paths, module names)."""
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -320,7 +334,7 @@ def render_inspect(info: dict[str, Any], console: Any) -> None:
         table.add_column(style="bold cyan")
         table.add_column()
         for key, value in rows:
-            table.add_row(key, str(value))
+            table.add_row(key, escape(str(value)))
         return table
 
     if info["kind"] == "run":
@@ -331,7 +345,7 @@ def render_inspect(info: dict[str, Any], console: Any) -> None:
                  if m else "-"),
                 ("checkpoints", ", ".join(steps) or "-"),
                 ("final adapter", "yes" if info["final_adapter"] else "no (training unfinished?)")]
-        console.print(Panel(grid(rows), title=f"run {info['path']}", expand=False))
+        console.print(Panel(grid(rows), title=escape(f"run {info['path']}"), expand=False))
         if info["adapter"] is None:
             return
         info = info["adapter"]
@@ -347,12 +361,15 @@ def render_inspect(info: dict[str, Any], console: Any) -> None:
         ("parameters", f"{info['trainable_params']:,} trainable"
                        + (f" + {info['frozen_params']:,} frozen init factors" if info["frozen_params"] else "")
                        + f" ({', '.join(info['tensor_dtypes'])})"),
-        ("base model", f"{info['base_model']} ({info['base_dtype']})"),
+        ("base model", f"{info['base_model']} ({info['base_dtype']})"
+                       + (f", hub id {info['base_model_hub_id']}" if info["base_model_hub_id"] not in
+                          (None, info["base_model"]) else "")
+                       + (", needs --trust-remote-code" if info["trust_remote_code"] else "")),
         ("merge/export", f"yes: PEFT LoRA of rank {info['peft_rank']}" if info["mergeable"] else f"no: {why}"),
         ("tokenizer", "saved with the adapter" if info["tokenizer"] else "from the base model"),
         ("format", f"{info['format_version']} (rlora {info['rlora_version']})"),
     ]
-    console.print(Panel(grid(rows), title=f"adapter {info['path']}", expand=False))
+    console.print(Panel(grid(rows), title=escape(f"adapter {info['path']}"), expand=False))
 
 
 def _metrics_summary(path: Path) -> dict[str, Any] | None:
@@ -448,17 +465,26 @@ def _target_dtype(dtype: str | None, config: dict[str, Any]) -> str:
     return _DTYPES[name]
 
 
-def _base_of(config: dict[str, Any], base: str | None) -> str:
-    base = base or config.get("base_model")
+def _base_of(config: dict[str, Any], base: str | None, adapter_dir: Path) -> str:
+    base = base or recorded_base(config, adapter_dir, option="--base")
     if not base:
         raise UserError("the adapter does not record its base model", "pass --base with the hub id or folder")
     return str(base)
 
 
+def _portable(base: str) -> str:
+    """A local base as an absolute path, so the exported adapter works from any folder."""
+    import os
+
+    return os.path.abspath(base) if Path(base).expanduser().is_dir() else base
+
+
 def _check_output(output: str | Path, overwrite: bool, inputs: list[Path]) -> None:
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a folder", "choose another --output")
+        raise UserError(f"--output {out} exists and is a file, not a folder",
+                        "choose another --output, or remove the file")
+    check_output_dir(out, "--output")  # a file where a parent folder should be
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--output {out} exists and is not empty",
                         "choose another --output, or pass --overwrite to replace it")

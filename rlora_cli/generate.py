@@ -31,31 +31,36 @@ def generate(prompt: str | None = None, *, model: str | None = None, adapter: st
              file: str | Path | None = None, output: str | Path | None = None, kind: str = "instruction",
              template: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, batch_size: int = 8, seed: int = 0, dtype: str = "auto",
-             stream: bool = True, console: Any = None) -> list[dict[str, Any]]:
+             trust_remote_code: bool = False, stream: bool = True, console: Any = None) -> list[dict[str, Any]]:
     """Answer one prompt or every line of a JSONL file; returns the output rows (input + completion).
 
     Input and options are checked before any model loads; bad input is a UserError.
     """
     from rich.console import Console
+    from rich.markup import escape
 
+    from rlora_cli.checkpoint import check_output_file
     from rlora_cli.evaluate import adapter_dir, load_eval_model
 
     console = console or Console(stderr=True)
     rows = _rows(prompt, file, kind)
     _check_options(max_new_tokens, temperature, top_p, batch_size, template)
+    if output:
+        check_output_file(output, "--output")
     adapter = adapter_dir(adapter) if adapter else None
     if not model and not adapter:
         raise UserError("nothing to generate with", "give --model ID_OR_PATH, --adapter DIR, or both")
     saved = _saved_templates(adapter)
-    lm, tokenizer, base = load_eval_model(model, adapter, dtype=dtype, console=console)
+    lm, tokenizer, base = load_eval_model(model, adapter, dtype=dtype, console=console,
+                                          trust_remote_code=trust_remote_code)
     prompts = [build_prompt(row, tokenizer, saved, template, default_kind=kind) for row in rows]
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if prompt is not None and stream:
-        console.print(f"[dim]{base}{' + ' + adapter if adapter else ''}; kind {rows[0].get('kind', kind)}[/]",
-                      highlight=False)
+        what = f"{base}{' + ' + adapter if adapter else ''}; kind {rows[0].get('kind', kind)}"
+        console.print(f"[dim]{escape(what)}[/]", highlight=False)
         completions = complete(lm, tokenizer, prompts, batch_size=1, stream=True, **settings)
     else:
-        from rlora_cli.evaluate import progress_bar
+        from rlora_cli.scoring import progress_bar
 
         with progress_bar(console, len(prompts), "generating") as advance:
             completions = complete(lm, tokenizer, prompts, batch_size=batch_size, progress=advance, **settings)
@@ -64,7 +69,7 @@ def generate(prompt: str | None = None, *, model: str | None = None, adapter: st
         from rlora_cli.checkpoint import atomic_write_text
 
         atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
-        console.print(f"{len(out)} completion(s) written to {output}")
+        console.print(f"{len(out)} completion(s) written to {escape(str(output))}")
     return out
 
 

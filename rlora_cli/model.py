@@ -138,23 +138,34 @@ def load_model(name_or_path: str, *, dtype: str = "auto", trust_remote_code: boo
     return model, tokenizer
 
 
-def meta_model(name_or_path: str, *, fix: str) -> Any:
+def meta_model(name_or_path: str, *, fix: str, trust_remote_code: bool = False) -> Any:
     """The model's architecture with no weights (meta device): shapes and module names only,
     from its config.json alone. `fix` tells the user what to pass when the config can't be read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the config of model {name_or_path!r}: {first_line(e)}",
-                        fix) from None
+                        REMOTE_CODE_FIX if _wants_remote_code(e) else fix) from None
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+REMOTE_CODE_FIX = ("if you trust the model's repository, allow its code: model.trust_remote_code: true "
+                   "in the recipe, --trust-remote-code for eval, generate, merge, export and analyze")
+
+
+def _wants_remote_code(error: Exception) -> bool:
+    """transformers refuses a repository with its own code and names the argument in the message."""
+    return "trust_remote_code" in str(error)
 
 
 def _load_error(name: str, error: Exception) -> UserError:
     first = first_line(error)
+    if _wants_remote_code(error):
+        return UserError(f"model {name!r} needs its repository's own code: {first}", REMOTE_CODE_FIX)
     if Path(name).exists():
         return UserError(f"cannot load a model from {name}: {first}",
                          "give a folder written by save_pretrained (config.json, weights, tokenizer)")

@@ -8,13 +8,15 @@ exactly those tokens are scored. Rows are right-padded with an attention mask, s
 equals the one-by-one score (up to float rounding); when every candidate of a request is one token
 the context is run once and all candidates are read off its last position.
 
-`greedy_generate` decodes greedily (left-padded batches) until a newline or EOS.
+`greedy_generate` decodes greedily (left-padded batches) until a newline or EOS. `progress_bar`
+and `task_record` are shared by every eval task (benchmarks, the recipe's held-out tasks).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -234,3 +236,25 @@ def label_losses(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
         if progress is not None:
             progress(len(chunk))
     return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ shared by the eval tasks
+
+
+@contextmanager
+def progress_bar(console: Any, total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar; yields `advance(k)`. `label` prints literally (it may hold a path)."""
+    from rich.markup import escape
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        handle = bar.add_task(escape(label), total=total)
+        yield lambda k: bar.advance(handle, k)
+
+
+def task_record(correct: list[bool], **extra: Any) -> dict[str, Any]:
+    """A task's accuracy over its scored examples (None when there were none) and their count."""
+    return {"accuracy": sum(correct) / len(correct) if correct else None, "n": len(correct), **extra}

@@ -266,3 +266,47 @@ def test_a_folder_that_is_not_an_adapter_is_refused(tmp_path, adapters):
     (broken / WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="cannot read the adapter weights"):
         analyze_adapter(broken)
+
+
+def test_output_that_is_a_file_is_refused_before_any_work(adapters, tmp_path, monkeypatch):
+    import rlora_cli.analyze as an
+
+    monkeypatch.setattr(an, "analyze_adapter", lambda *a, **k: pytest.fail("analysed before checking --output"))
+    (tmp_path / "report.txt").write_text("keep")
+    with pytest.raises(UserError, match="--output .*report.txt exists and is a file, not a folder"):
+        analyze(adapters["lora"], output=tmp_path / "report.txt")
+    with pytest.raises(UserError, match="report.txt is a file, not a folder"):
+        analyze(adapters["lora"], output=tmp_path / "report.txt" / "sub")
+    assert (tmp_path / "report.txt").read_text() == "keep"
+
+
+def test_non_finite_adapter_is_refused_naming_the_tensor(adapters, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / "nan"
+    shutil.copytree(adapters["rlora"], d)
+    tensors = load_file(str(d / WEIGHTS_FILE))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(d / WEIGHTS_FILE))
+    with pytest.raises(UserError, match=f"tensor {name} holds NaN or infinite values"):
+        analyze(d, output=tmp_path / "out")
+    assert not (tmp_path / "out" / "analysis.json").exists()
+
+
+def test_router_usage_of_a_custom_code_base_needs_the_flag(adapters, tiny_model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "remote"
+    shutil.copytree(adapters["rlora"], d)
+    config = json.loads((d / CONFIG_FILE).read_text())
+    (d / CONFIG_FILE).write_text(json.dumps({**config, "trust_remote_code": True}))
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    with pytest.raises(UserError, match="runs its own code") as e:
+        analyze(d, recipe=recipe, output=tmp_path / "out", limit=1)
+    assert "--trust-remote-code" in e.value.fix
+    analyze(d, output=tmp_path / "tensors-only")  # reading the adapter files runs no code: no flag needed
+    first, _ = analyze(d, recipe=recipe, output=tmp_path / "out", limit=1, trust_remote_code=True)
+    assert set(first["router_usage"]) == {"facts", "reviews"}

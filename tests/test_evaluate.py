@@ -19,9 +19,9 @@ from rlora_cli import evaluate as ev
 from rlora_cli.errors import UserError
 from rlora_cli.evalsets import bigbench_prompt, load_bigbench, load_mmlu, mmlu_prompt
 from rlora_cli.scoring import encode_pair, greedy_generate, loglikelihoods
-from conftest import BIGBENCH_DIR  # noqa: E402
+from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 
-BIGBENCH = BIGBENCH_DIR
+BIGBENCH = BIGBENCH_FIXTURES
 RESULT_KEYS = {"task", "model", "adapter", "shots", "limit", "rlora_version", "wall_s", "accuracy",
                "n", "mean_accuracy", "tasks"}
 
@@ -96,13 +96,12 @@ def test_bigbench_prompt_defaults_choices_and_shots():
     assert bigbench_prompt({}, {"input": "Say hi", "target": ["hi", "hello"]}, []) == "\nQ: Say hi\nA: "
 
 
-def test_choice_order_is_a_seeded_shuffle_that_hides_the_file_position():
+def check_choice_order_hides_the_first_position(examples: list[dict]) -> None:
+    """Examples whose file lists the answer first, always, among four choices."""
     from collections import Counter
 
     from rlora_cli.evalsets import choice_order
 
-    task = load_bigbench(BIGBENCH / "physics" / "task.json")  # the file lists the answer first, always
-    examples = task["examples"]
     best = [max(e["target_scores"], key=e["target_scores"].get) for e in examples]
     assert all(list(e["target_scores"])[0] == b for e, b in zip(examples, best))
     orders = [choice_order(e) for e in examples]
@@ -110,6 +109,20 @@ def test_choice_order_is_a_seeded_shuffle_that_hides_the_file_position():
     assert orders == [choice_order(e) for e in examples]  # deterministic
     positions = Counter(o.index(b) for o, b in zip(orders, best))
     assert len(positions) == 4 and max(positions.values()) < 0.4 * len(examples)
+
+
+def test_choice_order_is_a_seeded_shuffle_that_hides_the_file_position():
+    task = load_bigbench(BIGBENCH / "answer_first" / "task.json")  # the file lists the answer first, always
+    check_choice_order_hides_the_first_position(task["examples"])
+    assert bigbench_prompt(task, task["examples"][0], []) == (  # the prompt lists the shuffled order
+        "Choose the SI unit of the quantity named in each question.\n\n"
+        "\nQ: What is the SI unit of electric current?"
+        "\n  choice: pascal\n  choice: volt\n  choice: kelvin\n  choice: ampere\nA: ")
+
+
+def test_choice_order_on_the_real_physics_task():
+    """physics lists the answer first in all of its 229 examples."""
+    check_choice_order_hides_the_first_position(load_bigbench(real_bigbench_task("physics"))["examples"])
 
 
 def test_bigbench_prompt_task_prefixes_without_appended_choices():
@@ -120,12 +133,30 @@ def test_bigbench_prompt_task_prefixes_without_appended_choices():
         "T:\nStatement: a Answer: x\n\nStatement: b Answer: ")
 
 
-def test_bigbench_prompt_real_task_fields():
-    task = load_bigbench(BIGBENCH / "sports_understanding" / "task.json")
-    ex = task["examples"][0]
+def test_bigbench_prompt_task_file_fields():
+    task = load_bigbench(BIGBENCH / "plausibility" / "task.json")  # its own prefixes, choices not appended
+    shot, ex = task["examples"][:2]
     assert bigbench_prompt(task, ex, []) == (
-        "Determine whether the following statement or statements are plausible or implausible:"
-        f"\nStatement: {ex['input']}\nPlausible/implausible? ")
+        "Say whether each statement describes something that could really happen:"
+        "\nClaim: The swimmer finished the last lap on horseback.\nPossible or impossible? ")
+    assert bigbench_prompt(task, ex, [shot]) == (
+        "Say whether each statement describes something that could really happen:"
+        "\nClaim: The goalkeeper caught the ball with both hands.\nPossible or impossible? possible"
+        "\n"
+        "\nClaim: The swimmer finished the last lap on horseback.\nPossible or impossible? ")
+    task = load_bigbench(BIGBENCH / "several_correct" / "task.json")  # its own choice prefix and separator
+    shot, ex = task["examples"][:2]
+    assert bigbench_prompt(task, ex, [shot]) == (  # the shot shows the first best-scored choice in file order
+        "Pick an answer that fits.\n"
+        "\nQ: Which of these numbers is even?\n  option: 9\n  option: 10\n  option: 4\n  option: 7\nA: 4"
+        "\n\n"
+        "\nQ: Which animal can fly?\n  option: trout\n  option: bat\n  option: cat\n  option: sparrow\nA: ")
+    task = load_bigbench(BIGBENCH / "count_items" / "task.json")  # free-form: a shot shows the first target
+    shot, ex = task["examples"][:2]
+    assert bigbench_prompt(task, ex, [shot]) == (
+        "\nQ: I packed a towel, two books and a hat. How many things did I pack?\nA: 4"
+        "\n"
+        "\nQ: On the shelf are a clock and a vase. How many objects are on the shelf?\nA: ")
 
 
 # ---------------------------------------------------------------------------------- scoring
@@ -275,20 +306,24 @@ def test_bigbench_multiple_choice_and_exact_match_against_references(lm, tmp_pat
         assert result["mixed"] == {"accuracy": sum(expected) / 7, "n": 7, "multiple_choice": 4, "exact_match": 3}
 
 
-def test_bigbench_real_folder_with_shots_and_limit(tiny_model_dir, tmp_path):
+def test_bigbench_folder_with_shots_and_limit(tiny_model_dir, tmp_path):
     results = ev.evaluate("bbh", model=str(tiny_model_dir), data=str(BIGBENCH), shots=1, limit=2,
                           dtype="float32", output=str(tmp_path / "bbh.json"), console=quiet())
-    assert set(results) == RESULT_KEYS
-    assert set(results["tasks"]) == {p.name for p in BIGBENCH.iterdir() if p.is_dir()}
-    assert all(t["n"] == 2 for t in results["tasks"].values()) and results["n"] == 18
-    assert results["tasks"]["object_counting"]["exact_match"] == 2
-    assert results["tasks"]["penguins_in_a_table"]["multiple_choice"] == 2  # target_scores wins
+    assert set(results) == RESULT_KEYS and json.loads((tmp_path / "bbh.json").read_text()) == results
+    assert (results["shots"], results["limit"]) == (1, 2)
+    # every task folder, a subtask by its path; free-form tasks by exact match; target_scores wins
+    # over a target (table_lookup has both)
+    assert {name: (t["n"], t["multiple_choice"], t["exact_match"]) for name, t in results["tasks"].items()} == {
+        "answer_first": (2, 2, 0), "count_items": (2, 0, 2), "plausibility": (2, 2, 0),
+        "several_correct": (2, 2, 0), "spell_backwards": (2, 0, 2), "table_lookup": (2, 2, 0),
+        "word_kinds/nouns": (2, 2, 0)}
+    assert results["n"] == 14 and all(0 <= t["accuracy"] <= 1 for t in results["tasks"].values())
 
 
 def test_bigbench_single_file_limit(tiny_model_dir):
-    results = ev.evaluate("bbh", model=str(tiny_model_dir), data=str(BIGBENCH / "snarks" / "task.json"),
+    results = ev.evaluate("bbh", model=str(tiny_model_dir), data=str(BIGBENCH / "table_lookup" / "task.json"),
                           limit=3, dtype="float32", console=quiet())
-    assert list(results["tasks"]) == ["snarks"] and results["n"] == 3 and results["shots"] == 0
+    assert list(results["tasks"]) == ["table_lookup"] and results["n"] == 3 and results["shots"] == 0
 
 
 # ------------------------------------------------------------------------------------ adapters
@@ -422,8 +457,8 @@ def test_bad_inputs(tmp_path, mmlu_dir, tiny_model_dir):
           data=str(tmp_path / "bad.json"), console=quiet())
     (tmp_path / "empty.json").write_text(json.dumps({"name": "x"}))
     fails("no `examples` list", ev.evaluate, "bbh", model=m, data=str(tmp_path / "empty.json"), console=quiet())
-    fails("leaves no example", ev.evaluate, "bbh", model=m, data=str(BIGBENCH / "snarks"), shots=500,
-          console=quiet())
+    fails(r"--shots 12 leaves no example of task plausibility to score \(12 examples\)", ev.evaluate, "bbh",
+          model=m, data=str(BIGBENCH / "plausibility"), shots=12, console=quiet())
     fails("--limit must be at least 1", ev.evaluate, "mmlu", model=m, limit=0, console=quiet())
     (tmp_path / "wrong.json").write_text(json.dumps({"accuracy": 0.5, "tasks": {"a": 0.5}}))
     good = results_file(tmp_path / "good.json", {"a": 0.5})
@@ -480,7 +515,7 @@ def recipe_path(tiny_model_dir, tmp_path_factory):
                   {"name": "quiz", "path": str(folder / "quiz.jsonl"), "kind": "knowledge", "val_size": 4},
                   {"name": "facts", "path": str(folder / "facts.jsonl"), "kind": "knowledge", "val_size": 3},
                   {"name": "chats", "path": str(folder / "chats.jsonl"), "kind": "chat", "val_size": 2},
-                  {"name": "snarks", "path": str(BIGBENCH / "snarks" / "task.json"), "format": "bigbench",
+                  {"name": "claims", "path": str(BIGBENCH / "plausibility" / "task.json"), "format": "bigbench",
                    "val_size": 3},
               ]}}
     path = folder / "recipe.yaml"
@@ -499,13 +534,13 @@ def test_recipe_eval_reports_every_task_against_references(recipe_path, lm, tmp_
                           output=str(tmp_path / "recipe.json"), console=quiet())
     assert set(results) == RESULT_KEYS and results["model"] == str(load_recipe(recipe_path).model.name_or_path)
     tasks = results["tasks"]
-    assert list(tasks) == ["ops", "reviews", "quiz", "facts", "chats", "snarks"]
+    assert list(tasks) == ["ops", "reviews", "quiz", "facts", "chats", "claims"]
     assert {k: (v["kind"], v["n"]) for k, v in tasks.items()} == {
         "ops": ("instruction", 3), "reviews": ("nlu", 4), "quiz": ("knowledge", 4), "facts": ("knowledge", 3),
-        "chats": ("chat", 2), "snarks": ("knowledge", 3)}
+        "chats": ("chat", 2), "claims": ("knowledge", 3)}
     assert results["n"] == 4 + 4 + 3 + 3  # examples with an accuracy
     val = {t: v for t, (_, v) in load_splits(load_recipe(recipe_path)).items()}
-    for task in ("reviews", "quiz", "snarks"):  # choices by summed log-likelihood
+    for task in ("reviews", "quiz", "claims"):  # choices by summed log-likelihood
         hits = []
         for ex in val[task]:
             prompt = prompt_and_response(ex, tok)[0]
@@ -548,3 +583,155 @@ def test_run_folder_means_its_adapter_and_recipe(adapter_dir, recipe_path, lm):
     results = ev.evaluate("recipe", adapter=str(run), dtype="float32", limit=1, console=quiet())
     assert results["adapter"] == str(path) and results["model"] == str(lm[0].name_or_path)
     assert len(results["tasks"]) == 6 and all(t["n"] == 1 for t in results["tasks"].values())
+
+
+# ------------------------------------------------------------------ compare: every task in the chart
+
+
+def test_compare_chart_shows_every_task_loss_scored_ones_too(tmp_path):
+    """The demo's textops is scored by held-out loss: the chart has a lower-is-better panel for it."""
+    a = results_file(tmp_path / "a.json", {"reviews": 0.6, "quiz": 0.18, "textops": None, "chat": None},
+                     textops={"loss": 3.93}, chat={"perplexity": 40.0})
+    b = results_file(tmp_path / "b.json", {"reviews": 1.0, "quiz": 0.33, "textops": None, "chat": None,
+                                           "only_in_b": 0.5}, textops={"loss": 0.62}, chat={"perplexity": 12.0})
+    out = ev.compare(a, b, plot=tmp_path / "cmp.png", console=quiet())
+    fig = ev.comparison_figure(out, "A", "B")
+    try:
+        ticks = {t.get_text().split(" (")[0] for ax in fig.axes for t in ax.get_xticklabels()}
+        labels = " ".join(ax.get_ylabel() for ax in fig.axes)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    tasks = set(json.loads(a.read_text())["tasks"]) | set(json.loads(b.read_text())["tasks"])
+    assert tasks <= ticks and "overall" in ticks
+    assert "lower is better" in labels and "higher is better" in labels
+    loss_ax = next(ax for ax in fig.axes if "lower" in ax.get_ylabel())
+    assert {t.get_text() for t in loss_ax.get_xticklabels()} == {"textops", "chat (perplexity)"}
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_prints_task_names_and_paths_literally(tmp_path):
+    folder = tmp_path / "runs[bold]"
+    folder.mkdir()
+    a = results_file(folder / "a[red].json", {"[bold]x[/]": 0.5, "t[/b]": 0.25})
+    console = quiet()
+    ev.compare(a, a, console=console)
+    text = console.file.getvalue()
+    assert "[bold]x[/]" in text and "t[/b]" in text and "runs[bold]/a[red].json" in text
+
+
+# ------------------------------------------------------------- adapters from anywhere, base gone
+
+
+def _adapter_over(base: Path, out: Path, **save_kw) -> Path:
+    from rlora_cli.adapters import AdapterConfig, inject_adapters
+    from rlora_cli.checkpoint import save_adapter
+    from rlora_cli.model import load_model
+
+    model, tok = load_model(str(base), dtype="float32")
+    inject_adapters(model, AdapterConfig(type="lora", r=2, target_modules=["q_proj"]))
+    return save_adapter(model, out, tokenizer=tok, **save_kw)
+
+
+def test_adapter_saved_from_a_relative_base_loads_from_any_folder(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from rlora_cli.checkpoint import read_adapter_config
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / ".models" / "tiny")
+    monkeypatch.chdir(project)
+    adapter = _adapter_over(Path(".models/tiny"), Path("runs/demo/adapter"))
+    config = read_adapter_config(adapter)
+    assert config["base_model"] == str(project / ".models" / "tiny")  # absolute, not as given
+    assert config["trust_remote_code"] is False
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _, _, base = ev.load_eval_model(None, str(project / "runs" / "demo" / "adapter"), dtype="float32")
+    assert base == str(project / ".models" / "tiny")
+    # An older adapter recorded the path as given: found above the adapter, whatever the working folder.
+    config["base_model"] = ".models/tiny"
+    (project / "runs" / "demo" / "adapter" / "rlora_config.json").write_text(json.dumps(config))
+    _, _, base = ev.load_eval_model(None, str(project / "runs" / "demo" / "adapter"), dtype="float32")
+    assert Path(base) == project / ".models" / "tiny"
+    shutil.move(project / ".models", project / ".models-moved")
+    with pytest.raises(UserError, match=r"\.models/tiny is not in the working folder") as e:
+        ev.load_eval_model(None, str(project / "runs" / "demo" / "adapter"), dtype="float32")
+    assert "--model" in e.value.fix
+    # --model names the base; the record is then only compared for the warning.
+    ev.load_eval_model(str(project / ".models-moved" / "tiny"), str(project / "runs" / "demo" / "adapter"),
+                       dtype="float32", console=quiet())
+
+
+def test_hub_cache_folder_keeps_its_hub_id(tiny_model_dir, tmp_path):
+    import shutil
+
+    from rlora_cli.checkpoint import base_record
+
+    snapshot = tmp_path / "hub" / "models--Org--Tiny-Model" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snapshot)
+    assert base_record(str(snapshot)) == {"base_model": str(snapshot), "base_model_hub_id": "Org/Tiny-Model"}
+    assert base_record("Org/Not-Local") == {"base_model": "Org/Not-Local", "base_model_hub_id": "Org/Not-Local"}
+
+
+# ------------------------------------------------------------------------------- custom code
+
+
+def test_custom_code_adapter_needs_the_flag(tiny_model_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from rlora_cli.adapters import AdapterConfig, inject_adapters
+    from rlora_cli.checkpoint import read_adapter_config, save_adapter
+    from rlora_cli.model import load_model
+
+    model, tok = load_model(str(tiny_model_dir), dtype="float32")
+    # A model class that transformers imported from the repository's own code.
+    model.__class__ = type("CustomLlama", (LlamaForCausalLM,), {"__module__": "transformers_modules.org.modeling"})
+    inject_adapters(model, AdapterConfig(type="lora", r=2, target_modules=["q_proj"]))
+    adapter = save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    assert read_adapter_config(adapter)["trust_remote_code"] is True
+    with pytest.raises(UserError, match="runs its own code") as e:
+        ev.load_eval_model(None, str(adapter), dtype="float32")
+    assert "--trust-remote-code" in e.value.fix
+    lm, _, _ = ev.load_eval_model(None, str(adapter), dtype="float32", trust_remote_code=True)
+    assert type(lm).__module__.startswith("transformers.")  # the flag only allows; this base has no code
+
+
+def test_remote_code_refusal_of_an_unmarked_model_names_the_flag():
+    from rlora_cli.model import _load_error
+
+    e = _load_error("org/custom", ValueError("The repository org/custom contains custom code which must be "
+                                             "executed... pass the argument `trust_remote_code=True`"))
+    assert "own code" in e.problem and "--trust-remote-code" in e.fix
+
+
+# ------------------------------------------------------------------------------- finite adapters
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_adapter_is_refused_naming_file_and_tensor(adapter_dir, tmp_path, bad):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _ = adapter_dir
+    copy = tmp_path / "adapter"
+    shutil.copytree(path, copy)
+    tensors = load_file(str(copy / "rlora_adapter.safetensors"))
+    name = list(tensors)[3]
+    tensors[name][0, 0] = bad
+    save_file(tensors, str(copy / "rlora_adapter.safetensors"))
+    with pytest.raises(UserError, match=rf"rlora_adapter.safetensors: tensor {name} holds NaN or infinite") as e:
+        ev.load_eval_model(None, str(copy), dtype="float32")
+    assert "checkpoint" in e.value.fix and "\n" not in e.value.message
+
+
+def test_eval_output_checks_come_before_any_work(tiny_model_dir, tmp_path):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(UserError, match="is a folder"):
+        ev.evaluate("mmlu", model=str(tiny_model_dir), output=str(tmp_path / "here"), console=quiet())
+    with pytest.raises(UserError, match="plain is a file, not a folder"):
+        ev.evaluate("mmlu", model=str(tiny_model_dir), output=str(tmp_path / "plain" / "r.json"), console=quiet())

@@ -352,7 +352,16 @@ CORRUPTIONS = {
     "truncated": (lambda d: _truncate(d / WEIGHTS_FILE), "truncated"),
     "garbage": (lambda d: (d / WEIGHTS_FILE).write_bytes(b"\x00" * 64), "not a safetensors file"),
     "missing-tensor": (_drop_tensor, "missing tensors"),
+    "nan-tensor": (lambda d: _nan_tensor(d), r"tensor \S+ holds NaN or infinite values"),
 }
+
+
+def _nan_tensor(d: Path):
+    tensors = load_file(str(d / WEIGHTS_FILE))
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[-1] = float("nan")
+    save_file(tensors, str(d / WEIGHTS_FILE))
 
 
 @pytest.mark.parametrize("fmt", ["merged", "peft"])
@@ -554,3 +563,58 @@ def test_cli_errors_exit_2_with_one_line(good_adapter, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "—" in err
     assert nothing_written(tmp_path / "x")
+
+
+# ---------------------------------------------------------------- portable, custom code, literal output
+
+
+def test_peft_export_records_a_local_base_by_absolute_path(good_adapter, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    cfg = export_peft(good_adapter, tmp_path / "peft", base=tiny_model_dir.name)  # relative, as typed
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_model_dir)
+    # An older adapter recorded the base relative to where it trained: found above the adapter.
+    project = tmp_path / "project"
+    shutil.copytree(good_adapter, project / "runs" / "demo" / "adapter")
+    shutil.copytree(tiny_model_dir, project / ".models" / "tiny")
+    _edit_config(project / "runs" / "demo" / "adapter", base_model=".models/tiny")
+    monkeypatch.chdir(tmp_path)
+    cfg = export_peft(project / "runs" / "demo", tmp_path / "peft-old")
+    assert cfg["base_model_name_or_path"] == str(project / ".models" / "tiny")
+    merge_to_folder(project / "runs" / "demo", tmp_path / "merged-old")
+    assert (tmp_path / "merged-old" / "config.json").is_file()
+
+
+def test_custom_code_adapter_merges_and_exports_only_with_the_flag(good_adapter, tmp_path):
+    d = tmp_path / "adapter"
+    shutil.copytree(good_adapter, d)
+    _edit_config(d, trust_remote_code=True)
+    for fmt in ("merged", "peft"):
+        with pytest.raises(UserError, match="runs its own code") as e:
+            export_adapter(d, tmp_path / fmt, format=fmt)
+        assert "--trust-remote-code" in e.value.fix and nothing_written(tmp_path / fmt)
+        export_adapter(d, tmp_path / fmt, format=fmt, trust_remote_code=True)
+    info = inspect_dir(d)
+    assert info["trust_remote_code"] is True and "trust_remote_code" not in info["metadata"]
+
+
+def test_output_that_is_a_file_or_under_a_file_is_refused(good_adapter, tmp_path):
+    (tmp_path / "model.bin").write_text("keep")
+    for fmt in ("merged", "peft"):
+        with pytest.raises(UserError, match="exists and is a file, not a folder"):
+            export_adapter(good_adapter, tmp_path / "model.bin", format=fmt)
+        with pytest.raises(UserError, match="model.bin is a file, not a folder"):
+            export_adapter(good_adapter, tmp_path / "model.bin" / "out", format=fmt)
+    assert (tmp_path / "model.bin").read_text() == "keep"
+
+
+def test_inspect_prints_bracketed_paths_literally(good_adapter, tmp_path):
+    from rich.console import Console
+
+    d = tmp_path / "runs[bold]" / "a[/b]x"
+    shutil.copytree(good_adapter, d)
+    console = Console(record=True, width=300)
+    render_inspect(inspect_dir(d), console)
+    text = console.export_text()
+    assert "runs[bold]/a[/b]x" in text and "['q_proj', 'v_proj', 'gate_proj', 'down_proj']" in text

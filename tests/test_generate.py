@@ -5,6 +5,8 @@ and a merged folder work alike, sampling is seeded, and bad input is one UserErr
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +167,87 @@ def test_bad_input_is_one_user_error(tmp_path, adapter, tiny_model_dir):
         generate("hi", model=str(tiny_model_dir), kind="poem")
     with pytest.raises(UserError, match="--temperature"):
         generate("hi", model=str(tiny_model_dir), temperature=-1)
+
+
+# ------------------------------------------------------------------ the command line, from anywhere
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(argv: list[str]) -> int:
+    from rlora_cli.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_cli_adapter_by_absolute_path_from_another_folder_then_base_moved(tiny_model_dir, tmp_path,
+                                                                         monkeypatch, capfd):
+    """An adapter trained on `.models/x` (relative, as recipes say) works from any working folder;
+    once the base is gone the command is one line naming the path and --model."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / ".models" / "x")
+    monkeypatch.chdir(project)
+    model = AutoModelForCausalLM.from_pretrained(".models/x", dtype=torch.float32)
+    inject_adapters(model, AdapterConfig(type="lora", r=2, target_modules=["q_proj", "v_proj"]))
+    save_adapter(model, "runs/demo/adapter", tokenizer=AutoTokenizer.from_pretrained(".models/x"))
+    monkeypatch.chdir(tmp_path)
+    run = str(project / "runs" / "demo")
+    assert _cli(["generate", "--adapter", run, "--max-new-tokens", "2", "--dtype", "fp32", "Hi"]) == 0
+    assert "Repo id" not in capfd.readouterr().err
+    shutil.move(project / ".models", project / "models-elsewhere")
+    assert _cli(["generate", "--adapter", run, "--max-new-tokens", "2", "Hi"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"{project / '.models' / 'x'} no longer exists" in err and "pass --model" in err
+    assert _cli(["generate", "--adapter", run, "--model", str(project / "models-elsewhere" / "x"),
+                 "--max-new-tokens", "2", "--dtype", "fp32", "Hi"]) == 0
+
+
+def test_custom_code_adapter_generates_only_with_the_flag(adapter, tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "rlora_config.json").read_text())
+    (copy / "rlora_config.json").write_text(json.dumps({**config, "trust_remote_code": True}))
+    with pytest.raises(UserError, match="runs its own code") as e:
+        generate("hi", adapter=str(copy), max_new_tokens=2, stream=False)
+    assert "--trust-remote-code" in e.value.fix
+    expected = generate("hi", adapter=str(adapter), max_new_tokens=2, stream=False)
+    assert generate("hi", adapter=str(copy), max_new_tokens=2, stream=False, trust_remote_code=True) == expected
+
+
+def test_non_finite_adapter_generates_nothing_and_says_which_tensor(adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    tensors = load_file(str(copy / "rlora_adapter.safetensors"))
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("-inf"))
+    save_file(tensors, str(copy / "rlora_adapter.safetensors"))
+    with pytest.raises(UserError, match=f"tensor {first} holds NaN or infinite values"):
+        generate("hi", adapter=str(copy), max_new_tokens=2, stream=False)
+
+
+def test_output_that_is_a_folder_is_refused_before_loading(adapter, tmp_path, monkeypatch):
+    import rlora_cli.evaluate as ev
+
+    monkeypatch.setattr(ev, "load_eval_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(UserError, match="is a folder"):
+        generate("hi", adapter=str(adapter), output=tmp_path)
+
+
+def test_shipped_demo_prompts_cover_each_demo_kind(adapter):
+    """data/demo/prompts.jsonl (used in the README) parses and has a line of each kind the demo trains."""
+    from rlora_cli.generate import _rows
+
+    path = REPO / "data" / "demo" / "prompts.jsonl"
+    rows = _rows(None, path, "instruction")
+    assert {r.get("kind", "instruction") for r in rows} == {"instruction", "nlu", "knowledge"}
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert all(build_prompt(r, tokenizer).strip() for r in rows)
+    out = generate(file=path, adapter=str(adapter), max_new_tokens=2, batch_size=6)
+    assert len(out) == len(rows) and all("completion" in r for r in out)
