@@ -12,6 +12,9 @@ One readable loop (`train`), in the spirit of Accelerate's examples. Choices tha
 - Each process reads its own rank-strided share of a per-epoch permutation seeded by the recipe's
   seed, so resuming is an index skip (no batch is read to be thrown away), and the RNG state is
   snapshotted at every step boundary, so an interrupted run resumes bit-identically on the CPU.
+- SIGTERM (a scheduler, `docker stop`, a spot preemption) is handled as Ctrl-C is: a checkpoint,
+  then exit 143. The run folder itself (its lock, what a failed start leaves, a full disk,
+  damaged checkpoints) is rundir.py's.
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from itertools import islice
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,9 +35,9 @@ import torch.nn.functional as F
 from rlora_cli.checkpoint import atomic_write_text, load_adapter_weights, save_adapter
 from rlora_cli.errors import UserError
 from rlora_cli.kernels import Kernels, apply_kernels, compile_model
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
+from rlora_cli.rundir import (CHECKPOINT_PREFIX, STATE_FILE, OutputWriteError, RunDir,  # noqa: F401 (API)
+                              SaveClock, Terminated, full_state, latest_checkpoint, plan_output, save_checkpoint,
+                              sigterm_as_interrupt)
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,43 +76,55 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: str | Path | None = None,
           resume: str = "never", overwrite: bool = False, console: Any = None) -> Path:
-    """Train the recipe's adapter; returns the run directory. Raises UserError for bad input."""
+    """Train the recipe's adapter; returns the run directory. Raises UserError for bad input,
+    OutputWriteError (exit 1) when OUT cannot be written, and SystemExit(143) after SIGTERM, which
+    saves a checkpoint as Ctrl-C does. OUT is locked for the run (rundir.RunDir)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from rich.console import Console
-    from transformers import get_scheduler
 
-    from rlora_cli.adapters import adapter_layers, inject_adapters, parameter_counts
-    from rlora_cli.config import load_recipe, recipe_to_dict
-    from rlora_cli.data import collate, prepare, write_mixture
-    from rlora_cli.model import load_model, load_tokenizer
-    from rlora_cli.report import MetricsLog, banner, format_count, plot_losses
+    from rlora_cli.config import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     out = Path(output or recipe.output.dir)
-    start = plan_output(out, recipe_to_dict(recipe), resume, overwrite)
-    t = recipe.train
-    accelerator = Accelerator(mixed_precision=mixed_precision(t.precision),
+    accelerator = Accelerator(mixed_precision=mixed_precision(recipe.train.precision),
                               log_with=None if recipe.output.log_with == "none" else recipe.output.log_with,
                               project_dir=str(out))
     if recipe.output.log_with != "none" and not accelerator.log_with:  # Accelerate only warns
         raise UserError(f"output.log_with: {recipe.output.log_with} is not installed",
                         f"pip install {recipe.output.log_with}, or set output.log_with: none")
+    try:
+        with sigterm_as_interrupt(), RunDir(out, accelerator.is_main_process) as run:
+            _train(recipe, recipe_path, out, run, accelerator, resume, overwrite, console)
+    except Terminated:
+        raise SystemExit(143) from None  # 128 + SIGTERM, as the shell reports a process it ended
+    return out
+
+
+def _train(recipe: Any, recipe_path: str | Path, out: Path, run: RunDir, accelerator: Any, resume: str,
+           overwrite: bool, console: Any) -> None:
+    from accelerate.utils import set_seed
+    from rich.console import Console
+    from rich.markup import escape
+    from transformers import get_scheduler
+
+    from rlora_cli.adapters import inject_adapters, parameter_counts
+    from rlora_cli.config import recipe_to_dict
+    from rlora_cli.data import collate, prepare, write_mixture
+    from rlora_cli.model import load_model, load_tokenizer
+    from rlora_cli.report import MetricsLog, TrainProgress, plot_losses, run_info, train_banner
+
+    t = recipe.train
     main = accelerator.is_main_process
     console = (console or Console()) if main else Console(quiet=True)
+    plan = plan_output(out, recipe_to_dict(recipe), resume, overwrite)
+    start = plan.start
+    for note in plan.notes:
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     set_seed(recipe.seed)
-    if main:
-        if overwrite and start is None and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", _yaml(recipe_to_dict(recipe)))
 
     # Data first: a bad column fails in seconds, before any weights load.
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     with accelerator.main_process_first():
         data = prepare(recipe, tokenizer, console=console)
-    if main:
-        write_mixture(data.mixture, out / "mixture.json")
 
     model, _ = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype,
                           trust_remote_code=recipe.model.trust_remote_code,
@@ -123,6 +136,11 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     kern = apply_kernels(model, t.kernels, accelerator.device, compiled=t.compile,
                          packed_length=recipe.data.max_length if recipe.data.packing else None)
     compile_note = compile_model(model, t.compile_mode) if t.compile else "off"
+    # The run is sound: from here on what it writes in OUT stays (a failed start left nothing).
+    run.commit(plan)
+    if main:
+        atomic_write_text(out / "recipe.yaml", _yaml(recipe_to_dict(recipe)))
+        write_mixture(data.mixture, out / "mixture.json")
     # Compiled blocks replay as CUDA graphs, whose output buffers the next replay reuses: every
     # training forward starts a new generation of them (cudagraph_mark_step_begin below).
     graphs = t.compile and t.compile_mode == "reduce-overhead" and accelerator.device.type == "cuda"
@@ -166,36 +184,26 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
         load_adapter_weights(accelerator.unwrap_model(model), start / "adapter")
         accelerator.load_state(str(start / "state"))
         state = TrainerState(**{**json.loads((start / STATE_FILE).read_text()), "total_steps": total})
-        console.print(f"[green]resuming[/] from {start} (step {state.step} of {total})")
+        console.print(f"[green]resuming[/] from {escape(str(start))} (step {state.step} of {total})")
 
     trainable, all_params = parameter_counts(accelerator.unwrap_model(model))
     if main:
-        banner(console, {
-            "model": recipe.model.name_or_path,
-            "method": f"{recipe.adapter.type} (r={recipe.adapter.r}, heads={recipe.adapter.num_heads}, "
-                      f"{len(adapter_layers(accelerator.unwrap_model(model)))} modules)",
-            "trainable": f"{format_count(trainable)} of {format_count(all_params)} "
-                         f"({100 * trainable / all_params:.3f}%)",
-            "data": f"{len(data.train)} examples, {len(data.tasks)} tasks; "
-                    f"{steps_per_epoch} steps/epoch, {total} steps",
-            "batch": f"{t.micro_batch_size} × {t.gradient_accumulation_steps} accumulation × {world} "
-                     f"process(es) = {t.micro_batch_size * t.gradient_accumulation_steps * world}",
-            "precision": f"{accelerator.mixed_precision} (base stored as "
-                         f"{str(next(accelerator.unwrap_model(model).parameters()).dtype).removeprefix('torch.')})",
-            "kernels": kern.note,
-            "compile": compile_note,
-            "device": f"{accelerator.device} × {world}",
-            "output": str(out),
-        })
+        train_banner(console, recipe, accelerator, model, data, out, kern.note, compile_note, steps_per_epoch, total,
+                     trainable, all_params)
         atomic_write_text(out / "run_info.json", json.dumps(run_info(recipe, accelerator, trainable, all_params), indent=2))
         if recipe.output.log_with != "none":
             accelerator.init_trackers("rlora", config=_flat(recipe_to_dict(recipe)))
     log = MetricsLog(out / "metrics.jsonl", resume_step=state.step) if main else None
     meta = {"templates": data.templates, "recipe": str(recipe_path)}
-    save = lambda: save_checkpoint(accelerator, model, out, state, tokenizer, meta, recipe.output.save_total_limit)  # noqa: E731
+    clock = SaveClock(recipe.output.save_minutes, main)
+
+    def save() -> Path:
+        path = save_checkpoint(accelerator, model, out, state, tokenizer, meta, recipe.output.save_total_limit)
+        clock.saved(state.step)
+        return path
 
     window = _Window(len(data.tasks), accelerator.device, every=recipe.output.logging_steps)
-    progress = _progress(console, total, state.step, main)
+    progress = TrainProgress(console, total, state.step, main)
     # What exists now (the model, the optimizer, the data) lives for the whole run: frozen out of
     # the garbage collector's view, so its occasional full collection does not walk all of it in
     # the middle of a step. (Compiled graphs come later, in the first step; measured enough as is.)
@@ -206,12 +214,14 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     uncounted: list[tuple[int, float, float]] = []
 
     def settle(finished: list[tuple[int, float, float]]) -> None:
-        """Check the steps read back from the device, (step, Σ loss, label tokens), and count
-        those `state` has reached: an interrupted step's update may not have happened."""
-        for step, loss_sum, n_total in finished:
+        """Check the steps read back from the device, (step, Σ loss, label tokens[, save votes]),
+        and count those `state` has reached: an interrupted step's update may not have happened."""
+        for step, loss_sum, n_total, *votes in finished:
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(f"the loss became {loss_sum / n_total} at step {step}")
-        uncounted.extend(finished)
+            if votes:
+                clock.seen(step, votes[0])
+        uncounted.extend(f[:3] for f in finished)
         while uncounted and uncounted[0][0] <= state.step:
             _, loss_sum, n_total = uncounted.pop(0)
             window.add_step(loss_sum, n_total)
@@ -248,7 +258,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     # A diverged step never reaches the weights or a checkpoint: it is read here,
                     # before the update, or (deferred) the optimizer skips it on the device and it
                     # is read next step, before any later checkpoint (_LossReads).
-                    values = torch.stack([accelerator.reduce(step_loss, reduction="sum"), n_tokens])
+                    values = _step_values(accelerator, step_loss, n_tokens, clock)
                     settle(reads.push(values, state.step + 1))
                     grad_norm = (accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                                  if t.max_grad_norm > 0 else None)
@@ -260,8 +270,9 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     rng = _rng_snapshot()  # where a resume after this step starts (Ctrl-C from here on)
                     evaluates = bool(recipe.output.eval_steps) and state.step % recipe.output.eval_steps == 0
                     saves = bool(recipe.output.save_steps) and state.step % recipe.output.save_steps == 0
-                    if window.logs_at(state.step, total) or evaluates or saves:
+                    if window.logs_at(state.step, total) or evaluates or saves or clock.due:
                         settle(reads.flush())
+                    saves = saves or clock.due  # output.save_minutes: read alike on every process
                     row = window.maybe_log(state, accelerator, scheduler, grad_norm, data.tasks)
                     if row is not None:
                         if log:
@@ -276,28 +287,38 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                     micro = upcoming
                 if state.batch_in_epoch >= micro_per_epoch:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
         _rng_restore(rng)  # undo the dropout draws of the unfinished step, so resume is exact
         optimizer.zero_grad(set_to_none=True)
         settle(reads.flush())  # the finished steps' tokens, before their checkpoint
         if state.step > 0:
             path = save()
-            console.print(f"[yellow]interrupted:[/] saved {path}; continue with --resume auto")
+            how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+            console.print(f"[yellow]{how}:[/] saved {escape(str(path))}; continue with --resume auto")
         raise
     finally:
         gc.unfreeze()  # the run's objects become collectable again once train() returns
     settle(reads.flush())
     _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, kern)
     save()
-    full = _full_state(accelerator, model)  # a collective under FSDP: every process must call it
+    full = full_state(accelerator, model)  # a collective under FSDP: every process must call it
     if main:
         save_adapter(accelerator.unwrap_model(model), out / "adapter", tokenizer=tokenizer, metadata=meta,
                      state_dict=full)
         plots = plot_losses(out / "metrics.jsonl", out / "plots")
-        console.print(f"[green]done:[/] {state.step} steps, adapter in {out / 'adapter'}"
-                      + (f", plots in {out / 'plots'}" if plots else ""))
+        console.print(f"[green]done:[/] {state.step} steps, adapter in {escape(str(out / 'adapter'))}"
+                      + (f", plots in {escape(str(out / 'plots'))}" if plots else ""))
     accelerator.end_training()
-    return out
+
+
+def _step_values(accelerator: Any, step_loss: torch.Tensor, n_tokens: torch.Tensor, clock: SaveClock) -> torch.Tensor:
+    """[Σ loss over all processes, label tokens], and with output.save_minutes the main process's
+    vote to save, reduced in the same collective (votes = its sum): no extra sync."""
+    if not clock.on:
+        return torch.stack([accelerator.reduce(step_loss, reduction="sum"), n_tokens])
+    loss_sum, votes = accelerator.reduce(torch.stack([step_loss, step_loss.new_full((), clock.vote())]),
+                                         reduction="sum")
+    return torch.stack([loss_sum, n_tokens, votes.to(n_tokens.dtype)])
 
 
 def _fused_optimizer(accelerator: Any) -> bool:
@@ -477,7 +498,9 @@ def _log_eval(model, data, accelerator, state, log, pad_id, recipe, console, ker
     if log:
         log.write(row)
     accelerator.log({f"eval_loss/{k}": v for k, v in losses.items()}, step=state.step)
-    console.print(f"step {state.step} held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    from rich.markup import escape
+
+    console.print(f"step {state.step} held-out loss: " + escape(", ".join(f"{k} {v:.4f}" for k, v in losses.items())))
 
 
 # ---------------------------------------------------------------------------- set-up pieces
@@ -501,90 +524,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if p.requires_grad:
             (no_decay if name.endswith(("rlora_gate", "rlora_router")) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def plan_output(out: Path, recipe: dict[str, Any], resume: str, overwrite: bool) -> Path | None:
-    """Decide, before anything is written, whether to start fresh or which checkpoint to resume."""
-    if resume not in ("never", "auto"):
-        start = Path(resume)
-        if not (start / STATE_FILE).is_file():
-            raise UserError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})",
-                            f"give OUT/{CHECKPOINT_PREFIX}<step> or use --resume auto")
-        _check_same_recipe(start.parent, recipe)
-        return start
-    if resume == "auto" and out.is_dir():
-        found = latest_checkpoint(out)
-        if found is not None:
-            _check_same_recipe(out, recipe)
-            return found
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"the output folder {out} is not empty",
-                        "pass --resume auto to continue a run there, --overwrite to start over, "
-                        "or --output another folder")
-    return None
-
-
-def _check_same_recipe(run_dir: Path, recipe: dict[str, Any]) -> None:
-    import yaml
-
-    from rlora_cli.config import resume_conflicts
-
-    saved_path = run_dir / "recipe.yaml"
-    if not saved_path.is_file():
-        return
-    changed = resume_conflicts(yaml.safe_load(saved_path.read_text()), recipe)
-    if changed:
-        raise UserError(f"cannot resume {run_dir}: the recipe differs from its recipe.yaml in {', '.join(changed)}",
-                        "resume with the same recipe (only train.max_steps/num_epochs and output.* may change), "
-                        "or train into a new --output")
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (complete = renamed into place, so it has its state file)."""
-    steps = []
-    for p in out.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = p.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit() and (p / STATE_FILE).is_file():
-            steps.append((int(suffix), p))
-    return max(steps)[1] if steps else None
-
-
-def save_checkpoint(accelerator: Any, model: Any, out: Path, state: TrainerState, tokenizer: Any,
-                    meta: dict[str, Any], limit: int) -> Path:
-    """OUT/checkpoint-<step>: adapter + Accelerate state + trainer_state.json, renamed into place."""
-    final = out / f"{CHECKPOINT_PREFIX}{state.step}"
-    tmp = out / f".{final.name}.tmp"  # same name on every process: they all write into it
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
-    full = _full_state(accelerator, model)
-    if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), tmp / "adapter", tokenizer=tokenizer, metadata=meta,
-                     state_dict=full)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(out, limit)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _full_state(accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
-    """A full state dict where parameters are sharded (FSDP); None means 'read the model'."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
-
-
-def _prune(out: Path, limit: int) -> None:
-    if limit and limit > 0:
-        ckpts = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in out.glob(f"{CHECKPOINT_PREFIX}*")
-                       if p.name[len(CHECKPOINT_PREFIX):].isdigit())
-        for _, p in ckpts[:-limit]:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def _state_hooks(accelerator: Any) -> None:
@@ -625,51 +564,6 @@ def _rng_restore(snap: dict[str, Any]) -> None:
     torch.set_rng_state(snap["torch"])
     if "cuda" in snap:
         torch.cuda.set_rng_state_all(snap["cuda"])
-
-
-def run_info(recipe: Any, accelerator: Any, trainable: int, total: int) -> dict[str, Any]:
-    import platform
-
-    import accelerate
-    import transformers
-
-    from rlora_cli import __version__
-
-    return {
-        "rlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__, "python": platform.python_version(),
-        "seed": recipe.seed, "world_size": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "precision": accelerator.mixed_precision, "distributed": str(accelerator.distributed_type),
-        "trainable_parameters": trainable, "total_parameters": total,
-    }
-
-
-class _progress:
-    """A rich progress bar with step, loss, lr, tokens/s and ETA (silent off the main process)."""
-
-    def __init__(self, console: Any, total: int, done: int, enabled: bool) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, disable=not enabled, transient=False)
-        self.task = self.bar.add_task("train", total=total, completed=done, stats="")
-
-    def __enter__(self) -> "_progress":
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
-
-    def update(self, row: dict[str, Any]) -> None:
-        self.bar.update(self.task, stats=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s")
-
-    def advance(self, step: int) -> None:
-        self.bar.update(self.task, completed=step)
 
 
 def _yaml(d: dict[str, Any]) -> str:

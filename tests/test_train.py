@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import rlora_cli.rundir as rundir
 import rlora_cli.train as train_mod
 from rlora_cli.cli import main
 from rlora_cli.errors import UserError
@@ -298,3 +299,66 @@ def test_compile_trains_like_eager_and_saves_plain_names(tmp_path, learnable_mod
     assert runs[True].keys() == runs[False].keys()
     for key in runs[True]:
         torch.testing.assert_close(runs[True][key], runs[False][key], rtol=0, atol=1e-6)
+
+
+def test_plotted_curves_end_at_the_last_logged_loss(tmp_path, monkeypatch):
+    """A short run's per-task curve once ended at 1.15 where the log said 0.63 (a trailing mean)."""
+    from rlora_cli import report
+
+    losses = [2.4, 2.1, 1.9, 1.6, 1.2, 0.95, 0.8, 0.63]
+    rows = [{"step": 10 * (i + 1), "loss": v, "task_loss": {"a": v, "b": v + 0.5}} for i, v in enumerate(losses)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines, real_save = {}, report._save
+
+    def save(fig, path):
+        lines[path.name] = [(line.get_label(), list(line.get_ydata())) for line in fig.axes[0].get_lines()]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save", save)
+    report.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "plots")
+    for name, last in (("loss.png", 0.63), ("task_loss.png", 0.63)):
+        curves = [y for label, y in lines[name] if not label.startswith("_")]  # the labelled (smoothed) ones
+        assert curves and len(lines[name]) == 2 * len(curves)  # each with its raw points
+        assert any(y[-1] == pytest.approx(last) for y in curves)
+        assert all(len(y) == len(losses) for _, y in lines[name])
+    assert (tmp_path / "plots" / "task_loss.png").stat().st_size > 0
+
+
+def test_smoothing_is_centred_and_keeps_the_ends():
+    from rlora_cli.report import smooth
+
+    ramp = [float(i) for i in range(20)]
+    assert smooth(ramp) == ramp  # a centred mean does not lag a trend
+    noisy = [1.0 + (-1) ** i * 0.5 for i in range(20)]
+    out = smooth(noisy)
+    assert out[0] == noisy[0] and out[-1] == noisy[-1]
+    assert max(out[2:-2]) - min(out[2:-2]) < 0.25  # and it does smooth
+    assert smooth([3.0]) == [3.0] and smooth([]) == []
+
+
+def test_save_minutes_checkpoints_by_the_clock(tmp_path, learnable_model_dir, monkeypatch):
+    """save_minutes=1 and 50 s a step (25 s a micro-batch): a checkpoint every second step.
+    Deferred reads (a fused optimizer, as on CUDA) see the main process's vote a step late unless
+    a log line reads it first; the checkpoint it makes still counts every step's tokens."""
+    now, real = {"t": 0.0}, train_mod.token_losses
+
+    def losses(model, batch, **kw):
+        now["t"] += 25.0
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(rundir, "_now", lambda: now["t"])
+    monkeypatch.setattr(train_mod, "token_losses", losses)
+    runs = {}
+    for deferred, logging_steps, expected in ((False, 1, [2, 4, 6]), (True, 5, [3, 5, 6])):
+        monkeypatch.setattr(train_mod, "_fused_optimizer", lambda accelerator: deferred)
+        now["t"] = 0.0
+        folder = tmp_path / str(deferred)
+        folder.mkdir()
+        recipe = write_recipe(folder, learnable_model_dir, output={
+            "save_steps": 0, "save_minutes": 1, "save_total_limit": 0, "logging_steps": logging_steps})
+        runs[deferred] = run = train(recipe, output=folder / "run")
+        assert sorted(rundir._step(p) for p in run.glob("checkpoint-*")) == expected
+    tokens = {r["step"]: r["tokens"] for r in metrics(runs[False]) if "tokens" in r}  # logged every step
+    for step in (3, 5):
+        saved = json.loads((runs[True] / f"checkpoint-{step}" / rundir.STATE_FILE).read_text())
+        assert saved["tokens"] == tokens[step]
