@@ -1,7 +1,8 @@
 """The `rlora` command line. Thin: each command parses, calls one importable function, and is
 the only place that turns a UserError into a red line and an exit code.
 
-Exit codes: 0 ok, 1 runtime failure, 2 usage/config/input error, 130 interrupted. Every bad
+Exit codes: 0 ok, 1 runtime failure, 2 usage/config/input error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM; training saves a checkpoint first). Every bad
 input, ours or the command line parser's, is one line on stderr: the problem and the fix.
 Heavy libraries (torch, transformers) are imported inside the commands, so `--help` is instant.
 """
@@ -82,7 +83,7 @@ def train(
         False, "--print-config", help="Print the fully resolved recipe (every key, defaults filled in) as YAML "
                                       "and exit; writes nothing."),
 ) -> None:
-    """Train an adapter on a recipe's multi-task mixture (Ctrl-C saves a checkpoint)."""
+    """Train an adapter on a recipe's multi-task mixture (Ctrl-C or SIGTERM saves a checkpoint)."""
     _bad_override(overrides or [], {"--overwrite": overwrite, "--dry-run": dry_run, "--print-config": print_config})
     if print_config:
         _print_config(recipe, overrides or [], output)
