@@ -78,6 +78,6 @@ def version(pkg: str) -> str | None:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Written whole or not at all (temp file, then rename)."""
-    from rlora_cli.checkpoint import atomic_write_text
+    from rlora_cli.files import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(data, indent=1) + "\n")

@@ -119,8 +119,8 @@ def write_model(shape: str, folder: Path, device: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlora_cli.checkpoint import atomic_dir
-    from rlora_cli.model import build_tokenizer
+    from rlora_cli.files import atomic_dir
+    from rlora_cli.testing import build_tokenizer
 
     tokenizer = build_tokenizer()
     marker = {"shape": shape, "config": SHAPES[shape], "tokenizer": len(tokenizer),
@@ -145,7 +145,7 @@ def write_model(shape: str, folder: Path, device: str) -> Path:
 
 def word_list() -> list[str]:
     """The offline tokenizer's training words (one or two tokens each)."""
-    from rlora_cli.model import tiny_corpus
+    from rlora_cli.testing import tiny_corpus
 
     return sorted({w.rstrip(".?!:").lower() for line in tiny_corpus() for w in line.split()
                    if w.rstrip(".?!:").isalpha()})
@@ -199,7 +199,7 @@ def train_one(recipe: str, run_dir: str, overrides: list[str]) -> None:
 
     import torch
 
-    from rlora_cli.train import train
+    from rlora_cli.train.loop import train
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -259,9 +259,9 @@ def replay(recipe_path: Path, overrides: list[str]) -> list[Step]:
     import datasets
 
     from rlora_cli.config import load_recipe
-    from rlora_cli.data import prepare
+    from rlora_cli.data.pipeline import prepare
     from rlora_cli.model import load_tokenizer
-    from rlora_cli.train import EpochSampler
+    from rlora_cli.train.loop import EpochSampler
 
     datasets.disable_progress_bars()
     recipe = load_recipe(recipe_path, overrides)

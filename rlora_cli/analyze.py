@@ -59,8 +59,9 @@ def analyze(adapter: str | Path, other: str | Path | None = None, *, recipe: str
     from rich.console import Console
     from rich.markup import escape
 
-    from rlora_cli.checkpoint import atomic_write_text, check_output_dir, check_remote_code, read_adapter_config
-    from rlora_cli.evaluate import adapter_dir
+    from rlora_cli.checkpoint import check_output_dir, check_remote_code, read_adapter_config
+    from rlora_cli.files import atomic_write_text
+    from rlora_cli.eval.run import adapter_dir
 
     console = console or Console()
     check_output_dir(output, "--output")
@@ -104,7 +105,7 @@ def _labels(dirs: list[Path], configs: list[dict[str, Any]]) -> list[str]:
 
 def _held_out(recipe_path: str | Path, limit: int | None) -> tuple[dict, dict[str, str], int, str]:
     from rlora_cli.config import load_recipe
-    from rlora_cli.data import load_splits
+    from rlora_cli.data.pipeline import load_splits
 
     recipe = load_recipe(recipe_path)
     held_out = {task: val[:limit] for task, (_, val) in load_splits(recipe, with_train=False).items() if val}
@@ -116,8 +117,8 @@ def _held_out(recipe_path: str | Path, limit: int | None) -> tuple[dict, dict[st
 
 def _usage_for(directory: Path, held_out: dict, templates: dict[str, str], max_length: int, default: str,
                batch_size: int, console: Any, trust_remote_code: bool = False) -> dict[str, Any]:
-    from rlora_cli.evaluate import load_eval_model
-    from rlora_cli.scoring import progress_bar
+    from rlora_cli.eval.run import load_eval_model
+    from rlora_cli.eval.scoring import progress_bar
 
     model, tokenizer, _ = load_eval_model(None, str(directory), console=console, default=default,
                                           trust_remote_code=trust_remote_code)
@@ -204,7 +205,7 @@ def _state(layer: MultiHeadLoRA) -> dict[str, torch.Tensor]:
 
 def analyze_adapter(directory: str | Path) -> dict[str, Any]:
     """{"method", "modules": {path: analyze_layer(...)}} of a saved adapter (no base model loaded)."""
-    from rlora_cli.evaluate import adapter_dir
+    from rlora_cli.eval.run import adapter_dir
 
     config, layers = saved_layers(adapter_dir(str(directory)))
     return {"method": config["method"],
@@ -289,7 +290,7 @@ def router_usage(model: nn.Module, tokenizer: Any, examples: dict[str, list], *,
     non-padding token of the task's examples, tokenized as training does. Forward hooks on
     each adapted module call its `router_weights` on the module's own input."""
     from rlora_cli.adapters import adapter_layers
-    from rlora_cli.data import tokenize_example
+    from rlora_cli.data.pipeline import tokenize_example
 
     layers = {name: m for name, m in adapter_layers(model).items() if m.spec.gate == "router"}
     if not layers:

@@ -1,10 +1,10 @@
-"""Adapter files and atomic writes.
+"""The adapter folder format.
 
 An adapter directory holds `rlora_config.json` (format version, method, every layer option, the
 wrapped module names, the base model, its dtype, whether it needs its repository's own code, and
 any metadata such as prompt templates) and
 `rlora_adapter.safetensors` (the `rlora_*` tensors, R-LoRA's A0/B0 included), plus the
-tokenizer files when one is given. Everything is written to a temporary sibling and renamed, so
+tokenizer files when one is given. Everything is written through `files.atomic_dir`, so
 a crash never leaves a half-written directory behind.
 """
 
@@ -12,11 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,51 +22,11 @@ from torch import nn
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters
 from rlora_cli.adapters.inject import remove_adapters
 from rlora_cli.errors import UserError
+from rlora_cli.files import atomic_dir, atomic_write_text
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "rlora_config.json"
 WEIGHTS_FILE = "rlora_adapter.safetensors"
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}") if path.exists() else None
-    if old is not None:
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def base_model_id(model: nn.Module) -> str | None:

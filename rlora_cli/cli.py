@@ -89,11 +89,11 @@ def train(
         _print_config(recipe, overrides or [], output)
         return
     if dry_run:
-        from rlora_cli.data import dry_run as preview
+        from rlora_cli.data.pipeline import dry_run as preview
 
         preview(recipe, tuple(overrides or ()), Console())
         return
-    from rlora_cli.train import TrainingDiverged, train as run_training
+    from rlora_cli.train.loop import TrainingDiverged, train as run_training
 
     try:
         run_training(recipe, tuple(overrides or ()), output=output, resume=resume, overwrite=overwrite)
@@ -140,7 +140,7 @@ def eval_cmd(
     if task is None:
         raise UserError("rlora eval needs --task",
                         "use --task mmlu|bbh|recipe, or: rlora eval compare A.json B.json")
-    from rlora_cli.evaluate import evaluate
+    from rlora_cli.eval.run import evaluate
 
     evaluate(task, model=model, adapter=adapter, data=data, shots=shots, limit=limit,
              subjects=[s.strip() for s in subjects.split(",") if s.strip()] if subjects else None,
@@ -155,7 +155,7 @@ def eval_compare_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", help="Also write a PNG bar chart here."),
 ) -> None:
     """Per-task deltas between two `rlora eval --output` files."""
-    from rlora_cli.evaluate import compare
+    from rlora_cli.eval.run import compare
 
     compare(a, b, plot=plot)
 

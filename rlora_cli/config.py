@@ -27,8 +27,8 @@ import yaml
 
 from rlora_cli.adapters.methods import METHODS, AdapterConfig
 from rlora_cli.errors import UserError, collect, first_line
-from rlora_cli.recipe_schema import about, build, join, unknown_key_problems
-from rlora_cli.templates import KIND_FIELDS, KINDS, TEMPLATE_NAMES
+from rlora_cli.recipe.typed import about, build, join, unknown_key_problems
+from rlora_cli.data.templates import KIND_FIELDS, KINDS, TEMPLATE_NAMES
 
 DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -336,7 +336,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}{at}: not valid YAML ({what})",
                         "fix the line shown (indent with spaces; quote values containing ': ')") from None
     except UnicodeDecodeError:
-        from rlora_cli.sources import not_utf8
+        from rlora_cli.data.sources import not_utf8
 
         raise not_utf8(path) from None
     if raw is None:
@@ -465,7 +465,7 @@ def _build_dataset(raw: Any, where: str, problems: list[str]) -> DatasetConfig |
     d = _checked(DatasetConfig, raw, where, problems, resolve=lambda d: dataclasses.replace(
         d, name=d.name or default_name(d.path, d.subset), kind=d.kind or ("knowledge" if d.format else "")))
     if d is not None:  # the files are only worth reading once the entry itself makes sense
-        from rlora_cli.sources import check_source
+        from rlora_cli.data.sources import check_source
 
         problems += check_source(d, where)
     return d if len(problems) == before else None

@@ -7,7 +7,7 @@
 Both merge and PEFT export take ΔW = B'·A' from `MultiHeadLoRA.static_factors()`, the one formula
 for ΔW. A softmax router makes ΔW depend on each token, so those adapters are refused after
 reading rlora_config.json, before any weights load and before anything is written. Output
-folders are written through `checkpoint.atomic_dir`: an interrupted run leaves nothing behind.
+folders are written through `files.atomic_dir`: an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 from rich.markup import escape
 
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters, layer_spec
-from rlora_cli.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_dir, check_output_dir, check_remote_code,
-                                  check_tensors, read_adapter_config, read_weights, recorded_base)
+from rlora_cli.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_output_dir, check_remote_code, check_tensors,
+                                  read_adapter_config, read_weights, recorded_base)
 from rlora_cli.errors import UserError, first_line
+from rlora_cli.files import atomic_dir
 
 FORMATS = ("peft", "merged")
 PEFT_CONFIG = "adapter_config.json"

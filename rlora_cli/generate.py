@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlora_cli.errors import UserError
-from rlora_cli.templates import KINDS, TEMPLATE_NAMES, Example, prompt_text
+from rlora_cli.data.templates import KINDS, TEMPLATE_NAMES, Example, prompt_text
 
 GENERATE_KINDS = (*KINDS, "raw")
 
@@ -40,7 +40,7 @@ def generate(prompt: str | None = None, *, model: str | None = None, adapter: st
     from rich.markup import escape
 
     from rlora_cli.checkpoint import check_output_file
-    from rlora_cli.evaluate import adapter_dir, load_eval_model
+    from rlora_cli.eval.run import adapter_dir, load_eval_model
 
     console = console or Console(stderr=True)
     rows = _rows(prompt, file, kind)
@@ -60,13 +60,13 @@ def generate(prompt: str | None = None, *, model: str | None = None, adapter: st
         console.print(f"[dim]{escape(what)}[/]", highlight=False)
         completions = complete(lm, tokenizer, prompts, batch_size=1, stream=True, **settings)
     else:
-        from rlora_cli.scoring import progress_bar
+        from rlora_cli.eval.scoring import progress_bar
 
         with progress_bar(console, len(prompts), "generating") as advance:
             completions = complete(lm, tokenizer, prompts, batch_size=batch_size, progress=advance, **settings)
     out = [{**row, "completion": text} for row, text in zip(rows, completions)]
     if output:
-        from rlora_cli.checkpoint import atomic_write_text
+        from rlora_cli.files import atomic_write_text
 
         atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
         console.print(f"{len(out)} completion(s) written to {escape(str(output))}")
@@ -100,7 +100,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such prompts file", 'give a JSONL file of {"prompt": "..."} lines')
-    from rlora_cli.sources import iter_jsonl
+    from rlora_cli.data.sources import iter_jsonl
 
     rows = []
     for lineno, row in iter_jsonl(path, fix='each line must be one JSON object: {"prompt": "..."}'):
@@ -178,7 +178,7 @@ def complete(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
     import torch
     from transformers import TextStreamer
 
-    from rlora_cli.scoring import special_prefix, stop_ids
+    from rlora_cli.eval.scoring import special_prefix, stop_ids
 
     torch.manual_seed(seed)
     prefix = special_prefix(tokenizer)

@@ -18,7 +18,7 @@ class MetricsLog:
     """Appends one JSON object per logged step to OUT/metrics.jsonl (kept across resumes)."""
 
     def __init__(self, path: Path, *, resume_step: int = 0) -> None:
-        from rlora_cli.checkpoint import atomic_write_text
+        from rlora_cli.files import atomic_write_text
 
         self.path = path
         if path.exists():  # on resume, drop rows past the checkpoint we restart from

@@ -30,7 +30,7 @@ def real_bigbench_task(name: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama-style model + byte-level BPE tokenizer (load it with from_pretrained)."""
-    from rlora_cli.model import build_tiny_model
+    from rlora_cli.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def learnable_model_dir(tmp_path_factory):
     """The tiny model with a trained model's logit range, for tests where training must learn."""
-    from rlora_cli.model import build_tiny_model
+    from rlora_cli.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("learnable") / "model", embedding_std=0.1)
 

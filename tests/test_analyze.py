@@ -19,7 +19,7 @@ from rlora_cli.adapters import AdapterConfig, adapter_layers, inject_adapters, m
 from rlora_cli.analyze import analyze, analyze_adapter, effective_rank, top1_energy
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from rlora_cli.config import load_recipe
-from rlora_cli.data import load_splits, tokenize_example
+from rlora_cli.data.pipeline import load_splits, tokenize_example
 from rlora_cli.errors import UserError
 from conftest import perturb  # noqa: E402
 

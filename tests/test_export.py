@@ -267,7 +267,7 @@ def gpt2_dir(tmp_path_factory):
     """A tiny GPT-2: its linears are transformers' Conv1D (weight stored [d_in, d_out])."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlora_cli.model import build_tokenizer
+    from rlora_cli.testing import build_tokenizer
 
     tok = build_tokenizer()
     path = tmp_path_factory.mktemp("gpt2") / "model"
@@ -379,7 +379,7 @@ def test_corrupt_adapter_is_a_user_error_and_writes_nothing(good_adapter, tmp_pa
 
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
-    from rlora_cli.model import build_tiny_model
+    from rlora_cli.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("other") / "model", hidden_size=32)
 

@@ -17,7 +17,7 @@ from rlora_cli.checkpoint import save_adapter
 from rlora_cli.errors import UserError
 from rlora_cli.export import merge_to_folder
 from rlora_cli.generate import build_prompt, generate, read_prompts
-from rlora_cli.templates import TEMPLATES, template_info
+from rlora_cli.data.templates import TEMPLATES, template_info
 
 NEW = 12
 ALPACA = TEMPLATES["instruction"]["prompt"]
@@ -233,7 +233,7 @@ def test_non_finite_adapter_generates_nothing_and_says_which_tensor(adapter, tmp
 
 
 def test_output_that_is_a_folder_is_refused_before_loading(adapter, tmp_path, monkeypatch):
-    import rlora_cli.evaluate as ev
+    import rlora_cli.eval.run as ev
 
     monkeypatch.setattr(ev, "load_eval_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(UserError, match="is a folder"):

@@ -7,6 +7,6 @@ mixture of BIG-bench tasks and scored on each task's held-out examples, over sev
     python -m benchmarks.mtl --smoke --out /tmp/mtl      # CPU, tiny model, two tiny tasks, < 1 min
 
 `plan.py` says what runs (variants, budgets, recipes), `run.py` runs it (train with
-`rlora_cli.train`, score with `rlora_cli.eval_recipe`), `report.py` writes the table and plots,
+`rlora_cli.train.loop`, score with `rlora_cli.eval.recipe_tasks`), `report.py` writes the table and plots,
 `smoke.py` holds the smoke setting, `fetch_bigbench.py` extracts BIG-bench's task files.
 """

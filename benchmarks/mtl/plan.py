@@ -85,7 +85,7 @@ def find_tasks(tasks_dir: str | Path, names: tuple[str, ...] = ()) -> dict[str, 
     A task is a folder with a task.json holding `examples` (parents of subtasks and
     programmatic tasks hold none and are skipped); its name is its path under `tasks_dir`.
     """
-    from rlora_cli.sources import read_bigbench
+    from rlora_cli.data.sources import read_bigbench
 
     root = Path(tasks_dir)
     if not root.is_dir():
@@ -194,7 +194,7 @@ def recipe(method: str, seed: int, settings: Settings, tasks: dict[str, tuple[Pa
 def write_recipe(path: Path, data: dict[str, Any]) -> Path:
     import yaml
 
-    from rlora_cli.checkpoint import atomic_write_text
+    from rlora_cli.files import atomic_write_text
 
     head = (f"# written by python -m benchmarks.mtl; train it alone with:\n"
             f"#   rlora train {path} --output {path.parent.parent / 'runs' / path.stem}\n")

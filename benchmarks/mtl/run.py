@@ -1,6 +1,6 @@
 """The benchmark loop: per seed, score the base model on each task's held-out examples; per
-(variant, seed), train with `rlora_cli.train.train` and score the adapter the same way
-(`rlora_cli.eval_recipe.run_recipe`: highest log-likelihood choice for multiple choice, greedy
+(variant, seed), train with `rlora_cli.train.loop.train` and score the adapter the same way
+(`rlora_cli.eval.recipe_tasks.run_recipe`: highest log-likelihood choice for multiple choice, greedy
 exact match for free-form). Finished runs are kept: run it again to continue after a crash.
 
     OUT/settings.json                  what was run
@@ -91,7 +91,7 @@ def score_base(recipe_path: Path, settings: plan.Settings, path: Path, console: 
     """The base model's held-out accuracy per task for one seed's split (cached in `path`)."""
     if path.is_file():
         return json.loads(path.read_text())
-    from rlora_cli.evaluate import load_eval_model
+    from rlora_cli.eval.run import load_eval_model
 
     start = time.perf_counter()
     lm, tokenizer, _ = load_eval_model(settings.model, None, dtype=settings.dtype, console=console)
@@ -106,8 +106,8 @@ def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, se
     if result_path.is_file():
         console.print(f"[dim]{run_dir.name}: done before, kept[/]")
         return json.loads(result_path.read_text())
-    from rlora_cli.evaluate import load_eval_model
-    from rlora_cli.train import train
+    from rlora_cli.eval.run import load_eval_model
+    from rlora_cli.train.loop import train
 
     console.rule(f"{method}, seed {seed}")
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, se
 
 
 def _score(lm: Any, tokenizer: Any, recipe_path: Path, settings: plan.Settings, console: Any) -> dict[str, Any]:
-    from rlora_cli.eval_recipe import prepare_recipe, run_recipe
+    from rlora_cli.eval.recipe_tasks import prepare_recipe, run_recipe
 
     return run_recipe(lm, tokenizer, prepare_recipe(str(recipe_path), None),
                       batch_size=settings.eval_batch_size, console=console)
@@ -136,7 +136,7 @@ def _score(lm: Any, tokenizer: Any, recipe_path: Path, settings: plan.Settings, 
 
 def _results_file(path: Path, model: str, adapter: str | None, wall_s: float, tasks: dict[str, Any]) -> dict[str, Any]:
     """The `rlora eval` results shape, so `rlora eval compare` reads these files too."""
-    from rlora_cli.evaluate import results_dict
+    from rlora_cli.eval.run import results_dict
 
     results = results_dict("recipe", model, adapter, None, None, wall_s, tasks)
     _write_json(path, results)
@@ -161,6 +161,6 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from rlora_cli.checkpoint import atomic_write_text
+    from rlora_cli.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -44,7 +44,7 @@ def smoke_settings(settings: Settings, model: str, methods_given: bool) -> Setti
 
 
 def tiny_model(folder: Path) -> Path:
-    from rlora_cli.model import build_tiny_model
+    from rlora_cli.testing import build_tiny_model
 
     path = folder / "tiny-model"
     if not (path / "config.json").is_file():

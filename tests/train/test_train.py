@@ -11,59 +11,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import rlora_cli.rundir as rundir
-import rlora_cli.train as train_mod
+import rlora_cli.train.rundir as rundir
+import rlora_cli.train.loop as train_mod
 from rlora_cli.cli import main
 from rlora_cli.errors import UserError
-from rlora_cli.train import TrainingDiverged, train
-
-COLORS = ["red", "blue", "green", "yellow"]
-THINGS = ["sky", "grass", "sun", "sea", "leaf", "lemon", "rose", "cloud"]
-
-
-def write_data(folder):
-    """Two small learnable tasks: a fixed thing→colour map (knowledge) and word sentiment (nlu)."""
-    rng = random.Random(0)
-    facts = [{"question": f"What color is the {t} number {i}?", "answer": COLORS[j % 4]}
-             for i in range(6) for j, t in enumerate(THINGS)]
-    reviews = []
-    for i in range(48):
-        good = i % 2 == 0
-        words = rng.sample(["nice", "great", "lovely", "fine"] if good else ["awful", "poor", "dull", "bad"], 2)
-        reviews.append({"text": f"The film was {words[0]} and {words[1]}.", "label": int(good)})
-    (folder / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in facts))
-    (folder / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
-
-
-def write_recipe(folder, model_dir, **sections) -> str:
-    write_data(folder)
-    recipe = {
-        "seed": 0,
-        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
-        "adapter": {"type": "rlora", "r": 4, "num_heads": 2, "lora_alpha": 8, "lora_dropout": 0.1,
-                    "target_modules": "all-linear"},
-        "data": {"max_length": 64, "datasets": [
-            {"name": "facts", "path": str(folder / "facts.jsonl"), "kind": "knowledge", "val_size": 8},
-            {"name": "reviews", "path": str(folder / "reviews.jsonl"), "kind": "nlu",
-             "label_words": ["bad", "good"], "val_size": 8},
-        ]},
-        "train": {"max_steps": 6, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
-                  "learning_rate": 5e-3, "warmup_ratio": 0.1, "precision": "fp32"},
-        "output": {"save_steps": 3, "logging_steps": 1, "save_total_limit": 2},
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
-
-
-def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter_tensors(run):
-    return load_file(str(run / "adapter" / "rlora_adapter.safetensors"))
+from rlora_cli.testing import adapter_tensors, metrics, write_data, write_recipe
+from rlora_cli.train.loop import TrainingDiverged, train
 
 
 def test_loss_falls_and_the_run_directory_is_complete(tmp_path, learnable_model_dir):

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlora_cli.packing import IGNORE
+from rlora_cli.data.packing import IGNORE
 
 # Rows per chunk: the largest power of two whose logits fit this many elements (256 MiB in
 # bf16): 1024 rows for a 128k vocabulary, 512 for Qwen's 152k. Bigger chunks mean fewer

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from rlora_cli.adapters import AdapterConfig, inject_adapters
-from rlora_cli.kernels import apply_kernels
-from rlora_cli.linear_ce import linear_cross_entropy, liger_chunk, torch_chunk
+from rlora_cli.train.kernels import apply_kernels
+from rlora_cli.train.linear_ce import linear_cross_entropy, liger_chunk, torch_chunk
 from rlora_cli.model import load_model
-from rlora_cli.train import token_losses, train
+from rlora_cli.train.loop import token_losses, train
 
-from test_train import metrics, write_recipe
+from rlora_cli.testing import metrics, write_recipe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -134,8 +134,8 @@ def test_compiled_training_matches_eager(tmp_path, learnable_model_dir, mode):
 def test_varlen_attention_matches_the_block_mask(learnable_model_dir, compiled):
     """Packed rows through torch's varlen flash attention: the loss and gradients of sdpa under
     transformers' block mask, within bf16 noise, eager and inside compiled blocks."""
-    from rlora_cli.kernels import compile_model, packed_attention
-    from rlora_cli.packing import segment_bounds
+    from rlora_cli.train.kernels import compile_model, packed_attention
+    from rlora_cli.data.packing import segment_bounds
 
     g = torch.Generator().manual_seed(0)
     lengths = [[20, 17, 11], [48], [5, 30, 13], [40, 8]]
@@ -198,7 +198,7 @@ def test_the_linear_cross_entropy_never_waits_for_the_gpu():
         (loss.sum() / 4000).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    import rlora_cli.linear_ce as linear_ce
+    import rlora_cli.train.linear_ce as linear_ce
 
     assert linear_ce._liger_kernel() is not None  # Liger's row kernel ran, not the torch fallback
     h = hidden.detach().float().requires_grad_(True)
@@ -213,7 +213,7 @@ def test_grouped_query_varlen_matches_repeated_heads(monkeypatch):
     2.11 the op under varlen_attn) give the outputs and gradients of keys and values repeated."""
     import inspect
 
-    import rlora_cli.kernels as kernels_mod
+    import rlora_cli.train.kernels as kernels_mod
 
     g = torch.Generator(device="cuda").manual_seed(0)
     cu = torch.tensor([0, 300, 301, 1024, 2048, 2048], dtype=torch.int32, device="cuda")

@@ -62,7 +62,7 @@ def evaluate(task: str, *, model: str | None = None, adapter: str | None = None,
                            time.perf_counter() - start, tasks)
     print_results(results, console)
     if output:
-        from rlora_cli.checkpoint import atomic_write_text
+        from rlora_cli.files import atomic_write_text
         atomic_write_text(output, json.dumps(results, indent=2) + "\n")
         console.print(f"results written to {escape(str(output))}")
     return results
@@ -98,7 +98,7 @@ def _check_args(task: str, backend: str, shots: int | None, limit: int | None, b
 def _prepare(task: str, data: str | None, shots: int | None, limit: int | None,
              subjects: list[str] | None, recipe: str | None) -> dict[str, Any]:
     """Load and check the task's data before any model is loaded."""
-    from rlora_cli import evalsets
+    from rlora_cli.eval import benchmarks as evalsets
 
     n_shots = default_shots(task, shots) or 0
     if task == "mmlu":
@@ -111,7 +111,7 @@ def _prepare(task: str, data: str | None, shots: int | None, limit: int | None,
                 raise UserError(f"--shots {n_shots} leaves no example of task {name} to score "
                                 f"({len(t['examples'])} examples)", "lower --shots")
         return {"bbh": tasks, "shots": n_shots, "limit": limit}
-    from rlora_cli.eval_recipe import prepare_recipe
+    from rlora_cli.eval.recipe_tasks import prepare_recipe
     return prepare_recipe(recipe, limit)  # type: ignore[arg-type]
 
 
@@ -123,7 +123,7 @@ def _run(task: str, prepared: dict[str, Any], model: Any, tokenizer: Any, batch_
     if task == "bbh":
         return run_bigbench(model, tokenizer, prepared["bbh"], shots=prepared["shots"],
                             limit=prepared["limit"], batch_size=batch_size, console=console)
-    from rlora_cli.eval_recipe import run_recipe
+    from rlora_cli.eval.recipe_tasks import run_recipe
     return run_recipe(model, tokenizer, prepared, batch_size=batch_size, console=console)
 
 
@@ -202,8 +202,8 @@ def _same_model(a: str, b: str) -> bool:
 def run_mmlu(model: Any, tokenizer: Any, subjects: dict[str, tuple[list, list]], *, shots: int = 5,
              limit: int | None = None, batch_size: int = 8, console: Any = None) -> dict[str, dict]:
     """{subject: {accuracy, n}}: the letter among " A".." D" with the highest log-likelihood."""
-    from rlora_cli.evalsets import LETTERS, mmlu_prompt
-    from rlora_cli.scoring import loglikelihoods, progress_bar, task_record
+    from rlora_cli.eval.benchmarks import LETTERS, mmlu_prompt
+    from rlora_cli.eval.scoring import loglikelihoods, progress_bar, task_record
 
     requests, gold = [], []
     for subject, (dev, test) in subjects.items():
@@ -221,8 +221,8 @@ def run_mmlu(model: Any, tokenizer: Any, subjects: dict[str, tuple[list, list]],
 def run_bigbench(model: Any, tokenizer: Any, tasks: dict[str, dict], *, shots: int = 0,
                  limit: int | None = None, batch_size: int = 8, console: Any = None) -> dict[str, dict]:
     """{task: {accuracy, n, multiple_choice, exact_match}} for BIG-bench/BBH task files."""
-    from rlora_cli.evalsets import bigbench_choices, bigbench_prompt, bigbench_targets
-    from rlora_cli.scoring import greedy_generate, loglikelihoods, progress_bar, task_record
+    from rlora_cli.eval.benchmarks import bigbench_choices, bigbench_prompt, bigbench_targets
+    from rlora_cli.eval.scoring import greedy_generate, loglikelihoods, progress_bar, task_record
 
     mc, gen = [], []  # (task, example, prompt)
     for name, task in tasks.items():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import write_recipe
+from rlora_cli.testing import write_recipe
 
-import rlora_cli.train as train_mod
+import rlora_cli.train.loop as train_mod
 from benchmarks.profile_train import main
 
 

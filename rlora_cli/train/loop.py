@@ -32,10 +32,11 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from rlora_cli.checkpoint import atomic_write_text, load_adapter_weights, save_adapter
+from rlora_cli.checkpoint import load_adapter_weights, save_adapter
+from rlora_cli.files import atomic_write_text
 from rlora_cli.errors import UserError
-from rlora_cli.kernels import Kernels, apply_kernels, compile_model
-from rlora_cli.rundir import (CHECKPOINT_PREFIX, STATE_FILE, OutputWriteError, RunDir,  # noqa: F401 (API)
+from rlora_cli.train.kernels import Kernels, apply_kernels, compile_model
+from rlora_cli.train.rundir import (CHECKPOINT_PREFIX, STATE_FILE, OutputWriteError, RunDir,  # noqa: F401 (API)
                               SaveClock, Terminated, full_state, latest_checkpoint, plan_output, save_checkpoint,
                               sigterm_as_interrupt)
 
@@ -108,7 +109,7 @@ def _train(recipe: Any, recipe_path: str | Path, out: Path, run: RunDir, acceler
 
     from rlora_cli.adapters import inject_adapters, parameter_counts
     from rlora_cli.config import recipe_to_dict
-    from rlora_cli.data import collate, prepare, write_mixture
+    from rlora_cli.data.pipeline import collate, prepare, write_mixture
     from rlora_cli.model import load_model, load_tokenizer
     from rlora_cli.report import MetricsLog, TrainProgress, plot_losses, run_info, train_banner
 
@@ -462,7 +463,7 @@ def evaluate_loss(model: Any, data: Any, accelerator: Any, pad_id: int, recipe: 
                   kern: Kernels = Kernels("none")) -> dict[str, float]:
     """Held-out loss per task: each process scores its share, sums are reduced; `kern` is what
     `apply_kernels` did to the model (the loss and attention it expects)."""
-    from rlora_cli.data import collate
+    from rlora_cli.data.pipeline import collate
 
     model.eval()
     world, rank, bs = accelerator.num_processes, accelerator.process_index, recipe.train.micro_batch_size

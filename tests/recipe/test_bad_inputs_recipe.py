@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from rlora_cli.cli import main
-from rlora_cli.mixture import plan_counts, target_shares
+from rlora_cli.data.mixture import plan_counts, target_shares
 
 FACTS = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(20)]
 
@@ -237,7 +237,7 @@ def test_odd_but_valid_data_still_loads(tmp_path, quiet):
     """What the checks above must not refuse: a BOM (Excel's CSV), numbers where text is expected,
     the tool role, and ShareGPT's from/value beside role/content in one conversation."""
     from rlora_cli.config import load_recipe
-    from rlora_cli.data import load_splits
+    from rlora_cli.data.pipeline import load_splits
 
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfquestion,answer\n" + b"".join(b"%d+1?,%d\n" % (i, i + 1)
                                                                               for i in range(10)))

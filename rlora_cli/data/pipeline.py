@@ -22,11 +22,11 @@ import numpy as np
 
 from rlora_cli.config import DatasetConfig, Recipe, load_recipe
 from rlora_cli.errors import UserError
-from rlora_cli.mixture import (MixtureReport, draw_indices, make_report, mixture_table, plan_counts, rng_for,
+from rlora_cli.data.mixture import (MixtureReport, draw_indices, make_report, mixture_table, plan_counts, rng_for,
                                target_shares, write_mixture)
-from rlora_cli.packing import IGNORE, collate, pack
-from rlora_cli.sources import load_source
-from rlora_cli.templates import TEMPLATES, Example, render, template_info
+from rlora_cli.data.packing import IGNORE, collate, pack
+from rlora_cli.data.sources import load_source
+from rlora_cli.data.templates import TEMPLATES, Example, render, template_info
 
 __all__ = ["Encoded", "Prepared", "collate", "dry_run", "encode", "load_splits", "prepare", "split_indices",
            "tokenize_example", "write_mixture"]

@@ -13,7 +13,7 @@ from rlora_cli.config import (Recipe, configs_dir, load_recipe, recipe_diff, rec
 from rlora_cli.errors import UserError
 from conftest import BIGBENCH_FIXTURES  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

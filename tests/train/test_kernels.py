@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rlora_cli.kernels as kernels_mod
-import rlora_cli.train as train_mod
+import rlora_cli.train.kernels as kernels_mod
+import rlora_cli.train.loop as train_mod
 from rlora_cli.errors import UserError
-from rlora_cli.kernels import Kernels, apply_kernels, install_fused_loss
+from rlora_cli.train.kernels import Kernels, apply_kernels, install_fused_loss
 from rlora_cli.model import load_model
-from rlora_cli.train import token_losses, train
+from rlora_cli.train.loop import token_losses, train
 
-from test_train import metrics, write_recipe
+from rlora_cli.testing import metrics, write_recipe
 
 
 def batch_of(model, seed=0):
@@ -201,7 +201,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_si
 
 
 def test_segment_bounds_of_packed_and_unpacked_rows():
-    from rlora_cli.packing import segment_bounds
+    from rlora_cli.data.packing import segment_bounds
 
     b = packed_rows()
     cu = segment_bounds(b["position_ids"], (2, 16), bucket=8)
@@ -216,7 +216,7 @@ def test_varlen_attention_equals_the_block_mask(tiny_model_dir, monkeypatch, tor
     the written-out fallback (CPU), and through the varlen call (a per-segment stand-in for torch's
     kernel, which needs a GPU; the GPU tests run the real one), with keys and values repeated by
     hand, through varlen_attn's GQA flag, or through the op under it."""
-    from rlora_cli.packing import segment_bounds
+    from rlora_cli.data.packing import segment_bounds
 
     plain, _ = load_model(str(tiny_model_dir), dtype="fp32")
     packed, _ = load_model(str(tiny_model_dir), dtype="fp32")

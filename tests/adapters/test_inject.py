@@ -127,7 +127,7 @@ def test_failed_save_leaves_nothing_half_written(tiny_model_dir, tmp_path, monke
 
 
 def test_load_onto_the_wrong_base_is_refused_and_leaves_it_untouched(tiny_model_dir, tmp_path):
-    from rlora_cli.model import build_tiny_model
+    from rlora_cli.testing import build_tiny_model
 
     model = inject_adapters(load(tiny_model_dir), cfg_for(dict(type="lora")))
     save_adapter(model, tmp_path / "adapter")

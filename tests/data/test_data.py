@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from rlora_cli.config import load_recipe
-from rlora_cli.data import collate, load_splits, prepare, split_indices, write_mixture
+from rlora_cli.data.pipeline import collate, load_splits, prepare, split_indices, write_mixture
 from rlora_cli.errors import UserError
-from rlora_cli.evalsets import bigbench_prompt
-from rlora_cli.mixture import draw_indices, plan_counts, target_shares
-from rlora_cli.packing import pack_batch
-from rlora_cli.templates import choices, gold_index, prompt_and_response
+from rlora_cli.eval.benchmarks import bigbench_prompt
+from rlora_cli.data.mixture import draw_indices, plan_counts, target_shares
+from rlora_cli.data.packing import pack_batch
+from rlora_cli.data.templates import choices, gold_index, prompt_and_response
 from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 
 BIGBENCH = BIGBENCH_FIXTURES
@@ -130,7 +130,7 @@ def test_splits_are_deterministic_disjoint_and_shared(tmp_path, tok, three_sourc
 
 
 def test_cache_follows_recipe_and_tokenizer(tmp_path, tok, three_sources):
-    from rlora_cli.model import build_tokenizer
+    from rlora_cli.testing import build_tokenizer
 
     cache = str(tmp_path / "cache")
     recipe = recipe_for(tmp_path, three_sources)
@@ -337,7 +337,7 @@ def test_write_mixture_and_dry_run(tmp_path, tok, tiny_model_dir, three_sources,
     import datasets
     from rich.console import Console
 
-    from rlora_cli.data import dry_run
+    from rlora_cli.data.pipeline import dry_run
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     recipe = recipe_for(tmp_path, three_sources)
@@ -379,7 +379,7 @@ def test_readable_hub_source_uses_classlabel_names_and_checks_columns(tmp_path, 
 def test_committed_demo_data_is_what_the_script_writes(tmp_path):
     import importlib.util
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("make_demo_data", repo / "scripts" / "make_demo_data.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

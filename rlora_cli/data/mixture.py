@@ -120,6 +120,6 @@ def mixture_table(report: MixtureReport) -> Any:
 
 def write_mixture(report: MixtureReport, path: str | Path) -> None:
     """Write the report as JSON, atomically (OUT/mixture.json)."""
-    from rlora_cli.checkpoint import atomic_write_text
+    from rlora_cli.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from rlora_cli.config import DatasetConfig
 from rlora_cli.errors import UserError, first_line
-from rlora_cli.templates import CHAT_ROLES, KIND_FIELDS, LETTERS
+from rlora_cli.data.templates import CHAT_ROLES, KIND_FIELDS, LETTERS
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Other datasets' role names (ShareGPT's human/gpt, Gemini's model) -> ours; every other role is
@@ -257,7 +257,7 @@ def read_bigbench(path: str) -> dict[str, Any]:
 def bigbench_prompt(task: dict[str, Any], example: dict[str, Any]) -> str:
     """BIG-bench's prompt for one example, built by the evaluator's own builder (zero shots), so a
     training row and an evaluation prompt of the same example are the same text."""
-    from rlora_cli.evalsets import bigbench_prompt as build
+    from rlora_cli.eval.benchmarks import bigbench_prompt as build
 
     return build(task, example, [])
 

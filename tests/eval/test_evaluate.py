@@ -15,10 +15,10 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from rlora_cli import evaluate as ev
+from rlora_cli.eval import run as ev
 from rlora_cli.errors import UserError
-from rlora_cli.evalsets import bigbench_prompt, load_bigbench, load_mmlu, mmlu_prompt
-from rlora_cli.scoring import encode_pair, greedy_generate, loglikelihoods
+from rlora_cli.eval.benchmarks import bigbench_prompt, load_bigbench, load_mmlu, mmlu_prompt
+from rlora_cli.eval.scoring import encode_pair, greedy_generate, loglikelihoods
 from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 
 BIGBENCH = BIGBENCH_FIXTURES
@@ -100,7 +100,7 @@ def check_choice_order_hides_the_first_position(examples: list[dict]) -> None:
     """Examples whose file lists the answer first, always, among four choices."""
     from collections import Counter
 
-    from rlora_cli.evalsets import choice_order
+    from rlora_cli.eval.benchmarks import choice_order
 
     best = [max(e["target_scores"], key=e["target_scores"].get) for e in examples]
     assert all(list(e["target_scores"])[0] == b for e, b in zip(examples, best))
@@ -355,7 +355,7 @@ def test_adapter_loads_on_its_recorded_base(adapter_dir, lm):
 
 
 def test_adapter_on_another_base_warns_and_refuses_on_shape_mismatch(adapter_dir, tmp_path):
-    from rlora_cli.model import build_tiny_model
+    from rlora_cli.testing import build_tiny_model
 
     path, _ = adapter_dir
     console = quiet()
@@ -525,9 +525,9 @@ def recipe_path(tiny_model_dir, tmp_path_factory):
 
 def test_recipe_eval_reports_every_task_against_references(recipe_path, lm, tmp_path):
     from rlora_cli.config import load_recipe
-    from rlora_cli.data import load_splits, tokenize_example
-    from rlora_cli.eval_recipe import token_f1
-    from rlora_cli.templates import choices, gold_index, prompt_and_response, prompt_text
+    from rlora_cli.data.pipeline import load_splits, tokenize_example
+    from rlora_cli.eval.recipe_tasks import token_f1
+    from rlora_cli.data.templates import choices, gold_index, prompt_and_response, prompt_text
 
     model, tok = lm
     results = ev.evaluate("recipe", recipe=str(recipe_path), dtype="float32", batch_size=4,
@@ -565,7 +565,7 @@ def test_recipe_eval_reports_every_task_against_references(recipe_path, lm, tmp_
 
 
 def test_token_f1_and_exact_match():
-    from rlora_cli.eval_recipe import exact_match, token_f1
+    from rlora_cli.eval.recipe_tasks import exact_match, token_f1
 
     assert token_f1("The Eiffel tower", "eiffel tower!") == 1.0
     assert token_f1("red blue", "red green") == pytest.approx(0.5)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rlora_cli.data import encode, tokenize_example
+from rlora_cli.data.pipeline import encode, tokenize_example
 from rlora_cli.errors import UserError
-from rlora_cli.templates import (KINDS, TEMPLATE_NAMES, TEMPLATES, Example, choices, gold_index, prompt_and_response,
+from rlora_cli.data.templates import (KINDS, TEMPLATE_NAMES, TEMPLATES, Example, choices, gold_index, prompt_and_response,
                                  prompt_text, render, template_info)
 
 

@@ -20,15 +20,15 @@ import pytest
 import safetensors.torch
 import torch
 from matplotlib.figure import Figure
-from test_train import adapter_tensors, metrics, write_recipe
+from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 
-import rlora_cli.rundir as rundir
-import rlora_cli.train as train_mod
+import rlora_cli.train.rundir as rundir
+import rlora_cli.train.loop as train_mod
 from rlora_cli.cli import main
 from rlora_cli.report import MetricsLog
-from rlora_cli.train import train
+from rlora_cli.train.loop import train
 
-LOCK_HOLDER = ("import sys, time; from pathlib import Path; from rlora_cli.rundir import RunLock; "
+LOCK_HOLDER = ("import sys, time; from pathlib import Path; from rlora_cli.train.rundir import RunLock; "
                "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)")
 
 
@@ -320,7 +320,7 @@ def test_every_checkpoint_damaged_is_refused(tmp_path, finished):
     assert "--overwrite" in e.value.message
 
 
-SLOW_RUN = ("import sys, time; import rlora_cli.train as t; real = t.token_losses\n"
+SLOW_RUN = ("import sys, time; import rlora_cli.train.loop as t; real = t.token_losses\n"
             "def slow(*a, **k):\n    time.sleep(0.3)\n    return real(*a, **k)\n"
             "t.token_losses = slow\nfrom rlora_cli.cli import main\nmain(sys.argv[1:])\n")
 
