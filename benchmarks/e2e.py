@@ -314,7 +314,7 @@ def windows(rows: list[dict[str, Any]], steps: list[Step]) -> list[dict[str, Any
 def summarize(shape: str, packing: bool, run_dir: Path, steps: list[Step], warmup: int,
               peak_tflops: float) -> dict[str, Any]:
     """The table row of one run (with what it was computed from)."""
-    from rlora_cli.report import read_metrics
+    from rlora_cli.runs import read_metrics
 
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     every = windows(rows, steps)

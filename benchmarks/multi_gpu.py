@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import write_json
-from rlora_cli.report import read_metrics
+from rlora_cli.runs import read_metrics
 
 RECIPE = """
 seed: 0

@@ -61,7 +61,7 @@ def analyze(adapter: str | Path, other: str | Path | None = None, *, recipe: str
 
     from rlora_cli.checkpoint import check_output_dir, check_remote_code, read_adapter_config
     from rlora_cli.files import atomic_write_text
-    from rlora_cli.eval.run import adapter_dir
+    from rlora_cli.runs import adapter_dir
 
     console = console or Console()
     check_output_dir(output, "--output")
@@ -118,7 +118,7 @@ def _held_out(recipe_path: str | Path, limit: int | None) -> tuple[dict, dict[st
 def _usage_for(directory: Path, held_out: dict, templates: dict[str, str], max_length: int, default: str,
                batch_size: int, console: Any, trust_remote_code: bool = False) -> dict[str, Any]:
     from rlora_cli.eval.run import load_eval_model
-    from rlora_cli.eval.scoring import progress_bar
+    from rlora_cli.report.common import progress_bar
 
     model, tokenizer, _ = load_eval_model(None, str(directory), console=console, default=default,
                                           trust_remote_code=trust_remote_code)
@@ -205,7 +205,7 @@ def _state(layer: MultiHeadLoRA) -> dict[str, torch.Tensor]:
 
 def analyze_adapter(directory: str | Path) -> dict[str, Any]:
     """{"method", "modules": {path: analyze_layer(...)}} of a saved adapter (no base model loaded)."""
-    from rlora_cli.eval.run import adapter_dir
+    from rlora_cli.runs import adapter_dir
 
     config, layers = saved_layers(adapter_dir(str(directory)))
     return {"method": config["method"],

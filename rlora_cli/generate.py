@@ -40,7 +40,8 @@ def generate(prompt: str | None = None, *, model: str | None = None, adapter: st
     from rich.markup import escape
 
     from rlora_cli.checkpoint import check_output_file
-    from rlora_cli.eval.run import adapter_dir, load_eval_model
+    from rlora_cli.eval.run import load_eval_model
+    from rlora_cli.runs import adapter_dir
 
     console = console or Console(stderr=True)
     rows = _rows(prompt, file, kind)
@@ -60,7 +61,7 @@ def generate(prompt: str | None = None, *, model: str | None = None, adapter: st
         console.print(f"[dim]{escape(what)}[/]", highlight=False)
         completions = complete(lm, tokenizer, prompts, batch_size=1, stream=True, **settings)
     else:
-        from rlora_cli.eval.scoring import progress_bar
+        from rlora_cli.report.common import progress_bar
 
         with progress_bar(console, len(prompts), "generating") as advance:
             completions = complete(lm, tokenizer, prompts, batch_size=batch_size, progress=advance, **settings)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlora_cli.config import DatasetConfig
+from rlora_cli.data.bigbench import bigbench_prompt as shared_prompt
 from rlora_cli.errors import UserError, first_line
 from rlora_cli.data.templates import CHAT_ROLES, KIND_FIELDS, LETTERS
 
@@ -257,9 +258,7 @@ def read_bigbench(path: str) -> dict[str, Any]:
 def bigbench_prompt(task: dict[str, Any], example: dict[str, Any]) -> str:
     """BIG-bench's prompt for one example, built by the evaluator's own builder (zero shots), so a
     training row and an evaluation prompt of the same example are the same text."""
-    from rlora_cli.eval.benchmarks import bigbench_prompt as build
-
-    return build(task, example, [])
+    return shared_prompt(task, example, [])
 
 
 def bigbench_rows(task: dict[str, Any]) -> list[dict[str, Any]]:

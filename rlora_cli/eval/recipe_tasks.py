@@ -38,7 +38,8 @@ def run_recipe(model: Any, tokenizer: Any, prepared: dict[str, Any], *, batch_si
     """{task: {accuracy, n, kind, ...}} with f1 for free-form knowledge and loss/perplexity for
     instruction and chat; a task without held-out rows reports n = 0."""
     from rlora_cli.data.pipeline import tokenize_example
-    from rlora_cli.eval.scoring import greedy_generate, label_losses, loglikelihoods, progress_bar
+    from rlora_cli.eval.scoring import greedy_generate, label_losses, loglikelihoods
+    from rlora_cli.report.common import progress_bar
     from rlora_cli.data.templates import choices, gold_index, prompt_and_response, prompt_text
 
     recipe = prepared["recipe"]

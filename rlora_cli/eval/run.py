@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.data import bigbench
 from rlora_cli.errors import UserError
+from rlora_cli.runs import adapter_dir
 
 TASKS = ("mmlu", "bbh", "recipe")
 BACKENDS = ("rlora", "lm-eval")
@@ -104,8 +106,8 @@ def _prepare(task: str, data: str | None, shots: int | None, limit: int | None,
     if task == "mmlu":
         return {"mmlu": evalsets.load_mmlu(data, subjects, n_shots), "shots": n_shots, "limit": limit}
     if task == "bbh":
-        files = evalsets.bigbench_files(data)  # type: ignore[arg-type]
-        tasks = {name: evalsets.load_bigbench(path) for name, path in files.items()}
+        files = bigbench.bigbench_files(data)  # type: ignore[arg-type]
+        tasks = {name: bigbench.load_bigbench(path) for name, path in files.items()}
         for name, t in tasks.items():
             if len(t["examples"]) <= n_shots:
                 raise UserError(f"--shots {n_shots} leaves no example of task {name} to score "
@@ -128,16 +130,6 @@ def _run(task: str, prepared: dict[str, Any], model: Any, tokenizer: Any, batch_
 
 
 # ------------------------------------------------------------------------------ the model
-
-
-def adapter_dir(path: str) -> str:
-    """The adapter folder itself, or the adapter/ of a run folder (OUT of rlora train)."""
-    from rlora_cli.checkpoint import CONFIG_FILE
-
-    p = Path(path)
-    if not (p / CONFIG_FILE).exists() and (p / "adapter" / CONFIG_FILE).is_file():
-        return str(p / "adapter")
-    return path
 
 
 def load_eval_model(model: str | None, adapter: str | None, *, dtype: str = "auto", console: Any = None,
@@ -203,7 +195,8 @@ def run_mmlu(model: Any, tokenizer: Any, subjects: dict[str, tuple[list, list]],
              limit: int | None = None, batch_size: int = 8, console: Any = None) -> dict[str, dict]:
     """{subject: {accuracy, n}}: the letter among " A".." D" with the highest log-likelihood."""
     from rlora_cli.eval.benchmarks import LETTERS, mmlu_prompt
-    from rlora_cli.eval.scoring import loglikelihoods, progress_bar, task_record
+    from rlora_cli.eval.scoring import loglikelihoods, task_record
+    from rlora_cli.report.common import progress_bar
 
     requests, gold = [], []
     for subject, (dev, test) in subjects.items():
@@ -221,8 +214,9 @@ def run_mmlu(model: Any, tokenizer: Any, subjects: dict[str, tuple[list, list]],
 def run_bigbench(model: Any, tokenizer: Any, tasks: dict[str, dict], *, shots: int = 0,
                  limit: int | None = None, batch_size: int = 8, console: Any = None) -> dict[str, dict]:
     """{task: {accuracy, n, multiple_choice, exact_match}} for BIG-bench/BBH task files."""
-    from rlora_cli.eval.benchmarks import bigbench_choices, bigbench_prompt, bigbench_targets
-    from rlora_cli.eval.scoring import greedy_generate, loglikelihoods, progress_bar, task_record
+    from rlora_cli.data.bigbench import bigbench_choices, bigbench_prompt, bigbench_targets
+    from rlora_cli.eval.scoring import greedy_generate, loglikelihoods, task_record
+    from rlora_cli.report.common import progress_bar
 
     mc, gen = [], []  # (task, example, prompt)
     for name, task in tasks.items():

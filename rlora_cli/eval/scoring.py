@@ -15,8 +15,7 @@ and `task_record` are shared by every eval task (benchmarks, the recipe's held-o
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -239,20 +238,6 @@ def label_losses(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]]
 
 
 # ------------------------------------------------------------------ shared by the eval tasks
-
-
-@contextmanager
-def progress_bar(console: Any, total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar; yields `advance(k)`. `label` prints literally (it may hold a path)."""
-    from rich.markup import escape
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        handle = bar.add_task(escape(label), total=total)
-        yield lambda k: bar.advance(handle, k)
 
 
 def task_record(correct: list[bool], **extra: Any) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def _train(recipe: Any, recipe_path: str | Path, out: Path, run: RunDir, acceler
     from rlora_cli.config import recipe_to_dict
     from rlora_cli.data.pipeline import collate, prepare, write_mixture
     from rlora_cli.model import load_model, load_tokenizer
-    from rlora_cli.report import MetricsLog, TrainProgress, plot_losses, run_info, train_banner
+    from rlora_cli.report.train import MetricsLog, TrainProgress, plot_losses, run_info, train_banner
 
     t = recipe.train
     main = accelerator.is_main_process

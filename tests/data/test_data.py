@@ -14,7 +14,7 @@ import yaml
 from rlora_cli.config import load_recipe
 from rlora_cli.data.pipeline import collate, load_splits, prepare, split_indices, write_mixture
 from rlora_cli.errors import UserError
-from rlora_cli.eval.benchmarks import bigbench_prompt
+from rlora_cli.data.bigbench import bigbench_prompt
 from rlora_cli.data.mixture import draw_indices, plan_counts, target_shares
 from rlora_cli.data.packing import pack_batch
 from rlora_cli.data.templates import choices, gold_index, prompt_and_response

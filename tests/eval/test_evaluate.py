@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from rlora_cli.eval import run as ev
 from rlora_cli.errors import UserError
-from rlora_cli.eval.benchmarks import bigbench_prompt, load_bigbench, load_mmlu, mmlu_prompt
+from rlora_cli.data.bigbench import bigbench_prompt, load_bigbench
+from rlora_cli.eval.benchmarks import load_mmlu, mmlu_prompt
 from rlora_cli.eval.scoring import encode_pair, greedy_generate, loglikelihoods
 from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 
@@ -100,7 +101,7 @@ def check_choice_order_hides_the_first_position(examples: list[dict]) -> None:
     """Examples whose file lists the answer first, always, among four choices."""
     from collections import Counter
 
-    from rlora_cli.eval.benchmarks import choice_order
+    from rlora_cli.data.bigbench import choice_order
 
     best = [max(e["target_scores"], key=e["target_scores"].get) for e in examples]
     assert all(list(e["target_scores"])[0] == b for e, b in zip(examples, best))

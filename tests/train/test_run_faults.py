@@ -25,7 +25,7 @@ from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 import rlora_cli.train.rundir as rundir
 import rlora_cli.train.loop as train_mod
 from rlora_cli.cli import main
-from rlora_cli.report import MetricsLog
+from rlora_cli.report.train import MetricsLog
 from rlora_cli.train.loop import train
 
 LOCK_HOLDER = ("import sys, time; from pathlib import Path; from rlora_cli.train.rundir import RunLock; "

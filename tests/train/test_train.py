@@ -256,7 +256,7 @@ def test_compile_trains_like_eager_and_saves_plain_names(tmp_path, learnable_mod
 
 def test_plotted_curves_end_at_the_last_logged_loss(tmp_path, monkeypatch):
     """A short run's per-task curve once ended at 1.15 where the log said 0.63 (a trailing mean)."""
-    from rlora_cli import report
+    from rlora_cli.report import train as report
 
     losses = [2.4, 2.1, 1.9, 1.6, 1.2, 0.95, 0.8, 0.63]
     rows = [{"step": 10 * (i + 1), "loss": v, "task_loss": {"a": v, "b": v + 0.5}} for i, v in enumerate(losses)]
@@ -278,7 +278,7 @@ def test_plotted_curves_end_at_the_last_logged_loss(tmp_path, monkeypatch):
 
 
 def test_smoothing_is_centred_and_keeps_the_ends():
-    from rlora_cli.report import smooth
+    from rlora_cli.report.train import smooth
 
     ramp = [float(i) for i in range(20)]
     assert smooth(ramp) == ramp  # a centred mean does not lag a trend

@@ -13,6 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.runs import read_metrics
+
 
 class MetricsLog:
     """Appends one JSON object per logged step to OUT/metrics.jsonl (kept across resumes)."""
@@ -29,18 +31,6 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: skip it, keep the rest
-    return rows
 
 
 def format_count(n: int) -> str:
