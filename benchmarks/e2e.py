@@ -258,9 +258,9 @@ def replay(recipe_path: Path, overrides: list[str]) -> list[Step]:
     micro_batch_size, gradient_accumulation_steps of them per step."""
     import datasets
 
-    from rlora_cli.config import load_recipe
     from rlora_cli.data.pipeline import prepare
     from rlora_cli.model import load_tokenizer
+    from rlora_cli.recipe.load import load_recipe
     from rlora_cli.train.loop import EpochSampler
 
     datasets.disable_progress_bars()
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
-    from rlora_cli.config import load_recipe
+    from rlora_cli.recipe.load import load_recipe
 
     args = parse(argv)
     console, out = Console(highlight=False), Path(args.out)

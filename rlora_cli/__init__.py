@@ -18,7 +18,7 @@ _API = {
     "merge_adapters": "rlora_cli.adapters",
     "save_adapter": "rlora_cli.checkpoint",
     "load_adapter": "rlora_cli.checkpoint",
-    "load_recipe": "rlora_cli.config",
+    "load_recipe": "rlora_cli.recipe.load",
     "UserError": "rlora_cli.errors",
 }
 

@@ -104,8 +104,8 @@ def _labels(dirs: list[Path], configs: list[dict[str, Any]]) -> list[str]:
 
 
 def _held_out(recipe_path: str | Path, limit: int | None) -> tuple[dict, dict[str, str], int, str]:
-    from rlora_cli.config import load_recipe
     from rlora_cli.data.pipeline import load_splits
+    from rlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     held_out = {task: val[:limit] for task, (_, val) in load_splits(recipe, with_train=False).items() if val}
@@ -502,9 +502,8 @@ def plot_router_usage(analyses: dict[str, dict[str, Any]], path: str | Path) -> 
 
 
 def _print_summary(analyses: dict[str, dict[str, Any]], console: Any) -> None:
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     table = Table(title="rlora analyze (means over modules)")
     for col in ("adapter", "modules", "head cosine (off-diag)", "effective rank", "top-1 energy"):

@@ -22,7 +22,7 @@ from torch import nn
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters
 from rlora_cli.adapters.inject import remove_adapters
 from rlora_cli.errors import UserError
-from rlora_cli.files import atomic_dir, atomic_write_text
+from rlora_cli.files import atomic_dir
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "rlora_config.json"

@@ -93,7 +93,8 @@ def train(
 
         preview(recipe, tuple(overrides or ()), Console())
         return
-    from rlora_cli.train.loop import TrainingDiverged, train as run_training
+    from rlora_cli.train.loop import TrainingDiverged
+    from rlora_cli.train.loop import train as run_training
 
     try:
         run_training(recipe, tuple(overrides or ()), output=output, resume=resume, overwrite=overwrite)
@@ -276,7 +277,7 @@ def _print_config(recipe: Path, overrides: list[str], output: Optional[Path]) ->
     """The recipe as training would run it: every key, defaults and presets filled in, as YAML."""
     import yaml
 
-    from rlora_cli.config import load_recipe, recipe_to_dict
+    from rlora_cli.recipe.load import load_recipe, recipe_to_dict
 
     resolved = recipe_to_dict(load_recipe(recipe, tuple(overrides)))
     if output is not None:

@@ -20,8 +20,16 @@ from typing import Any
 from rich.markup import escape
 
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters, layer_spec
-from rlora_cli.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_output_dir, check_remote_code, check_tensors,
-                                  read_adapter_config, read_weights, recorded_base)
+from rlora_cli.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_output_dir,
+    check_remote_code,
+    check_tensors,
+    read_adapter_config,
+    read_weights,
+    recorded_base,
+)
 from rlora_cli.errors import UserError, first_line
 from rlora_cli.files import atomic_dir
 

@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlora_cli.errors import UserError
 from rlora_cli.data.templates import KINDS, TEMPLATE_NAMES, Example, prompt_text
+from rlora_cli.errors import UserError
 
 GENERATE_KINDS = (*KINDS, "raw")
 

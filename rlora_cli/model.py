@@ -11,6 +11,7 @@ from typing import Any
 
 from rlora_cli.errors import UserError, first_line
 
+
 def resolve_dtype(name: str) -> Any:
     """'auto' = bf16 where a CUDA device supports it, else fp32; or a torch dtype name."""
     import torch

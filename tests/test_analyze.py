@@ -12,16 +12,16 @@ import random
 import pytest
 import torch
 import yaml
+from conftest import perturb  # noqa: E402
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlora_cli.adapters import AdapterConfig, adapter_layers, inject_adapters, merge_adapters
 from rlora_cli.analyze import analyze, analyze_adapter, effective_rank, top1_energy
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
-from rlora_cli.config import load_recipe
 from rlora_cli.data.pipeline import load_splits, tokenize_example
 from rlora_cli.errors import UserError
-from conftest import perturb  # noqa: E402
+from rlora_cli.recipe.load import load_recipe
 
 METHODS = {
     "lora": dict(type="lora", num_heads=1),

@@ -47,11 +47,11 @@ def poison(d: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tiny_model_dir, tmp_path_factory):
     """Folders and files the bad command lines point at, by placeholder name."""
+    from conftest import perturb
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlora_cli.adapters import AdapterConfig, inject_adapters
     from rlora_cli.checkpoint import save_adapter
-    from conftest import perturb
 
     root = tmp_path_factory.mktemp("bad")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -226,7 +226,7 @@ def test_trust_remote_code_is_a_flag_of_each_loading_command(capsys):
 
 
 def test_print_config_prints_every_key_and_writes_nothing(world, capsys):
-    from rlora_cli.config import load_recipe, recipe_to_dict
+    from rlora_cli.recipe.load import load_recipe, recipe_to_dict
 
     out_dir = Path(world["root"]) / "print-config-run"
     assert run_cli(["train", world["recipe"], "adapter.r=4", "--print-config", "--output", str(out_dir)]) == 0
@@ -246,10 +246,9 @@ def test_print_config_of_a_bad_recipe_is_the_usual_one_line(world, capfd):
 
 
 def test_user_error_text_prints_literally(capfd):
+    import rlora_cli.cli as cli
     from rlora_cli.cli import main
     from rlora_cli.errors import UserError
-
-    import rlora_cli.cli as cli
 
     message = "[bold]x[/] and [/b] and target_modules: [foo_proj] — pip install 'rlora[eval]'"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb  # noqa: E402
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,9 +22,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlora_cli.adapters import AdapterConfig, inject_adapters, parameter_counts
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from rlora_cli.errors import UserError
-from rlora_cli.export import (adapter_info, export_adapter, export_peft, inspect_dir, merge_to_folder,
-                              read_safetensors_header, render_inspect)
-from conftest import perturb  # noqa: E402
+from rlora_cli.export import (
+    adapter_info,
+    export_adapter,
+    export_peft,
+    inspect_dir,
+    merge_to_folder,
+    read_safetensors_header,
+    render_inspect,
+)
 
 METHODS = [
     dict(type="lora", num_heads=1),

@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora_cli.adapters import AdapterConfig, inject_adapters, merge_adapters
 from rlora_cli.checkpoint import save_adapter
+from rlora_cli.data.templates import TEMPLATES, template_info
 from rlora_cli.errors import UserError
 from rlora_cli.export import merge_to_folder
 from rlora_cli.generate import build_prompt, generate, read_prompts
-from rlora_cli.data.templates import TEMPLATES, template_info
 
 NEW = 12
 ALPACA = TEMPLATES["instruction"]["prompt"]

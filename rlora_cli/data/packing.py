@@ -89,6 +89,30 @@ def collate(rows: list[dict[str, Any]], pad_id: int, packing: bool,
     return out
 
 
+def pad_batch(sequences: list[list[int]], pad_id: int, *, side: str = "right",
+              labels: list[list[int]] | None = None, ignore: int = IGNORE) -> dict[str, Any]:
+    """Pad token lists to the longest one: long tensors [B, T] input_ids, attention_mask (1 on
+    tokens, 0 on padding) and, when `labels` are given (one list per sequence, same lengths),
+    labels with `ignore` on padding. Generation pads on the left, so every row's last token sits
+    at the same column and new tokens follow it; scoring and training pad on the right."""
+    import torch
+
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
+    longest = max((len(s) for s in sequences), default=0)
+    out: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    if labels is not None:
+        out["labels"] = []
+    for i, seq in enumerate(sequences):
+        pad = longest - len(seq)
+        rows = {"input_ids": (list(seq), pad_id), "attention_mask": ([1] * len(seq), 0)}
+        if labels is not None:
+            rows["labels"] = (list(labels[i]), ignore)
+        for key, (values, fill) in rows.items():
+            out[key].append([fill] * pad + values if side == "left" else values + [fill] * pad)
+    return {k: torch.tensor(v, dtype=torch.long).reshape(len(sequences), longest) for k, v in out.items()}
+
+
 def segment_bounds(position_ids: Any, shape: tuple[int, int], bucket: int = 64) -> Any:
     """Where the causal segments of the flattened [B, T] rows start, and the total: int32 [N+1].
 

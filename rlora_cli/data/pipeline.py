@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from rlora_cli.config import DatasetConfig, Recipe, load_recipe
+from rlora_cli.config import DatasetConfig, Recipe
+from rlora_cli.recipe.load import load_recipe
 from rlora_cli.errors import UserError
 from rlora_cli.data.mixture import (MixtureReport, draw_indices, make_report, mixture_table, plan_counts, rng_for,
                                target_shares, write_mixture)

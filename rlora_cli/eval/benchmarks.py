@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Any
 

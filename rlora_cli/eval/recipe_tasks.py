@@ -25,8 +25,8 @@ from rlora_cli.eval.scoring import task_record
 
 def prepare_recipe(recipe_path: str, limit: int | None) -> dict[str, Any]:
     """The recipe and its held-out examples per task (at most `limit` each), before any model loads."""
-    from rlora_cli.config import load_recipe
     from rlora_cli.data.pipeline import load_splits
+    from rlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     held_out = {task: val[:limit] for task, (_, val) in load_splits(recipe, with_train=False).items()}
@@ -38,9 +38,9 @@ def run_recipe(model: Any, tokenizer: Any, prepared: dict[str, Any], *, batch_si
     """{task: {accuracy, n, kind, ...}} with f1 for free-form knowledge and loss/perplexity for
     instruction and chat; a task without held-out rows reports n = 0."""
     from rlora_cli.data.pipeline import tokenize_example
+    from rlora_cli.data.templates import choices, gold_index, prompt_and_response, prompt_text
     from rlora_cli.eval.scoring import greedy_generate, label_losses, loglikelihoods
     from rlora_cli.report.common import progress_bar
-    from rlora_cli.data.templates import choices, gold_index, prompt_and_response, prompt_text
 
     recipe = prepared["recipe"]
     template = {d.name: d.template for d in recipe.data.datasets}

@@ -271,9 +271,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def print_results(results: dict[str, Any], console: Any) -> None:
     """A rich table: one row per task, then the overall and the mean accuracy."""
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     extras = [k for k in ("f1", "loss", "perplexity") if any(k in v for v in results["tasks"].values())]
     table = Table(title=escape(f"{results['task']}: {results['model']}"

@@ -17,6 +17,9 @@ import types
 import typing
 from typing import Any, Union
 
+from rlora_cli import config
+from rlora_cli.adapters.methods import AdapterConfig
+
 # Other tools' names -> (rlora key, the tool that uses the name). Users arrive with configs from
 # these tools; naming the rlora key saves them a trip to the docs.
 ALIASES: dict[str, tuple[str, str | None]] = {
@@ -107,9 +110,6 @@ def _unknown(key: str, known: list[str], where: str) -> str:
 
 
 def _home_of(key: str) -> str | None:
-    from rlora_cli import config
-    from rlora_cli.adapters.methods import AdapterConfig
-
     homes = {"": ["seed"], "model": config.ModelConfig, "adapter": AdapterConfig, "data": config.DataConfig,
              "data.datasets[]": config.DatasetConfig, "train": config.TrainConfig, "output": config.OutputConfig}
     for home, cls in homes.items():

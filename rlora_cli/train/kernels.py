@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from rlora_cli.data.packing import IGNORE
 from rlora_cli.errors import UserError
 from rlora_cli.train.linear_ce import linear_cross_entropy
-from rlora_cli.data.packing import IGNORE
 
 INSTALL_HINT = 'pip install "rlora[gpu]" (liger-kernel)'
 # Config keys that change the logits after the output head; the fused loss would skip them.

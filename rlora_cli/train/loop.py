@@ -24,8 +24,8 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,12 +33,22 @@ import torch
 import torch.nn.functional as F
 
 from rlora_cli.checkpoint import load_adapter_weights, save_adapter
-from rlora_cli.files import atomic_write_text
 from rlora_cli.errors import UserError
+from rlora_cli.files import atomic_write_text
 from rlora_cli.train.kernels import Kernels, apply_kernels, compile_model
-from rlora_cli.train.rundir import (CHECKPOINT_PREFIX, STATE_FILE, OutputWriteError, RunDir,  # noqa: F401 (API)
-                              SaveClock, Terminated, full_state, latest_checkpoint, plan_output, save_checkpoint,
-                              sigterm_as_interrupt)
+from rlora_cli.train.rundir import (  # noqa: F401 (API)
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    OutputWriteError,
+    RunDir,
+    SaveClock,
+    Terminated,
+    full_state,
+    latest_checkpoint,
+    plan_output,
+    save_checkpoint,
+    sigterm_as_interrupt,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,7 +92,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
     saves a checkpoint as Ctrl-C does. OUT is locked for the run (rundir.RunDir)."""
     from accelerate import Accelerator
 
-    from rlora_cli.config import load_recipe
+    from rlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     out = Path(output or recipe.output.dir)
@@ -108,9 +118,9 @@ def _train(recipe: Any, recipe_path: str | Path, out: Path, run: RunDir, acceler
     from transformers import get_scheduler
 
     from rlora_cli.adapters import inject_adapters, parameter_counts
-    from rlora_cli.config import recipe_to_dict
     from rlora_cli.data.pipeline import collate, prepare, write_mixture
     from rlora_cli.model import load_model, load_tokenizer
+    from rlora_cli.recipe.load import recipe_to_dict
     from rlora_cli.report.train import MetricsLog, TrainProgress, plot_losses, run_info, train_banner
 
     t = recipe.train

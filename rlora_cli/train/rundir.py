@@ -241,7 +241,7 @@ def plan_output(out: Path, recipe: dict[str, Any], resume: str, overwrite: bool)
 def _check_same_recipe(run_dir: Path, recipe: dict[str, Any]) -> None:
     import yaml
 
-    from rlora_cli.config import resume_conflicts
+    from rlora_cli.recipe.load import resume_conflicts
 
     saved_path = run_dir / "recipe.yaml"
     if not saved_path.is_file():

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturb  # noqa: E402
 from transformers import AutoModelForCausalLM
 
-from rlora_cli.adapters import (AdapterConfig, adapter_layers, find_targets, inject_adapters,
-                                merge_adapters, parameter_counts)
+from rlora_cli.adapters import (
+    AdapterConfig,
+    adapter_layers,
+    find_targets,
+    inject_adapters,
+    merge_adapters,
+    parameter_counts,
+)
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from rlora_cli.errors import UserError
-from conftest import perturb  # noqa: E402
 
 METHODS = [
     dict(type="lora"),

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import e2e
 from benchmarks.shapes import config, matmul_parameters
-from rlora_cli.config import load_recipe
+from rlora_cli.recipe.load import load_recipe
 
 
 @pytest.fixture(scope="module")

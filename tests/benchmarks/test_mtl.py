@@ -9,14 +9,14 @@ import tarfile
 
 import pytest
 import yaml
+from conftest import BIGBENCH_FIXTURES  # noqa: E402
 
 from benchmarks.mtl import plan
 from benchmarks.mtl.__main__ import main
 from benchmarks.mtl.fetch_bigbench import extract, task_path
 from benchmarks.mtl.run import run_benchmark
-from rlora_cli.config import load_recipe
 from rlora_cli.errors import UserError
-from conftest import BIGBENCH_FIXTURES  # noqa: E402
+from rlora_cli.recipe.load import load_recipe
 
 BIGBENCH = str(BIGBENCH_FIXTURES)
 
@@ -90,7 +90,7 @@ def _tarball(path, members):
 
 def test_fetch_bigbench_extracts_only_task_files(tmp_path):
     root = "bigbench-1.0.0/bigbench/benchmark_tasks"
-    archive = _tarball(tmp_path / "bigbench-1.0.0.tar.gz", {
+    _tarball(tmp_path / "bigbench-1.0.0.tar.gz", {
         f"{root}/snarks/task.json": b'{"examples": []}',
         f"{root}/anu/4_distractors/task.json": b"{}",
         f"{root}/anu/README.md": b"no",

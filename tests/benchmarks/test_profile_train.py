@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from rlora_cli.testing import write_recipe
 
 import rlora_cli.train.loop as train_mod
 from benchmarks.profile_train import main
+from rlora_cli.testing import write_recipe
 
 
 def test_profile_train_profiles_the_last_steps_only(tmp_path, learnable_model_dir, capsys, monkeypatch):

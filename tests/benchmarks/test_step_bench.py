@@ -13,8 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.step_bench import (SMOKE_ANCHOR, TARGETS, build_base, default_names, largest_fitting, main,
-                                   parse_name)
+from benchmarks.step_bench import (
+    SMOKE_ANCHOR,
+    TARGETS,
+    build_base,
+    default_names,
+    largest_fitting,
+    main,
+    parse_name,
+)
 from rlora_cli.adapters import AdapterConfig, inject_adapters, parameter_counts
 
 

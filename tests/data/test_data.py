@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rlora_cli.config import load_recipe
+from rlora_cli.recipe.load import load_recipe
 from rlora_cli.data.pipeline import collate, load_splits, prepare, split_indices, write_mixture
 from rlora_cli.errors import UserError
 from rlora_cli.data.bigbench import bigbench_prompt

@@ -7,20 +7,18 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
-import typer
+from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 from rich.console import Console
 from typer.testing import CliRunner
 
-from rlora_cli.eval import run as ev
-from rlora_cli.errors import UserError
 from rlora_cli.data.bigbench import bigbench_prompt, load_bigbench
+from rlora_cli.errors import UserError
+from rlora_cli.eval import run as ev
 from rlora_cli.eval.benchmarks import load_mmlu, mmlu_prompt
 from rlora_cli.eval.scoring import encode_pair, greedy_generate, loglikelihoods
-from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 
 BIGBENCH = BIGBENCH_FIXTURES
 RESULT_KEYS = {"task", "model", "adapter", "shots", "limit", "rlora_version", "wall_s", "accuracy",
@@ -525,10 +523,10 @@ def recipe_path(tiny_model_dir, tmp_path_factory):
 
 
 def test_recipe_eval_reports_every_task_against_references(recipe_path, lm, tmp_path):
-    from rlora_cli.config import load_recipe
     from rlora_cli.data.pipeline import load_splits, tokenize_example
-    from rlora_cli.eval.recipe_tasks import token_f1
     from rlora_cli.data.templates import choices, gold_index, prompt_and_response, prompt_text
+    from rlora_cli.eval.recipe_tasks import token_f1
+    from rlora_cli.recipe.load import load_recipe
 
     model, tok = lm
     results = ev.evaluate("recipe", recipe=str(recipe_path), dtype="float32", batch_size=4,

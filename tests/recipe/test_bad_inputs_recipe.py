@@ -236,8 +236,8 @@ def test_shares_never_overflow():
 def test_odd_but_valid_data_still_loads(tmp_path, quiet):
     """What the checks above must not refuse: a BOM (Excel's CSV), numbers where text is expected,
     the tool role, and ShareGPT's from/value beside role/content in one conversation."""
-    from rlora_cli.config import load_recipe
     from rlora_cli.data.pipeline import load_splits
+    from rlora_cli.recipe.load import load_recipe
 
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfquestion,answer\n" + b"".join(b"%d+1?,%d\n" % (i, i + 1)
                                                                               for i in range(10)))

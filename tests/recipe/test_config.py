@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BIGBENCH_FIXTURES  # noqa: E402
 
 from rlora_cli.adapters import AdapterConfig
-from rlora_cli.config import (Recipe, configs_dir, load_recipe, recipe_diff, recipe_to_dict, resume_conflicts)
+from rlora_cli.config import Recipe
 from rlora_cli.errors import UserError
-from conftest import BIGBENCH_FIXTURES  # noqa: E402
+from rlora_cli.recipe.load import configs_dir, load_recipe, recipe_diff, recipe_to_dict, resume_conflicts
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,11 +14,10 @@ import torch.nn.functional as F
 import rlora_cli.train.kernels as kernels_mod
 import rlora_cli.train.loop as train_mod
 from rlora_cli.errors import UserError
-from rlora_cli.train.kernels import Kernels, apply_kernels, install_fused_loss
 from rlora_cli.model import load_model
-from rlora_cli.train.loop import token_losses, train
-
 from rlora_cli.testing import metrics, write_recipe
+from rlora_cli.train.kernels import Kernels, apply_kernels, install_fused_loss
+from rlora_cli.train.loop import token_losses, train
 
 
 def batch_of(model, seed=0):
@@ -158,7 +157,7 @@ def test_cli_liger_without_a_gpu_exits_2(tmp_path, learnable_model_dir, capsys):
 def test_adapter_dtype_bf16_trains_bf16_weights_and_bad_values_are_named(tmp_path, learnable_model_dir):
     from safetensors.torch import load_file
 
-    from rlora_cli.config import load_recipe
+    from rlora_cli.recipe.load import load_recipe
 
     recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 2, "adapter_dtype": "bf16"},
                           output={"save_steps": 0})

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from rlora_cli.adapters import AdapterConfig, inject_adapters
-from rlora_cli.train.kernels import apply_kernels
-from rlora_cli.train.linear_ce import linear_cross_entropy, liger_chunk, torch_chunk
 from rlora_cli.model import load_model
-from rlora_cli.train.loop import token_losses, train
-
 from rlora_cli.testing import metrics, write_recipe
+from rlora_cli.train.kernels import apply_kernels
+from rlora_cli.train.linear_ce import liger_chunk, linear_cross_entropy, torch_chunk
+from rlora_cli.train.loop import token_losses, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -134,8 +133,8 @@ def test_compiled_training_matches_eager(tmp_path, learnable_model_dir, mode):
 def test_varlen_attention_matches_the_block_mask(learnable_model_dir, compiled):
     """Packed rows through torch's varlen flash attention: the loss and gradients of sdpa under
     transformers' block mask, within bf16 noise, eager and inside compiled blocks."""
-    from rlora_cli.train.kernels import compile_model, packed_attention
     from rlora_cli.data.packing import segment_bounds
+    from rlora_cli.train.kernels import compile_model, packed_attention
 
     g = torch.Generator().manual_seed(0)
     lengths = [[20, 17, 11], [48], [5, 30, 13], [40, 8]]

@@ -20,12 +20,12 @@ import pytest
 import safetensors.torch
 import torch
 from matplotlib.figure import Figure
-from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 
-import rlora_cli.train.rundir as rundir
 import rlora_cli.train.loop as train_mod
+import rlora_cli.train.rundir as rundir
 from rlora_cli.cli import main
 from rlora_cli.report.train import MetricsLog
+from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 from rlora_cli.train.loop import train
 
 LOCK_HOLDER = ("import sys, time; from pathlib import Path; from rlora_cli.train.rundir import RunLock; "

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-import rlora_cli.train.rundir as rundir
 import rlora_cli.train.loop as train_mod
+import rlora_cli.train.rundir as rundir
 from rlora_cli.cli import main
 from rlora_cli.errors import UserError
-from rlora_cli.testing import adapter_tensors, metrics, write_data, write_recipe
+from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 from rlora_cli.train.loop import TrainingDiverged, train
 
 

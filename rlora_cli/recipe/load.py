@@ -1,0 +1,296 @@
+"""Loading a recipe: YAML, dotted overrides, adapter presets and file checks, then typed sections.
+
+    recipe = load_recipe("recipes/demo.yaml", ["train.learning_rate=1e-4"])
+
+Loading reads the YAML, applies dotted `KEY=VALUE` overrides (values parsed as YAML), starts the
+adapter from its preset in `configs/adapters/<type>.yaml`, then reports every problem in one
+`UserError`, each with its YAML path. The sections themselves, their defaults and their range
+checks are in `rlora_cli/config.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlora_cli.adapters.methods import METHODS, AdapterConfig
+from rlora_cli.config import (
+    ADAPTER_CAPS,
+    FIX,
+    RESUMABLE,
+    SEED_RANGE,
+    DataConfig,
+    DatasetConfig,
+    ModelConfig,
+    OutputConfig,
+    Recipe,
+    TrainConfig,
+)
+from rlora_cli.errors import UserError, collect, first_line
+from rlora_cli.recipe.typed import about, build, join, unknown_key_problems
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read, override, resolve and validate a recipe; one UserError lists every problem."""
+    raw = read_yaml(path)
+    problems: list[str] = []
+    raw = apply_overrides(raw, overrides, problems)
+    recipe = _build_recipe(raw, problems, default_dir=f"runs/{Path(path).stem}")
+    collect(problems, FIX)
+    assert recipe is not None
+    return recipe
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The recipe file as a mapping; UserError for a missing, malformed or empty file."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))  # a run folder holds its recipe.yaml
+        example = f", e.g. {path / inside[0]}" if inside else " (see recipes/)"
+        raise UserError(f"{path}: is a directory, not a recipe file", "give the recipe YAML file itself" + example)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file", "give the path of a recipe YAML (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or first_line(e)
+        raise UserError(f"{path}{at}: not valid YAML ({what})",
+                        "fix the line shown (indent with spaces; quote values containing ': ')") from None
+    except UnicodeDecodeError:
+        from rlora_cli.data.sources import not_utf8
+
+        raise not_utf8(path) from None
+    if raw is None:
+        raise UserError(f"{path}: the recipe is empty",
+                        "give at least model.name_or_path and data.datasets (see recipes/demo.yaml)")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}",
+                        "start with keys such as model:, adapter:, data:, train: (see recipes/demo.yaml)")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: tuple[str, ...] | list[str],
+                    problems: list[str]) -> dict[str, Any]:
+    """A copy of `raw` with each `a.b[0].c=VALUE` set (VALUE parsed as YAML; a list index may also
+    be a dataset's name: data.datasets.sst2.weight=2)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = re.findall(r"[^.\[\]]+", key.strip())
+        if not sep or not parts:
+            problems.append(f"override {item!r}: write KEY=VALUE with a dotted key, e.g. train.learning_rate=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text  # an unparseable value stays a string; the schema check names the key
+        problem = _set_path(raw, parts, value)
+        if problem:
+            problems.append(f"override {item!r}: {problem}")
+    return raw
+
+
+def _set_path(node: Any, parts: list[str], value: Any) -> str | None:
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part)
+            if index is None:
+                return f"{'.'.join(parts[:depth]) or 'the list'} has no item {part!r} ({len(node)} items)"
+            if last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            return f"{'.'.join(parts[:depth])} is a {type(node).__name__}, not a section"
+    return None
+
+
+def _list_index(items: list, part: str) -> int | None:
+    if part.isdigit():
+        return int(part) if int(part) < len(items) else None
+    names = [(d.get("name") or default_name(str(d.get("path", "")), d.get("subset"))) if isinstance(d, dict)
+             else None for d in items]
+    return names.index(part) if part in names else None
+
+
+def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) -> Recipe | None:
+    before = len(problems)
+    problems += unknown_key_problems(raw, ["seed", "model", "adapter", "data", "train", "output"], "")
+    for section in ("model", "data"):
+        if section not in raw:
+            problems.append(f"{section}: missing; " + ("give model: {name_or_path: ...}" if section == "model"
+                                                       else "give data: {datasets: [...]}"))
+    parts: dict[str, Any] = {"adapter": build_adapter(raw.get("adapter", {}), problems),
+                             "data": _build_data(raw["data"], problems) if "data" in raw else None}
+    for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("output", OutputConfig)):
+        if name in raw:
+            parts[name] = _checked(cls, raw[name], name, problems)
+    seed = _checked(_Seed, {"seed": raw.get("seed", 0)}, "", problems)
+    train, data = parts.get("train"), parts["data"]
+    if train and data and train.compile and train.compile_mode == "reduce-overhead" and not data.packing:
+        # CUDA graphs replay one recorded shape; unpacked rows vary in length and carry a padding
+        # mask, whose attention path breaks the compiled block (and graph outputs get overwritten).
+        problems.append("train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
+                        "to max_length: fixed shapes, which CUDA graphs replay); use compile_mode: default for unpacked data")
+    if len(problems) > before:
+        return None
+    output = parts.get("output", OutputConfig())
+    parts["output"] = dataclasses.replace(output, dir=output.dir or default_dir)
+    return Recipe(seed=seed.seed, **parts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Seed:
+    seed: int = field(default=0, metadata={"range": SEED_RANGE})
+
+    def problems(self, where: str) -> list[str]:
+        return []
+
+
+def _checked(cls: type, raw: Any, where: str, problems: list[str], given: dict[str, Any] | None = None,
+             resolve: Any = None, skip: set[str] = frozenset()) -> Any:
+    """Build `cls` from YAML and range-check it; None when anything about it is wrong. Fields of
+    the wrong type take their defaults for the range checks, whose findings about them are dropped."""
+    before = len(problems)
+    values, bad = build(cls, raw, where, problems, given=given)
+    if values is None:
+        return None
+    obj = cls(**values)
+    obj = resolve(obj) if resolve else obj
+    problems += [p for p in obj.problems(where) if not about(p, where, bad | skip)]
+    return obj if len(problems) == before else None
+
+
+def _build_data(raw: Any, problems: list[str]) -> DataConfig | None:
+    before = len(problems)
+    entries = raw.get("datasets") if isinstance(raw, dict) else None
+    if isinstance(raw, dict) and "datasets" in raw and not isinstance(entries, list):
+        problems.append("data.datasets: must be a list of sources (- path: ...)")
+    entries = entries if isinstance(entries, list) else []
+    datasets = [_build_dataset(e, f"data.datasets[{i}]", problems) for i, e in enumerate(entries)]
+    built = tuple(d for d in datasets if d is not None)
+    body = {k: v for k, v in raw.items() if k != "datasets"} if isinstance(raw, dict) else raw
+    # When every entry failed (and was reported), "datasets: empty" would only repeat it.
+    data = _checked(DataConfig, body, "data", problems, given={"datasets": built},
+                    skip={"datasets"} if entries and not built else set())
+    return data if len(problems) == before else None
+
+
+def _build_dataset(raw: Any, where: str, problems: list[str]) -> DatasetConfig | None:
+    before = len(problems)
+    d = _checked(DatasetConfig, raw, where, problems, resolve=lambda d: dataclasses.replace(
+        d, name=d.name or default_name(d.path, d.subset), kind=d.kind or ("knowledge" if d.format else "")))
+    if d is not None:  # the files are only worth reading once the entry itself makes sense
+        from rlora_cli.data.sources import check_source
+
+        problems += check_source(d, where)
+    return d if len(problems) == before else None
+
+
+def default_name(path: str, subset: str | None = None) -> str:
+    """A task name from the source: the subset, a BIG-bench folder, or the file/hub name."""
+    if subset:
+        return str(subset)
+    path = Path(path)
+    if path.name == "task.json":
+        return path.parent.name
+    return path.stem if path.suffix in (".jsonl", ".json", ".csv", ".parquet") else path.name
+
+
+def build_adapter(raw: Any, problems: list[str]) -> AdapterConfig | None:
+    """The adapter section over its method's preset (configs/adapters/<type>.yaml)."""
+    if not isinstance(raw, dict):
+        hint = f" (write adapter: {{type: {raw}}})" if isinstance(raw, str) else ""
+        problems.append(f"adapter: must be a mapping{hint}")
+        return None
+    method = raw.get("type", "rlora")
+    preset = adapter_preset(method) if method in METHODS else {}
+    merged = {**preset, **raw}
+    if merged.get("router") is False:  # YAML reads an unquoted `router: off` as false
+        merged["router"] = "off"
+    before = len(problems)
+    values, bad = build(AdapterConfig, merged, "adapter", problems)
+    for key, cap in ADAPTER_CAPS.items():
+        if values is not None and isinstance(values.get(key), int) and values[key] > cap:
+            problems.append(f"adapter.{key}: {values.pop(key)} is larger than any model needs; give at most {cap}")
+            bad.add(key)
+    try:
+        config = AdapterConfig(**values) if values is not None else None
+    except UserError as e:  # AdapterConfig validates itself; merge its report into ours
+        problems += [p for p in e.problems if not about(p, "adapter", bad)]
+        return None
+    return config if len(problems) == before else None
+
+
+def adapter_preset(method: str) -> dict[str, Any]:
+    """The preset of a method, as written in configs/adapters/<method>.yaml."""
+    text = configs_dir().joinpath("adapters").joinpath(f"{method}.yaml").read_text()  # Traversable: one part each
+    return yaml.safe_load(text) or {}
+
+
+def configs_dir() -> Any:
+    """The shipped configs: the checkout's configs/ when running from source, else the installed
+    package data (rlora_cli.configs)."""
+    import rlora_cli
+
+    checkout = Path(rlora_cli.__file__).parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+
+    return files("rlora_cli.configs")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain YAML-writable data (OUT/recipe.yaml)."""
+    return _plain(dataclasses.asdict(recipe))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def recipe_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys (data.datasets[1].weight) whose values differ between two recipe dicts."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, _MISSING) != fb.get(k, _MISSING))
+
+
+def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The differing keys that forbid resuming (all but train.max_steps/num_epochs and output.*)."""
+    return [k for k in recipe_diff(saved, new) if not any(k == r or (r.endswith(".") and k.startswith(r))
+                                                          for r in RESUMABLE)]
+
+
+_MISSING = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, join(prefix, str(k))))
+        return out
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
