@@ -35,9 +35,11 @@ demo: $(DEMO_STAMP)
 	$(RLORA) eval compare runs/demo-eval/before.json runs/demo-eval/after.json --plot runs/demo-eval/before_after.png
 
 test: install
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-all: install
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu"
 
 clean:
