@@ -2,7 +2,7 @@
 
 y = base(x) + s · Σ_i gate_i · B_i · drop_i(A_i · drop(x))  [− s · B0 · A0 · x when compensated]
 
-computed as one GEMM into rank space and one GEMM out of it (DESIGN.md §1, "The fused layer"):
+computed as one GEMM into rank space and one GEMM out of it:
 
     H = x · [A; W_router; A0]ᵀ          [T, n_A·r + n + r]    (one GEMM: same input)
     Z = gate ⊙ drop_heads(H_A viewed as [T, n, r])             (rank space, cheap)

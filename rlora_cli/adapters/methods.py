@@ -131,7 +131,7 @@ class AdapterConfig:
 
 
 def layer_spec(cfg: AdapterConfig) -> LayerSpec:
-    """The layer computation a method asks for (DESIGN.md §1 table)."""
+    """The layer computation a method asks for: which knobs of the one fused layer it turns."""
     p = float(cfg.lora_dropout)
     if cfg.type == "lora":
         return LayerSpec(r=cfg.r, num_heads=1, scaling=cfg.scaling, shared_a=True, gate="none",
