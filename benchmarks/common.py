@@ -48,10 +48,11 @@ def environment(device: str) -> dict[str, Any]:
         name, memory = props.name, props.total_memory / 2**30
     else:
         name, memory = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", None
-    return {"device": name, "device_memory_gib": memory, "cuda": torch.version.cuda if device == "cuda" else None,
+    return {"device": name, "device_memory_gib": memory,
+            "cuda": torch.version.cuda if device == "cuda" else None,
             "python": platform.python_version(), "rlora": rlora_cli.__version__, "commit": _commit(),
-            **{p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "peft", "liger-kernel",
-                                      "triton")}}
+            **{p: version(p) for p in ("torch", "transformers", "accelerate", "datasets", "peft",
+                                      "liger-kernel", "triton")}}
 
 
 def _commit() -> str | None:
@@ -60,7 +61,9 @@ def _commit() -> str | None:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,  # noqa: E731
                                         cwd=Path(__file__).parent).stdout.strip()
         head = run("rev-parse", "--short", "HEAD")
-        return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "") if head else None
+        if not head:
+            return None
+        return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -67,7 +67,8 @@ from benchmarks.common import environment, write_json  # noqa: E402
 from benchmarks.shapes import SHAPES, config, matmul_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"llama-1b": ROOT / "recipes/gpu/llama-1b-shape.yaml", "qwen-0.5b": ROOT / "recipes/gpu/qwen-0.5b-shape.yaml",
+RECIPES = {"llama-1b": ROOT / "recipes/gpu/llama-1b-shape.yaml",
+           "qwen-0.5b": ROOT / "recipes/gpu/qwen-0.5b-shape.yaml",
            "tiny": ROOT / "recipes/gpu/llama-1b-shape.yaml"}  # tiny is a Llama shape
 MICRO_BATCH = 8  # the recipes' train.micro_batch_size (sizes the synthetic data)
 WARMUP_STEPS = 5  # the first logging window: allocator growth, kernel autotuning, Triton JIT
@@ -96,11 +97,14 @@ def measure_peak(device: str, n: int | None = None, reps: int = 20) -> dict[str,
     c = torch.empty_like(a)
     for _ in range(30 if cuda else 3):  # warm-up: cuBLAS heuristics, GPU clocks (~50 ms at 8192)
         torch.mm(a, b, out=c)
-    best = min(time_ms(lambda: [torch.mm(a, b, out=c) for _ in range(inner)], device) for _ in range(reps)) / 1e3 / inner
+    # a, b, c enter the lambda as default arguments, as the `del` below unbinds the names
+    best = min(time_ms(lambda a=a, b=b, c=c: [torch.mm(a, b, out=c) for _ in range(inner)], device)
+               for _ in range(reps)) / 1e3 / inner
     del a, b, c
     if cuda:
         torch.cuda.empty_cache()
-    return {"tflops": 2 * n**3 / best / 1e12, "how": f"bf16 torch.mm {n}x{n}x{n}, best of {reps} reps of {inner}"}
+    return {"tflops": 2 * n**3 / best / 1e12,
+            "how": f"bf16 torch.mm {n}x{n}x{n}, best of {reps} reps of {inner}"}
 
 
 # ---------------------------------------------------------------------------- 2. model folders
@@ -110,7 +114,8 @@ def model_config(shape: str, tokenizer: Any) -> Any:
     """The shape's config with the tokenizer's special ids (the training loop pads with pad_token_id
     and appends eos_token_id; this tokenizer adds no BOS)."""
     cfg = config(shape)
-    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
+    cfg.pad_token_id, cfg.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    cfg.bos_token_id = None
     return cfg
 
 
@@ -187,7 +192,8 @@ def run_overrides(model: Path, data: Path, packing: bool, max_steps: int, max_le
                   logging_steps: int | None) -> list[str]:
     """Dotted overrides that point a shipped recipe at OUT's model and data."""
     out = [f"model.name_or_path={model.resolve()}", f"data.datasets.synthetic.path={data.resolve()}",
-           f"data.packing={str(packing).lower()}", f"data.max_length={max_length}", f"train.max_steps={max_steps}"]
+           f"data.packing={str(packing).lower()}", f"data.max_length={max_length}",
+           f"train.max_steps={max_steps}"]
     if not packing:  # CUDA graphs (the recipes' reduce-overhead) need fixed shapes: packed rows only
         out.append("train.compile_mode=default")
     return out + ([f"output.logging_steps={logging_steps}"] if logging_steps else [])
@@ -209,19 +215,22 @@ def train_one(recipe: str, run_dir: str, overrides: list[str]) -> None:
         memory = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                   "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "kind": "CUDA max allocated"}
     else:  # ru_maxrss is in KiB on Linux
-        memory = {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "kind": "max RSS"}
+        memory = {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "kind": "max RSS"}
     write_json(Path(run_dir) / MEMORY_FILE, memory)
 
 
 def launch(recipe: Path, run_dir: Path, overrides: list[str], device: str, in_process: bool) -> list[str]:
     """Run `train_one`, in a subprocess unless `in_process`; returns the command that runs it on its
     own (in-process runs record it too, as the way to repeat the run)."""
-    code = "import sys; from benchmarks.e2e import train_one; train_one(sys.argv[1], sys.argv[2], sys.argv[3:])"
+    code = ("import sys; from benchmarks.e2e import train_one; "
+            "train_one(sys.argv[1], sys.argv[2], sys.argv[3:])")
     cmd = [sys.executable, "-c", code, str(recipe), str(run_dir), *overrides]
     if in_process:
         train_one(str(recipe), str(run_dir), overrides)
         return cmd
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # --smoke on a GPU machine still trains on the CPU
     subprocess.run(cmd, check=True, env=env)
@@ -261,7 +270,7 @@ def replay(recipe_path: Path, overrides: list[str]) -> list[Step]:
     from rlora_cli.data.pipeline import prepare
     from rlora_cli.model import load_tokenizer
     from rlora_cli.recipe.load import load_recipe
-    from rlora_cli.train.loop import EpochSampler
+    from rlora_cli.train.state import EpochSampler
 
     datasets.disable_progress_bars()
     recipe = load_recipe(recipe_path, overrides)
@@ -290,12 +299,13 @@ def replay(recipe_path: Path, overrides: list[str]) -> list[Step]:
 def flops_per_token(cfg: Any, context: float) -> tuple[float, float]:
     """(4·N, attention FLOPs) per token for a frozen base (see the module docstring)."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 4.0 * matmul_parameters(cfg), 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context
+    attention = 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context
+    return 4.0 * matmul_parameters(cfg), attention
 
 
 def windows(rows: list[dict[str, Any]], steps: list[Step]) -> list[dict[str, Any]]:
-    """One entry per training row of metrics.jsonl: its steps, wall time, input tokens/s and whether the replayed
-    label tokens equal the run's. A window's time is its label tokens ÷ tokens_per_s (train.py
+    """One entry per training row of metrics.jsonl: its steps, wall time, input tokens/s and whether
+    the replayed label tokens equal the run's. A window's time is its label tokens ÷ tokens_per_s (train.py
     reports both over the same window)."""
     out, prev_step, prev_tokens = [], 0, 0
     for r in rows:
@@ -334,7 +344,8 @@ def summarize(shape: str, packing: bool, run_dir: Path, steps: list[Step], warmu
         "step_ms": statistics.median(1e3 * w["seconds"] / (w["last"] - w["first"] + 1) for w in kept),
         "mfu": (dense + attention) * tokens_per_s / (peak_tflops * 1e12),
         "mfu_4n": dense * tokens_per_s / (peak_tflops * 1e12),
-        "peak_memory_gib": extra.get(MEMORY_FILE, {}).get("peak_memory_gib"), "memory": extra.get(MEMORY_FILE),
+        "peak_memory_gib": extra.get(MEMORY_FILE, {}).get("peak_memory_gib"),
+        "memory": extra.get(MEMORY_FILE),
         "flops_per_token": dense + attention, "flops_4n": dense, "flops_attention": attention,
         "matmul_parameters": matmul_parameters(cfg), "attention_context": context,
         "examples_per_step": statistics.mean(len(s.lengths) for s in measured),
@@ -345,7 +356,8 @@ def summarize(shape: str, packing: bool, run_dir: Path, steps: list[Step], warmu
     }
 
 
-def frozen_floor(shape: str, rows: int, seq: int, device: str, peak_tflops: float, smoke: bool) -> dict[str, Any]:
+def frozen_floor(shape: str, rows: int, seq: int, device: str, peak_tflops: float,
+                 smoke: bool) -> dict[str, Any]:
     """The frozen base alone on full rows×seq steps, timed as step_bench times it, in this
     process: the floor the MFU target is stated against, with the same peak. On CUDA the faster
     of two: eager with Liger, and compiled blocks with Liger's loss replayed as CUDA graphs (as
@@ -371,8 +383,9 @@ def frozen_floor(shape: str, rows: int, seq: int, device: str, peak_tflops: floa
     context = (seq + 1) / 2
     dense, attention = flops_per_token(cfg, context)
     tps = row["tokens_per_s"]
-    return {"variant": row["variant"], "batch": row["batch"], "step_ms": row["median_ms"], "tokens_per_s": tps,
-            "attention_context": context, "mfu": (dense + attention) * tps / (peak_tflops * 1e12),
+    return {"variant": row["variant"], "batch": row["batch"], "step_ms": row["median_ms"],
+            "tokens_per_s": tps, "attention_context": context,
+            "mfu": (dense + attention) * tps / (peak_tflops * 1e12),
             "mfu_4n": dense * tps / (peak_tflops * 1e12),
             "timed": {r["variant"]: r["median_ms"] for r in timed}}
 
@@ -391,8 +404,8 @@ def table(results: list[dict[str, Any]]) -> str:
             line += f" {r['floor']['mfu']:>9.2%} {r['vs_floor_mfu']:>7.2f}"
         lines.append(line)
     if floors:
-        lines.append("floor: the frozen base (+ Liger on CUDA, eager or compiled, the faster) on full rows, timed in this run; "
-                     "× floor = MFU ÷ floor MFU")
+        lines.append("floor: the frozen base (+ Liger on CUDA, eager or compiled, the faster) on full rows, "
+                     "timed in this run; × floor = MFU ÷ floor MFU")
     return "\n".join(lines)
 
 
@@ -401,7 +414,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="llama-1b,qwen-0.5b", help="comma-separated: llama-1b, qwen-0.5b, tiny")
+    ap.add_argument("--shapes", default="llama-1b,qwen-0.5b",
+                    help="comma-separated: llama-1b, qwen-0.5b, tiny")
     ap.add_argument("--packing", default="on,off", help="on, off or on,off")
     ap.add_argument("--max-steps", type=int, default=30)
     ap.add_argument("--max-length", type=int, default=1024, help="data.max_length (the recipes' 1024)")
@@ -415,7 +429,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--in-process", action="store_true",
                     help="train in this process (no subprocess: CUDA memory and the peak are shared)")
     ap.add_argument("--floor", action="store_true",
-                    help="also time the frozen base (+ Liger) on full rows in this run and report MFU against it")
+                    help="also time the frozen base (+ Liger) on full rows in this run "
+                         "and report MFU against it")
     ap.add_argument("--smoke", action="store_true",
                     help=f"CPU, tiny shape, {SMOKE['max_steps']} steps, max_length {SMOKE['max_length']}, "
                          "logging every step")
@@ -442,10 +457,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console, out = Console(highlight=False), Path(args.out)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu" and not args.smoke:
-        console.print("[yellow]no CUDA device[/]: the full benchmark on the CPU is slow; --smoke checks the pipeline")
+        console.print("[yellow]no CUDA device[/]: the full benchmark on the CPU is slow; "
+                      "--smoke checks the pipeline")
     peak = measure_peak(device)
     console.print(f"peak: {peak['tflops']:.2f} TFLOP/s ({peak['how']}, {device})")
-    data = write_data(out / "data" / "synthetic.jsonl", max(64, 6 * MICRO_BATCH * args.max_steps), args.max_length)
+    data = write_data(out / "data" / "synthetic.jsonl", max(64, 6 * MICRO_BATCH * args.max_steps),
+                      args.max_length)
     results: list[dict[str, Any]] = []
     report = {"command": [sys.executable, "-m", "benchmarks.e2e", *(sys.argv[1:] if argv is None else argv)],
               "environment": environment(device), "peak_tflops": peak["tflops"], "peak_how": peak["how"],
@@ -457,14 +474,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recipe = RECIPES[shape]
         for packing in (p == "on" for p in args.packing.split(",")):
             run_dir = out / f"{shape}-packing-{'on' if packing else 'off'}"
-            overrides = [*run_overrides(model, data, packing, args.max_steps, args.max_length, args.logging_steps),
+            overrides = [*run_overrides(model, data, packing, args.max_steps, args.max_length,
+                                        args.logging_steps),
                          *args.set]
             console.rule(f"{shape}, packing {'on' if packing else 'off'}")
             cmd = launch(recipe, run_dir, overrides, device, args.in_process)
-            row = summarize(shape, packing, run_dir, replay(recipe, overrides), args.warmup_steps, peak["tflops"])
+            row = summarize(shape, packing, run_dir, replay(recipe, overrides), args.warmup_steps,
+                            peak["tflops"])
             if not row["replay_matches"]:
-                console.print(f"[red]warning[/]: the replayed rows of {run_dir} do not match the run's label-token "
-                              "counts, so the attention context c may be off")
+                console.print(f"[red]warning[/]: the replayed rows of {run_dir} do not match the run's "
+                              "label-token counts, so the attention context c may be off")
             row["command"] = cmd
             row["overrides"] = list(args.set)
             row["rlora_train"] = shlex.join(["rlora", "train", str(recipe.relative_to(ROOT)), *overrides,

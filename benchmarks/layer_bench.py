@@ -50,7 +50,8 @@ def build(variant: str, d_in: int, d_out: int, r: int, n: int, device: str) -> n
 
         holder = nn.Module()
         holder.lin = base  # PEFT's public injection API, stable across its versions
-        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=["lin"]), holder)
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=["lin"]),
+                                holder)
         layer = holder.lin
     elif variant == "reference_rlora":
         layer = ReferenceRLoRA(base, r, n, 2 * r, 0.05)
@@ -58,7 +59,8 @@ def build(variant: str, d_in: int, d_out: int, r: int, n: int, device: str) -> n
         method = variant.split("_")[0]
         heads = 1 if method == "lora" else n
         cfg = AdapterConfig(type=method, r=r, num_heads=heads, lora_alpha=2 * r, lora_dropout=0.05)
-        layer = MultiHeadLoRA(base, layer_spec(cfg), dtype=torch.bfloat16 if variant.endswith("bf16") else None)
+        layer = MultiHeadLoRA(base, layer_spec(cfg),
+                              dtype=torch.bfloat16 if variant.endswith("bf16") else None)
     layer.to(device)
     for name, p in layer.named_parameters():
         p.requires_grad_(not name.startswith("base"))
@@ -127,7 +129,8 @@ def main() -> None:
     anchor = {r["shape"]: r["median_ms"] for r in results if r["variant"] == "peft_lora"}
     print(f"{'shape':10} {'variant':16} {'ms':>8} {'vs peft':>8} {'kernels':>8} {'fwd MiB':>8}")
     for r in results:
-        print(f"{r['shape']:10} {r['variant']:16} {r['median_ms']:8.3f} {r['median_ms'] / anchor[r['shape']]:8.2f} "
+        ratio = r["median_ms"] / anchor[r["shape"]]
+        print(f"{r['shape']:10} {r['variant']:16} {r['median_ms']:8.3f} {ratio:8.2f} "
               f"{r.get('kernels', 0):8d} {r.get('saved_MiB', 0):8.1f}")
     if args.json:
         write_json(args.json, {"environment": environment(device), "args": vars(args), "results": results})

@@ -72,7 +72,8 @@ def main() -> None:
     plans = {
         "1gpu": (2, py),
         "ddp2": (1, [*acc, "--multi_gpu"]),
-        "fsdp2": (1, [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml"]),
+        "fsdp2": (1, [sys.executable, "-m", "accelerate.commands.launch",
+                      "--config_file", "configs/accelerate/fsdp.yaml"]),
     }
     if args.only:
         print(json.dumps(run(args.only, out, model, *plans[args.only])))

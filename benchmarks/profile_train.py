@@ -23,7 +23,8 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_train",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=12)
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         # An event, not a sync: the loop keeps the GPU fed across steps, which waiting here would hide.
         mark = torch.cuda.Event(enable_timing=True) if cuda else None
         n = len(marks) + 1
-        starting, stopping = n == args.steps - args.active, n == args.steps  # profile exactly the last --active steps
+        # profile exactly the last --active steps
+        starting, stopping = n == args.steps - args.active, n == args.steps
         if starting:  # the profiler's own start-up falls before the first profiled step's mark
             prof.start()
         marks.append(mark if cuda else time.perf_counter())
@@ -80,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.syncs:
                 warnings.simplefilter("always")
                 warnings.showwarning = count_sync
-            train_mod.train(args.recipe, (*args.overrides, f"train.max_steps={args.steps}"), output=out / "run",
-                            overwrite=True)
+            train_mod.train(args.recipe, (*args.overrides, f"train.max_steps={args.steps}"),
+                            output=out / "run", overwrite=True)
     finally:
         torch.optim.AdamW.step = step
         if args.syncs:
@@ -99,14 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary, indent=1))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     if cuda:
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15,
+                                        max_name_column_width=60))
     write_json(out / "summary.json", summary)
     prof.export_chrome_trace(str(out / "trace.json"))
 
 
 def _caller() -> str:
     """The innermost frames of the code that asked for the sync (outside torch's own files)."""
-    frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename and "warnings" not in f.filename]
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if "/torch/" not in f.filename and "warnings" not in f.filename]
     return " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1])
 
 

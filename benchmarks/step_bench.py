@@ -1,8 +1,8 @@
 """Full training steps of rlora's methods against PEFT LoRA, with and without Liger, on one GPU.
 
-    python -m benchmarks.step_bench                                   # llama-1b, qwen-0.5b; 8x1024, 8x512
+    python -m benchmarks.step_bench                   # llama-1b, qwen-0.5b; 8x1024, 8x512
     python -m benchmarks.step_bench --compile --scale --json runs/step_bench.json
-    python -m benchmarks.step_bench --smoke                           # tiny model on the CPU, seconds: it still runs
+    python -m benchmarks.step_bench --smoke           # tiny model on the CPU, seconds: it still runs
 
 One step is what a training loop does per micro-batch: zero_grad(set_to_none), forward under bf16
 autocast, next-token cross-entropy, backward, AdamW over the trainable tensors. Every variant is
@@ -180,7 +180,8 @@ def add_adapters(model: nn.Module, spec: Spec) -> nn.Module:
     if spec.kind == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=list(TARGETS)))
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p,
+                                                target_modules=list(TARGETS)))
     if spec.kind == "reference":
         for name in find_targets(model, TARGETS):
             parent, _, child = name.rpartition(".")
@@ -190,7 +191,8 @@ def add_adapters(model: nn.Module, spec: Spec) -> nn.Module:
             param.requires_grad_(any(k in name for k in (".lora_A.", ".lora_B.", ".route.")))
         return model
     return inject_adapters(model, AdapterConfig(type=spec.kind, r=r, lora_alpha=alpha, lora_dropout=p,
-                                                num_heads=spec.num_heads, target_modules=TARGETS, use_rslora=False),
+                                                num_heads=spec.num_heads, target_modules=TARGETS,
+                                                use_rslora=False),
                            dtype=torch.bfloat16 if spec.bf16 else None)
 
 
@@ -215,7 +217,8 @@ def build_variant(base: nn.Module, spec: Spec, compile_mode: str) -> Variant:
     # torch.optim.AdamW's default (foreach on CUDA), for every variant alike. `rlora train` itself
     # uses the fused AdamW on CUDA, which is timed end to end by benchmarks.e2e.
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    return Variant(model, backbone, hf.get_output_embeddings(), (home, rope), fused_loss, optimizer, spec.compiled)
+    return Variant(model, backbone, hf.get_output_embeddings(), (home, rope), fused_loss, optimizer,
+                   spec.compiled)
 
 
 # ------------------------------------------------------------------------------ one step
@@ -406,8 +409,8 @@ def _f(x: Any, spec: str = ".1f") -> str:
 
 
 def table(rows: list[dict[str, Any]], anchor: str) -> str:
-    out = [f"| shape | batch | variant | step ms (min–max) | tok/s | busy ms | kernels | peak GiB | trainable "
-           f"| ×step | ×busy | ×kernels | ×peak |  (× = over {anchor})",
+    out = [f"| shape | batch | variant | step ms (min–max) | tok/s | busy ms | kernels | peak GiB "
+           f"| trainable | ×step | ×busy | ×kernels | ×peak |  (× = over {anchor})",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['shape']} | {r['batch']} | {r['variant']} "
@@ -415,7 +418,8 @@ def table(rows: list[dict[str, Any]], anchor: str) -> str:
             out.append(head + f"| failed: {r['error']} |" + " – |" * 9)
             continue
         x = r["vs_anchor"]
-        out.append(head + f"| {r['median_ms']:.2f} ({r['min_ms']:.2f}–{r['max_ms']:.2f}) | {r['tokens_per_s']:,.0f} "
+        out.append(head + f"| {r['median_ms']:.2f} ({r['min_ms']:.2f}–{r['max_ms']:.2f}) "
+                   f"| {r['tokens_per_s']:,.0f} "
                    f"| {_f(r['gpu_busy_ms'], '.2f')} | {_f(r['kernels'], 'd')} | {_f(r['peak_gib'], '.2f')} "
                    f"| {r['trainable']:,} | " + " | ".join(_f(x[k], ".2f") for k in RATIOS) + " |")
     return "\n".join(out)
@@ -450,7 +454,8 @@ def max_batch(base: nn.Module, spec: Spec, seq: int, start: int, cap: int) -> in
             train_step(v, ids, labels)
             ok = True
         except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS/Triton failing to allocate
-            if not isinstance(e, torch.OutOfMemoryError) and "ALLOC" not in str(e) and "out of memory" not in str(e):
+            if (not isinstance(e, torch.OutOfMemoryError) and "ALLOC" not in str(e)
+                    and "out of memory" not in str(e)):
                 raise
             ok = False
         del ids, labels
@@ -462,7 +467,9 @@ def max_batch(base: nn.Module, spec: Spec, seq: int, start: int, cap: int) -> in
     try:
         return largest_fitting(fits, start, cap)
     finally:
-        del v
+        # Rebinding empties the cell `fits` reads (as `del v` would, without leaving `fits` an undefined
+        # name), so the variant is gone before free_memory() even while a traceback still holds `fits`.
+        v = None
         free_memory()
 
 
@@ -478,9 +485,11 @@ def scale_notes(args: argparse.Namespace, device: torch.device, warmup: int, ste
         cap = 4 * rows if args.smoke else 4096  # the CPU never runs out: --smoke stops at the cap
         try:
             n = max_batch(base, Spec(kind, liger), seq, rows, cap)
-            largest.append({"variant": kind + suffix, "rows": n, "tokens": n * seq, "capped": n == cap, "ok": True})
+            largest.append({"variant": kind + suffix, "rows": n, "tokens": n * seq, "capped": n == cap,
+                            "ok": True})
         except Exception as e:  # noqa: BLE001
-            largest.append({"variant": kind + suffix, "ok": False, "error": f"{type(e).__name__}: {e}"[:240]})
+            largest.append({"variant": kind + suffix, "ok": False,
+                            "error": f"{type(e).__name__}: {e}"[:240]})
     sweep: dict[str, Spec] = {}
     for n in (1, 2, 4, 8, 16):
         sweep[f"rlora{suffix} n={n} r=8"] = Spec("rlora", liger, heads=n)
@@ -497,7 +506,8 @@ def scale_notes(args: argparse.Namespace, device: torch.device, warmup: int, ste
 def scale_table(scale: dict[str, Any]) -> str:
     out = [f"| variant | largest micro-batch ({scale['shape']}, {scale['seq']} tokens/row) |", "|---|---|"]
     for r in scale["largest_batch"]:
-        out.append(f"| {r['variant']} | {('≥' if r['capped'] else '') + str(r['rows']) if r['ok'] else r['error']} |")
+        cell = ("≥" if r["capped"] else "") + str(r["rows"]) if r["ok"] else r["error"]
+        out.append(f"| {r['variant']} | {cell} |")
     # The rank sweep's peer: PEFT LoRA at the same r (per head for rlora), measured in the same rounds.
     peer = {r["r"]: r for r in scale["sweep"] if r["variant"].startswith("peft") and r["ok"]}
     out += ["", f"| variant ({scale['shape']}) | batch | step ms | tok/s | busy ms | peak GiB | trainable "
@@ -527,7 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd +liger and +ce variants")
     ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     ap.add_argument("--scale", action="store_true",
-                    help="largest micro-batch; heads and rank sweeps (always llama-1b at 8x1024, default compile)")
+                    help="largest micro-batch; heads and rank sweeps "
+                         "(always llama-1b at 8x1024, default compile)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, no Liger, 2+2 steps")
     return ap.parse_args(argv)
 
@@ -541,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     anchor = SMOKE_ANCHOR if args.smoke else ANCHOR
     result: dict[str, Any] = {"meta": {
         "environment": environment(device.type),
-        "command": shlex.join(["python", "-m", "benchmarks.step_bench", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "-m", "benchmarks.step_bench",
+                               *(sys.argv[1:] if argv is None else argv)]),
         "anchor": anchor, "warmup": warmup, "steps": steps, "compile_mode": args.compile_mode,
         "kernels_are": "CUDA kernels" if device.type == "cuda" else "leaf CPU ops",
         "tokens_per_s_counts": "every input token (rows x seq), labelled or not"}}
@@ -564,22 +576,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def run_all(args: argparse.Namespace, device: torch.device, warmup: int, steps: int) -> list[dict[str, Any]]:
+def run_all(args: argparse.Namespace, device: torch.device, warmup: int,
+            steps: int) -> list[dict[str, Any]]:
     """Every variant at every shape and batch: one base per shape, the variants rebuilt per batch."""
-    peft = importlib.util.find_spec("peft") is not None or not args.smoke  # on the GPU a missing peft is a result
+    # on the GPU a missing peft is a result
+    peft = importlib.util.find_spec("peft") is not None or not args.smoke
     names = args.variants.split(",") if args.variants else default_names(args.smoke, args.compile, peft)
     specs = {name: parse_name(name) for name in names}
     compiled = any(spec.compiled for spec in specs.values())  # --compile, or +compile names in --variants
     if compiled:
         torch._dynamo.config.recompile_limit = 64  # one decoder class, compiled once per variant and batch
     shapes = ["tiny"] if args.smoke else args.shapes.split(",")
-    batches = [(2, 16)] if args.smoke else [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",")]
+    batches = ([(2, 16)] if args.smoke
+               else [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",")])
     rows: list[dict[str, Any]] = []
     for shape in shapes:
         base = build_base(shape, device)
         for batch in batches:
             log.info("%s %dx%d: %d variants", shape, *batch, len(specs))
-            rows += [{"shape": shape, **row} for row in bench(base, specs, batch, warmup, steps, args.compile_mode)]
+            rows += [{"shape": shape, **row}
+                     for row in bench(base, specs, batch, warmup, steps, args.compile_mode)]
             free_memory()
             if compiled:
                 torch._dynamo.reset()  # a fresh cache for the next batch's compilations

@@ -1,11 +1,14 @@
-"""The adapter folder format.
+"""The adapter folder format: write it, read it, load it onto a base model.
+
+    save_adapter(model, "runs/mixed/adapter", tokenizer=tokenizer)
+    load_adapter(base_model, "runs/mixed/adapter")        # in place; UserError on another base
 
 An adapter directory holds `rlora_config.json` (format version, method, every layer option, the
 wrapped module names, the base model, its dtype, whether it needs its repository's own code, and
-any metadata such as prompt templates) and
-`rlora_adapter.safetensors` (the `rlora_*` tensors, R-LoRA's A0/B0 included), plus the
-tokenizer files when one is given. Everything is written through `files.atomic_dir`, so
-a crash never leaves a half-written directory behind.
+any metadata such as prompt templates) and `rlora_adapter.safetensors` (the `rlora_*` tensors,
+R-LoRA's A0/B0 included, refused on load when not finite), plus the tokenizer files when one is
+given. Everything is written through `files.atomic_dir`, so a crash never leaves a half-written
+directory behind.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from torch import nn
 
+from rlora_cli import __version__
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters
 from rlora_cli.adapters.inject import remove_adapters
 from rlora_cli.errors import UserError
@@ -72,8 +80,6 @@ def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = No
     records that the base needs its repository's code (default: whether the loaded classes
     came from it); commands that load the base then ask for --trust-remote-code.
     """
-    from safetensors.torch import save_file
-
     model = _uncompiled(model)
     layers = adapter_layers(model)
     if not layers:
@@ -82,21 +88,24 @@ def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = No
     first = next(iter(layers.values()))
     config = {
         "format_version": FORMAT_VERSION,
-        "rlora_version": _version(),
+        "rlora_version": __version__,
         "method": cfg.type,
         "adapter": cfg.to_dict(),
         "layer": asdict(first.spec),
         "modules": list(layers),
         **base_record(base_model_id(model)),
         "base_dtype": str(first.base.weight.dtype).removeprefix("torch."),
-        "trust_remote_code": uses_remote_code(model, tokenizer) if trust_remote_code is None else trust_remote_code,
+        "trust_remote_code": (uses_remote_code(model, tokenizer) if trust_remote_code is None
+                              else trust_remote_code),
         **(metadata or {}),
     }
     source = adapter_state(model) if state_dict is None else state_dict
     names = adapter_state(model).keys()
     tensors = {k: source[k].detach().contiguous().cpu() for k in names}
     with atomic_dir(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "rlora_format": str(FORMAT_VERSION)})
+        # Called through the module, so tests can make the disk "full" by patching safetensors.
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE),
+                                    metadata={"format": "pt", "rlora_format": str(FORMAT_VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -107,14 +116,16 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The adapter's config, checked for presence, JSON and format version."""
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
-        raise UserError(f"{directory}: no such adapter directory", "give the folder that holds rlora_config.json")
+        raise UserError(f"{directory}: no such adapter directory",
+                        "give the folder that holds rlora_config.json")
     if not path.is_file():
         raise UserError(f"{directory} is not an rlora adapter (no {CONFIG_FILE})",
                         "give an adapter folder such as RUN/adapter or RUN/checkpoint-<step>")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})", "the file is corrupt; save the adapter again") from None
+        raise UserError(f"{path}: not valid JSON ({e})",
+                        "the file is corrupt; save the adapter again") from None
     version = config.get("format_version") if isinstance(config, dict) else None
     if not isinstance(version, int) or not {"adapter", "modules"} <= set(config):
         raise UserError(f"{path}: not an rlora adapter config", "save the adapter again with rlora")
@@ -153,14 +164,12 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The adapter's tensors, checked finite: a NaN would otherwise score and generate quietly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
-        tensors = load_file(str(path))
+        tensors = safetensors.torch.load_file(str(path))
     except (OSError, SafetensorError, RuntimeError) as e:
         raise UserError(f"{path}: cannot read the adapter weights ({e})",
-                        "the file is missing or corrupt; save the adapter again or use another checkpoint") from None
+                        "the file is missing or corrupt; save the adapter again or use another "
+                        "checkpoint") from None
     check_finite(tensors, path)
     return tensors
 
@@ -181,8 +190,11 @@ def _fill(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path
         target.copy_(tensors[key])
 
 
+WRONG_BASE_FIX = "load the adapter onto the base model it was trained on (see rlora inspect)"
+
+
 def check_tensors(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path,
-                  fix: str = "load the adapter onto the base model it was trained on (see rlora inspect)") -> None:
+                  fix: str = WRONG_BASE_FIX) -> None:
     """The file's tensors must be exactly the adapter's, with the same shapes."""
     missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
     if missing or unexpected:
@@ -225,9 +237,6 @@ def recorded_base(config: dict[str, Any], directory: str | Path, *, option: str 
 
 
 def _is_repo_id(name: str) -> bool:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -249,33 +258,3 @@ def check_remote_code(config: dict[str, Any], directory: str | Path, allowed: bo
         raise UserError(f"{directory} was trained on a model that runs its own code "
                         "(model.trust_remote_code: true)",
                         "pass --trust-remote-code if you trust that model's repository")
-
-
-def check_output_file(path: str | Path, option: str) -> None:
-    """Before any work: `path` must be writable as a file (not a folder, no file in its way)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder", f"give a file name, e.g. {option} {path / 'out.json'}")
-    _no_file_above(path, option)
-
-
-def check_output_dir(path: str | Path, option: str) -> None:
-    """Before any work: `path` must be usable as a folder (not an existing file, none in its way)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{option} {path} exists and is a file, not a folder",
-                        f"choose another {option}, or remove the file")
-    _no_file_above(path, option)
-
-
-def _no_file_above(path: Path, option: str) -> None:
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{option} {path}: {parent} is a file, not a folder", f"choose another {option}")
-            return
-
-
-def _version() -> str:
-    from rlora_cli import __version__
-    return __version__

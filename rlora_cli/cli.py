@@ -20,6 +20,7 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from rlora_cli import __version__
+from rlora_cli.config import DTYPE_HELP
 from rlora_cli.errors import UserError, first_line
 
 
@@ -75,21 +76,26 @@ def train(
     recipe: Path = typer.Argument(..., help="The recipe YAML (see recipes/)."),
     overrides: Optional[list[str]] = typer.Argument(
         None, help="Dotted KEY=VALUE overrides, e.g. train.learning_rate=1e-4 adapter.r=16."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default: the recipe's output.dir)."),
-    resume: str = typer.Option("never", "--resume", help="never | auto (newest complete checkpoint in OUT) | a checkpoint folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+        help="Run directory (default: the recipe's output.dir)."),
+    resume: str = typer.Option("never", "--resume",
+        help="never | auto (newest complete checkpoint in OUT) | a checkpoint folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a non-empty OUT and start over."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the data, show the mixture and one example per source; load no model weights."),
-    print_config: bool = typer.Option(
-        False, "--print-config", help="Print the fully resolved recipe (every key, defaults filled in) as YAML "
-                                      "and exit; writes nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+        help="Validate, load the data, show the mixture and one example per source; "
+             "load no model weights."),
+    print_config: bool = typer.Option(False, "--print-config",
+        help="Print the fully resolved recipe (every key, defaults filled in) as YAML and exit; "
+             "writes nothing."),
 ) -> None:
     """Train an adapter on a recipe's multi-task mixture (Ctrl-C or SIGTERM saves a checkpoint)."""
-    _bad_override(overrides or [], {"--overwrite": overwrite, "--dry-run": dry_run, "--print-config": print_config})
+    flags = {"--overwrite": overwrite, "--dry-run": dry_run, "--print-config": print_config}
+    _bad_override(overrides or [], flags)
     if print_config:
         _print_config(recipe, overrides or [], output)
         return
     if dry_run:
-        from rlora_cli.data.pipeline import dry_run as preview
+        from rlora_cli.train.preview import dry_run as preview
 
         preview(recipe, tuple(overrides or ()), Console())
         return
@@ -112,8 +118,8 @@ app.add_typer(eval_app, name="eval")
 @eval_app.callback(invoke_without_command=True)
 def eval_cmd(
     ctx: typer.Context,
-    task: Optional[str] = typer.Option(
-        None, "--task", help="mmlu | bbh | recipe; with --backend lm-eval, lm-eval task names (comma-separated)."),
+    task: Optional[str] = typer.Option(None, "--task",
+        help="mmlu | bbh | recipe; with --backend lm-eval, lm-eval task names (comma-separated)."),
     model: Optional[str] = typer.Option(
         None, "--model", help="Base model: hub id or local folder (a merged model too). "
                               "Default: the adapter's recorded base (or the recipe's model)."),
@@ -127,11 +133,12 @@ def eval_cmd(
                                "(default: the run's recipe.yaml beside --adapter)."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Few-shot examples (mmlu: 5, bbh: 0)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Score at most N examples per subject / task."),
-    subjects: Optional[str] = typer.Option(None, "--subjects", help="mmlu: only these subjects (comma-separated)."),
+    subjects: Optional[str] = typer.Option(None, "--subjects",
+        help="mmlu: only these subjects (comma-separated)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     backend: str = typer.Option(
         "rlora", "--backend", help="rlora | lm-eval (lm-evaluation-harness: install the eval extra)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + "."),
     output: Optional[str] = typer.Option(None, "--output", help="Write the results JSON here."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
@@ -146,7 +153,7 @@ def eval_cmd(
     evaluate(task, model=model, adapter=adapter, data=data, shots=shots, limit=limit,
              subjects=[s.strip() for s in subjects.split(",") if s.strip()] if subjects else None,
              recipe=recipe, batch_size=batch_size, backend=backend, dtype=dtype, output=output,
-             trust_remote_code=trust_remote_code)
+             trust_remote_code=trust_remote_code, console=Console())
 
 
 @eval_app.command("compare", cls=_Command)
@@ -156,22 +163,25 @@ def eval_compare_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", help="Also write a PNG bar chart here."),
 ) -> None:
     """Per-task deltas between two `rlora eval --output` files."""
-    from rlora_cli.eval.run import compare
+    from rlora_cli.eval.results import compare
 
-    compare(a, b, plot=plot)
+    compare(a, b, plot=plot, console=Console())
 
 
 @app.command("merge", cls=_Command)
 def merge_cmd(
-    adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    adapter: Path = typer.Option(..., "--adapter",
+        help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged Hugging Face model."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model hub id or folder (default: the one recorded with the adapter)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: the dtype the adapter was trained over)."),
+    base: Optional[str] = typer.Option(None, "--base",
+        help="Base model hub id or folder (default: the one recorded with the adapter)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype",
+        help="bf16 | fp16 | fp32 (default: the dtype the adapter was trained over)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
-    """Fold the adapter into its base model: a plain Hugging Face model folder (no rlora needed to load it)."""
+    """Fold the adapter into its base model: a plain Hugging Face folder (no rlora needed to load it)."""
     from rlora_cli.export import merge_to_folder
 
     merge_to_folder(adapter, output, base=base, dtype=dtype, overwrite=overwrite,
@@ -180,12 +190,17 @@ def merge_cmd(
 
 @app.command("export", cls=_Command)
 def export_cmd(
-    adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
-    format: str = typer.Option(..., "--format", "-f", help="peft (a PEFT LoRA adapter: vLLM, TGI, PEFT) | merged (same as rlora merge)."),
+    adapter: Path = typer.Option(..., "--adapter",
+        help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    format: str = typer.Option(..., "--format", "-f",
+        help="peft (a PEFT LoRA adapter: vLLM, TGI, PEFT) | merged (same as rlora merge)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model hub id or folder (default: the one recorded with the adapter)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="--format merged only: bfloat16 | float16 | float32."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="--format merged only: largest safetensors shard."),
+    base: Optional[str] = typer.Option(None, "--base",
+        help="Base model hub id or folder (default: the one recorded with the adapter)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype",
+        help="--format merged only: bf16 | fp16 | fp32."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size",
+        help="--format merged only: largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
@@ -204,7 +219,8 @@ def inspect_cmd(
     """What an adapter or a run folder holds: method, targets, sizes, base model, mergeability."""
     import json
 
-    from rlora_cli.export import inspect_dir, render_inspect
+    from rlora_cli.report.inspect import render_inspect
+    from rlora_cli.runs import inspect_dir
 
     info = inspect_dir(path)
     if as_json:
@@ -215,11 +231,16 @@ def inspect_cmd(
 
 @app.command("analyze", cls=_Command)
 def analyze_cmd(
-    adapter: Path = typer.Argument(..., help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
-    other: Optional[Path] = typer.Argument(None, help="A second adapter to compare with; its analysis goes to OUT/analysis_2.json."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Measure router use per task on this recipe's held-out split (softmax routers only)."),
-    output: Path = typer.Option(Path("analysis"), "--output", "-o", help="Folder for analysis.json and the PNG plots."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="--recipe: at most N held-out examples per task."),
+    adapter: Path = typer.Argument(...,
+        help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    other: Optional[Path] = typer.Argument(None,
+        help="A second adapter to compare with; its analysis goes to OUT/analysis_2.json."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe",
+        help="Measure router use per task on this recipe's held-out split (softmax routers only)."),
+    output: Path = typer.Option(Path("analysis"), "--output", "-o",
+        help="Folder for analysis.json and the PNG plots."),
+    limit: Optional[int] = typer.Option(None, "--limit",
+        help="--recipe: at most N held-out examples per task."),
     batch_size: int = typer.Option(8, "--batch-size", help="--recipe: examples per forward pass."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="--recipe: " + TRUST_HELP),
 ) -> None:
@@ -233,18 +254,24 @@ def analyze_cmd(
 @app.command("generate", cls=_Command)
 def generate_cmd(
     prompt: Optional[str] = typer.Argument(None, help="The prompt (or --file for many)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model hub id or folder, or a merged model (default: the adapter's recorded base)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help='JSONL of {"prompt": str, "kind"?: str} lines.'),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help='JSONL to write: each input line plus "completion".'),
-    kind: str = typer.Option("instruction", "--kind", help="instruction | knowledge | nlu | chat | raw (no template); a line's own \"kind\" wins."),
-    template: Optional[str] = typer.Option(None, "--template", help="default | chat (default: the one the adapter was trained with)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+        help="Base model hub id or folder, or a merged model (default: the adapter's recorded base)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter",
+        help="Adapter folder (RUN/adapter, RUN/checkpoint-<step>) or a run folder."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f",
+        help='JSONL of {"prompt": str, "kind"?: str} lines.'),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+        help='JSONL to write: each input line plus "completion".'),
+    kind: str = typer.Option("instruction", "--kind",
+        help="instruction | knowledge | nlu | chat | raw (no template); a line's own \"kind\" wins."),
+    template: Optional[str] = typer.Option(None, "--template",
+        help="default | chat (default: the one the adapter was trained with)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per prompt."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
     batch_size: int = typer.Option(8, "--batch-size", help="--file: prompts per batch (left-padded)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + "."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Try a model: base, base + adapter, or a merged folder, in the adapter's own prompt template."""
@@ -252,8 +279,8 @@ def generate_cmd(
 
     generate(prompt, model=model, adapter=str(adapter) if adapter else None, file=file, output=output,
              kind=kind, template=template, max_new_tokens=max_new_tokens, temperature=temperature,
-             top_p=top_p, batch_size=batch_size, seed=seed, dtype=dtype, trust_remote_code=trust_remote_code,
-             console=err)
+             top_p=top_p, batch_size=batch_size, seed=seed, dtype=dtype,
+             trust_remote_code=trust_remote_code, console=err)
 
 
 def _bad_override(overrides: list[str], flags: dict[str, bool]) -> None:

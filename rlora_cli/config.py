@@ -1,28 +1,55 @@
-"""Recipes: one YAML file says what to train on what, and `load_recipe` checks all of it at once.
+"""The recipe's typed sections and data kinds, no I/O.
 
-    recipe = load_recipe("recipes/demo.yaml", ["train.learning_rate=1e-4"])
-
-A recipe is frozen typed dataclasses with a docstring and a default per field (below). Loading
-reads the YAML, applies dotted `KEY=VALUE` overrides (values parsed as YAML), starts the adapter
-from its preset in `configs/adapters/<type>.yaml`, then reports every problem in one `UserError`,
-each with its YAML path: unknown keys (with "did you mean" and other tools' names translated,
-see `recipe_schema.py`), types, ranges, missing local files and columns. Every number is checked
-here, once: floats must be finite (nan and inf are refused everywhere but train.max_grad_norm),
-integers must fit in 32 bits (`recipe_schema.INT_MAX`), the seed in numpy's [0, 2**32-1], and
-adapter.r / adapter.num_heads under `ADAPTER_CAPS`. Checks are offline and cheap; a hub source is
-checked by its schema alone.
+Each section is a frozen dataclass with a docstring and a default per field, and checks itself
+when built: `__post_init__` raises one `UserError` listing every problem at its YAML path, so
+`TrainConfig(learning_rate=-1)` fails in Python as it does in a recipe. `recipe/load.py` reads the
+YAML, checks types and numbers no run can use (`recipe/typed.py`: nan, inf, integers past 32
+bits), and merges every section's problems into one report. The data kinds live here because the
+checks need them; `data/templates.py` renders them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlora_cli.adapters.methods import AdapterConfig
-from rlora_cli.data.templates import KIND_FIELDS, KINDS, TEMPLATE_NAMES
+from rlora_cli.errors import UserError, collect
 
-DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+if TYPE_CHECKING:  # only for the annotation: importing adapters/ would load torch with every config import
+    from rlora_cli.adapters.methods import AdapterConfig
+
+# The data kinds (data/templates.py renders each) and the templates a source can use.
+KINDS = ("instruction", "nlu", "knowledge", "chat")
+TEMPLATE_NAMES = ("default", "chat")
+# The roles chat templates know; data/rows.py translates other datasets' names into these.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# kind -> (required fields, optional fields), in the kind's own names (a recipe's `columns:` maps
+# a source's column names onto these).
+KIND_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "instruction": (("instruction", "output"), ("input",)),
+    "nlu": (("text", "label"), ("text_pair",)),
+    "knowledge": (("question", "answer"), ("choices",)),
+    "chat": (("messages",), ()),
+}
+
+# One dtype vocabulary for the recipe and every command's --dtype: each accepted spelling -> torch's
+# name ("auto" stays auto: the model loader picks per device).
+DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+               "float16": "float16", "fp32": "float32", "float32": "float32"}
+DTYPES = tuple(DTYPE_NAMES)
+DTYPE_HELP = "auto | bf16 | fp16 | fp32"
+
+
+def canonical_dtype(name: str, where: str) -> str:
+    """torch's name for a dtype in any accepted spelling ('bf16' -> 'bfloat16'; 'auto' stays);
+    UserError naming `where` (a YAML key or a flag) for anything else."""
+    if name not in DTYPE_NAMES:
+        raise UserError(f"{where}: unknown dtype {name!r}",
+                        f"use {DTYPE_HELP} (or bfloat16, float16, float32)")
+    return DTYPE_NAMES[name]
+
+
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 KERNELS = ("auto", "liger", "none")
@@ -33,15 +60,9 @@ FORMATS = ("bigbench",)
 # Accelerate's tracker names (`output.log_with`), plus none and all.
 TRACKERS = ("none", "all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive",
             "swanlab", "trackio")
-# Keys that may change between a run and its resume (everything else must match OUT/recipe.yaml).
-RESUMABLE = ("train.max_steps", "train.num_epochs", "output.")
 
 # numpy (and accelerate's set_seed, which seeds numpy) accepts seeds in [0, 2**32-1].
 SEED_RANGE = (0, 2**32 - 1)
-# Bounds no real adapter reaches: public models' Linear layers are at most ~50k wide, and the
-# multi-head papers use a handful of heads. A value past them is a typo, and would otherwise
-# fail as an allocation error when the adapter is injected.
-ADAPTER_CAPS = {"r": 65536, "num_heads": 256}
 
 FIX = "fix the recipe (recipes/demo.yaml is a complete example; rlora_cli/config.py documents every key)"
 
@@ -50,16 +71,22 @@ FIX = "fix the recipe (recipes/demo.yaml is a complete example; rlora_cli/config
 class ModelConfig:
     """The frozen base model."""
 
+    WHERE = "model"  # the YAML path its problems start with
+
     name_or_path: str
     """Hub id (Qwen/Qwen2.5-0.5B) or a local folder written by save_pretrained."""
     dtype: str = "auto"
-    """Storage dtype of the frozen base: auto (bf16 where the device has it, else fp32) | bf16 | fp16 | fp32."""
+    """Storage dtype of the frozen base: auto (bf16 where the device has it, else fp32) | bf16 | fp16
+    | fp32."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
     attn_implementation: str = "sdpa"
     """sdpa | eager | flash_attention_2 (or another transformers attention backend)."""
 
-    def problems(self, where: str = "model") -> list[str]:
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def problems(self, where: str) -> list[str]:
         p = []
         if not self.name_or_path.strip():
             p.append(f"{where}.name_or_path: empty; give a hub id or a local model folder")
@@ -73,6 +100,8 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
     """One training source; its name is the task id in logs, metrics and evaluation."""
+
+    WHERE = "data.datasets[]"  # the YAML path of its problems (the loader fills in the index)
 
     name: str = ""
     """Task name ('' = from the path: the subset, the BIG-bench folder or the file name)."""
@@ -103,6 +132,7 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         if isinstance(self.label_words, list):
             object.__setattr__(self, "label_words", tuple(self.label_words))
+        validate(self)
 
     def problems(self, where: str) -> list[str]:
         p = []
@@ -112,11 +142,12 @@ class DatasetConfig:
             p += [f"{where}.{k}: a BIG-bench task has fixed fields; remove {k}"
                   for k in ("columns", "label_words", "subset", "split") if getattr(self, k)]
             if self.kind not in ("", "knowledge"):
-                p.append(f"{where}.kind: BIG-bench tasks become knowledge rows; remove kind or set it to knowledge")
+                p.append(f"{where}.kind: BIG-bench tasks become knowledge rows; "
+                         "remove kind or set it to knowledge")
         elif self.kind not in KINDS:
             p.append(f"{where}.kind: missing; choose one of {', '.join(KINDS)}" if not self.kind
                      else _choice(f"{where}.kind", self.kind, KINDS))
-        if self.weight <= 0:
+        if not self.weight > 0:
             p.append(f"{where}.weight: must be > 0, got {self.weight:g}")
         if self.template not in TEMPLATE_NAMES:
             p.append(_choice(f"{where}.template", self.template, TEMPLATE_NAMES))
@@ -143,13 +174,16 @@ class DatasetConfig:
             if self.kind != "nlu":
                 p.append(f"{where}.label_words: only nlu sources have label words; remove it")
             elif len(self.label_words) < 2 or len(set(self.label_words)) != len(self.label_words):
-                p.append(f"{where}.label_words: give at least two different words, got {list(self.label_words)}")
+                p.append(f"{where}.label_words: give at least two different words, "
+                         f"got {list(self.label_words)}")
         return p
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """The training mixture and how examples become token sequences."""
+
+    WHERE = "data"  # the YAML path its problems start with
 
     max_length: int = 512
     """Tokens per sequence; longer examples lose tokens from the prompt side, never the response."""
@@ -166,11 +200,14 @@ class DataConfig:
     datasets: tuple[DatasetConfig, ...]
     """The sources; each becomes one task."""
 
-    def problems(self, where: str = "data") -> list[str]:
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def problems(self, where: str) -> list[str]:
         p = []
         if self.max_length < 8:
             p.append(f"{where}.max_length: must be >= 8, got {self.max_length}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             p.append(f"{where}.temperature: must be > 0, got {self.temperature:g}")
         if self.num_samples is not None and self.num_samples < 1:
             p.append(f"{where}.num_samples: must be >= 1 (or null), got {self.num_samples}")
@@ -188,6 +225,8 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The optimisation loop."""
+
+    WHERE = "train"  # the YAML path its problems start with
 
     num_epochs: int = 1
     """Passes over the mixture (ignored when max_steps > 0)."""
@@ -225,31 +264,36 @@ class TrainConfig:
     """Adapter weights: auto (fp32 over a half-precision base, as PEFT) | fp32 | bf16 (no casts
     under bf16 autocast, a little faster; the optimizer then updates bf16 weights)."""
 
-    def problems(self, where: str = "train") -> list[str]:
-        p = [f"{where}.{k}: must be >= 1, got {getattr(self, k)}"
-             for k in ("num_epochs", "micro_batch_size", "gradient_accumulation_steps") if getattr(self, k) < 1]
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def problems(self, where: str) -> list[str]:
+        counts = ("num_epochs", "micro_batch_size", "gradient_accumulation_steps")
+        p = [f"{where}.{k}: must be >= 1, got {getattr(self, k)}" for k in counts if getattr(self, k) < 1]
         if self.max_steps == 0 or self.max_steps < -1:
             p.append(f"{where}.max_steps: must be > 0, or -1 for num_epochs, got {self.max_steps}")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:
             p.append(f"{where}.learning_rate: must be > 0, got {self.learning_rate:g}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             p.append(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio:g}")
         p += [f"{where}.{k}: must be >= 0, got {getattr(self, k):g}"
-              for k in ("weight_decay", "max_grad_norm") if getattr(self, k) < 0]
+              for k in ("weight_decay", "max_grad_norm") if not getattr(self, k) >= 0]
         for key, allowed in (("lr_scheduler", SCHEDULERS), ("precision", PRECISIONS), ("kernels", KERNELS),
                              ("adapter_dtype", ADAPTER_DTYPES), ("compile_mode", COMPILE_MODES)):
             if getattr(self, key) not in allowed:
                 p.append(_choice(f"{where}.{key}", getattr(self, key), allowed))
         if self.compile and self.compile_mode == "reduce-overhead" and self.kernels == "liger":
-            p.append(f"{where}.kernels: liger puts Liger's Triton RoPE/RMSNorm/SwiGLU inside the compiled blocks, "
-                     "which breaks the CUDA graphs of compile_mode: reduce-overhead; use kernels: auto (the fused "
-                     "loss only) or compile_mode: default")
+            p.append(f"{where}.kernels: liger puts Liger's Triton RoPE/RMSNorm/SwiGLU inside the compiled "
+                     "blocks, which breaks the CUDA graphs of compile_mode: reduce-overhead; "
+                     "use kernels: auto (the fused loss only) or compile_mode: default")
         return p
 
 
 @dataclass(frozen=True, kw_only=True)
 class OutputConfig:
     """What a run writes, and how often."""
+
+    WHERE = "output"  # the YAML path its problems start with
 
     dir: str = ""
     """Run directory ('' = runs/<recipe file name>)."""
@@ -267,7 +311,10 @@ class OutputConfig:
     log_with: str = "none"
     """none | tensorboard | wandb | any other Accelerate tracker name."""
 
-    def problems(self, where: str = "output") -> list[str]:
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def problems(self, where: str) -> list[str]:
         p = [f"{where}.{k}: must be >= 0, got {getattr(self, k)}"
              for k in ("save_steps", "save_total_limit", "eval_steps") if getattr(self, k) < 0]
         if not (math.isfinite(self.save_minutes) and self.save_minutes >= 0):
@@ -283,13 +330,16 @@ class OutputConfig:
 class Recipe:
     """A whole training run: base model, adapter, data mixture, loop and outputs."""
 
+    WHERE = ""  # the YAML path its problems start with
+
     seed: int = 0
     """Seeds the adapter init, the held-out splits, the mixture draw and the data order; an integer
     from 0 to 2**32-1 (what numpy accepts)."""
     model: ModelConfig
     """The frozen base model."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    """The adapter; starts from configs/adapters/<type>.yaml and the keys given override it."""
+    adapter: AdapterConfig
+    """The adapter; starts from configs/adapters/<type>.yaml and the keys given override it (the
+    loader builds it, so it has no default here)."""
     data: DataConfig
     """The multi-task data mixture."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -297,6 +347,32 @@ class Recipe:
     output: OutputConfig = field(default_factory=OutputConfig)
     """Outputs and their frequency."""
 
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def problems(self, where: str) -> list[str]:
+        lo, hi = SEED_RANGE
+        seed = [] if lo <= self.seed <= hi else [
+            f"seed: {self.seed} is out of range; give an integer from {lo} to {hi}"]
+        return seed + compile_problems(self.train, self.data)
+
+
+def compile_problems(train: TrainConfig, data: DataConfig) -> list[str]:
+    """What train and data forbid together: CUDA graphs replay one recorded shape, and unpacked rows
+    vary in length and carry a padding mask, whose attention path breaks the compiled block (and
+    graph outputs get overwritten)."""
+    if train.compile and train.compile_mode == "reduce-overhead" and not data.packing:
+        return ["train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
+                "to max_length: fixed shapes, which CUDA graphs replay); "
+                "use compile_mode: default for unpacked data"]
+    return []
+
+
+def validate(section: Any) -> None:
+    """Raise one UserError listing every problem of a section (its `__post_init__` calls this).
+    Types, nan, inf and 32-bit integer bounds are the YAML's to get right: `recipe/typed.py`
+    checks them as it reads; the comparisons here are written so that nan fails them too."""
+    collect(section.problems(section.WHERE), FIX)
 
 
 def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> str:

@@ -1,7 +1,8 @@
 """Writes that never leave a half-written file or folder: a temporary sibling, then a rename.
 
 Every file rlora leaves behind (adapters, checkpoints, results, plots, merged models) goes through
-these, so a crash or a full disk leaves either the old version or the new one.
+these, so a crash or a full disk leaves either the old version or the new one. Commands check
+their output paths first (`check_output_file`, `check_output_dir`), before any work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from rlora_cli.errors import UserError
 
 
 @contextmanager
@@ -71,3 +74,30 @@ def atomic_save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Before any work: `path` must be writable as a file (not a folder, no file in its way)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder",
+                        f"give a file name, e.g. {option} {path / 'out.json'}")
+    _no_file_above(path, option)
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Before any work: `path` must be usable as a folder (not an existing file, none in its way)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} exists and is a file, not a folder",
+                        f"choose another {option}, or remove the file")
+    _no_file_above(path, option)
+
+
+def _no_file_above(path: Path, option: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is a file, not a folder",
+                                f"choose another {option}")
+            return

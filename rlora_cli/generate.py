@@ -21,8 +21,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.checkpoint import read_adapter_config
+from rlora_cli.config import canonical_dtype
 from rlora_cli.data.templates import KINDS, TEMPLATE_NAMES, Example, prompt_text
+from rlora_cli.data.textfiles import iter_jsonl
 from rlora_cli.errors import UserError
+from rlora_cli.eval.scoring import decode
+from rlora_cli.files import atomic_write_text, check_output_file
+from rlora_cli.model import load_with_adapter
+from rlora_cli.report.eval import print_note, print_warnings, print_written, progress
+from rlora_cli.runs import adapter_dir
 
 GENERATE_KINDS = (*KINDS, "raw")
 
@@ -31,46 +39,38 @@ def generate(prompt: str | None = None, *, model: str | None = None, adapter: st
              file: str | Path | None = None, output: str | Path | None = None, kind: str = "instruction",
              template: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, batch_size: int = 8, seed: int = 0, dtype: str = "auto",
-             trust_remote_code: bool = False, stream: bool = True, console: Any = None) -> list[dict[str, Any]]:
+             trust_remote_code: bool = False, stream: bool = True,
+             console: Any = None) -> list[dict[str, Any]]:
     """Answer one prompt or every line of a JSONL file; returns the output rows (input + completion).
 
-    Input and options are checked before any model loads; bad input is a UserError.
+    Input and options are checked before any model loads; bad input is a UserError. With `stream`,
+    one prompt's answer is printed to stdout as it comes; notes, warnings and progress go to
+    `console` (none without one).
     """
-    from rich.console import Console
-    from rich.markup import escape
-
-    from rlora_cli.checkpoint import check_output_file
-    from rlora_cli.eval.run import load_eval_model
-    from rlora_cli.runs import adapter_dir
-
-    console = console or Console(stderr=True)
     rows = _rows(prompt, file, kind)
     _check_options(max_new_tokens, temperature, top_p, batch_size, template)
+    dtype = canonical_dtype(dtype, "--dtype")
     if output:
         check_output_file(output, "--output")
     adapter = adapter_dir(adapter) if adapter else None
     if not model and not adapter:
         raise UserError("nothing to generate with", "give --model ID_OR_PATH, --adapter DIR, or both")
     saved = _saved_templates(adapter)
-    lm, tokenizer, base = load_eval_model(model, adapter, dtype=dtype, console=console,
-                                          trust_remote_code=trust_remote_code)
+    lm, tokenizer, info = load_with_adapter(model, adapter, dtype=dtype, trust_remote_code=trust_remote_code)
+    print_warnings(info.warnings, console)
     prompts = [build_prompt(row, tokenizer, saved, template, default_kind=kind) for row in rows]
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if prompt is not None and stream:
-        what = f"{base}{' + ' + adapter if adapter else ''}; kind {rows[0].get('kind', kind)}"
-        console.print(f"[dim]{escape(what)}[/]", highlight=False)
-        completions = complete(lm, tokenizer, prompts, batch_size=1, stream=True, **settings)
+        loaded = info.base + (f" + {adapter}" if adapter else "")
+        print_note(f"{loaded}; kind {rows[0].get('kind', kind)}", console)
+        completions = decode(lm, tokenizer, prompts, stream=True, **settings)
     else:
-        from rlora_cli.report.common import progress_bar
-
-        with progress_bar(console, len(prompts), "generating") as advance:
-            completions = complete(lm, tokenizer, prompts, batch_size=batch_size, progress=advance, **settings)
+        with progress(console, len(prompts), "generating") as advance:
+            completions = decode(lm, tokenizer, prompts, batch_size=batch_size, progress=advance, **settings)
     out = [{**row, "completion": text} for row, text in zip(rows, completions)]
     if output:
-        from rlora_cli.files import atomic_write_text
-
         atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
-        console.print(f"{len(out)} completion(s) written to {escape(str(output))}")
+        print_written(f"{len(out)} completion(s)", output, console)
     return out
 
 
@@ -101,8 +101,6 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such prompts file", 'give a JSONL file of {"prompt": "..."} lines')
-    from rlora_cli.data.sources import iter_jsonl
-
     rows = []
     for lineno, row in iter_jsonl(path, fix='each line must be one JSON object: {"prompt": "..."}'):
         if not isinstance(row.get("prompt"), str):
@@ -119,21 +117,21 @@ def _check_options(max_new_tokens: int, temperature: float, top_p: float, batch_
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give 1 or more")
     if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (got {temperature})", "0 is greedy; 0.7 is a common choice")
+        raise UserError(f"--temperature must be >= 0 (got {temperature})",
+                        "0 is greedy; 0.7 is a common choice")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1] (got {top_p})", "1 keeps every token")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})", "give 1 or more")
     if template is not None and template not in TEMPLATE_NAMES:
-        raise UserError(f"--template: unknown template {template!r}", f"use one of {', '.join(TEMPLATE_NAMES)}")
+        raise UserError(f"--template: unknown template {template!r}",
+                        f"use one of {', '.join(TEMPLATE_NAMES)}")
 
 
 def _saved_templates(adapter: str | None) -> dict[str, dict[str, Any]]:
     """kind -> template_info saved with the adapter (empty without an adapter)."""
     if not adapter:
         return {}
-    from rlora_cli.checkpoint import read_adapter_config
-
     templates = read_adapter_config(adapter).get("templates") or {}
     return templates if isinstance(templates, dict) else {}
 
@@ -163,55 +161,3 @@ def build_prompt(row: dict[str, Any], tokenizer: Any, saved: dict[str, dict[str,
     else:  # chat: the prompt is one user turn
         fields = {"messages": [{"role": "user", "content": text}]}
     return prompt_text(Example("generate", kind, fields), tokenizer, name)
-
-
-# ----------------------------------------------------------------------------- the decoding
-
-
-def complete(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-             stream: bool = False, progress: Any = None) -> list[str]:
-    """Continuations of each prompt up to EOS (not included): greedy, or sampled when temperature > 0.
-
-    Batches are left-padded so every row continues at the same column; `stream` prints tokens
-    to stdout as they come (transformers' TextStreamer).
-    """
-    import torch
-    from transformers import TextStreamer
-
-    from rlora_cli.eval.scoring import special_prefix, stop_ids
-
-    torch.manual_seed(seed)
-    prefix = special_prefix(tokenizer)
-    bos = getattr(tokenizer, "bos_token", None)
-    encoded = [(prefix if not (bos and p.startswith(bos)) else []) + tokenizer(p, add_special_tokens=False)["input_ids"]
-               for p in prompts]
-    eos = stop_ids(model, tokenizer)
-    fallback = next((t for t in (tokenizer.bos_token_id, *eos, tokenizer.pad_token_id) if t is not None), 0)
-    encoded = [ids or [fallback] for ids in encoded]  # something must be there to continue
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
-    # Explicit settings override a checkpoint's sampling defaults (repetition_penalty, top_k...).
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
-                else dict(do_sample=False))
-    device = next(model.parameters()).device
-    out = [""] * len(prompts)
-    for start in range(0, len(prompts), max(1, batch_size)):
-        chunk = list(range(start, min(start + batch_size, len(prompts))))
-        width = max(len(encoded[k]) for k in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, k in enumerate(chunk):
-            ids[b, width - len(encoded[k]):] = torch.tensor(encoded[k])
-            mask[b, width - len(encoded[k]):] = 1
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        with torch.no_grad():
-            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=1,
-                                 max_new_tokens=max_new_tokens, repetition_penalty=1.0, pad_token_id=pad,
-                                 eos_token_id=eos or None, streamer=streamer, **sampling)[:, width:]
-        for b, k in enumerate(chunk):
-            row = new[b].tolist()
-            end = next((n for n, t in enumerate(row) if t in eos), len(row))
-            out[k] = tokenizer.decode(row[:end], skip_special_tokens=True)
-        if progress is not None:
-            progress(len(chunk))
-    return out

@@ -1,35 +1,41 @@
-"""Load a base model and its tokenizer.
+"""Load a base model and its tokenizer, and an adapter on top.
+
+    model, tokenizer = load_model("Qwen/Qwen2.5-0.5B", dtype="bf16")
+    model, tokenizer, info = load_with_adapter(None, "runs/mixed/adapter")   # the adapter's own base
 
 `load_model` is the one way rlora loads a causal LM: a hub id or a local folder, with a clear
-error when it cannot be had (offline, typo, gated).
+error when it cannot be had (offline, typo, gated). `load_with_adapter` is what eval, generate and
+analyze load: a base (given, else the one the adapter records, else a default) with the adapter
+applied; it prints nothing and returns what it found worth saying in `LoadInfo.warnings`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from rlora_cli.checkpoint import check_remote_code, load_adapter, read_adapter_config, recorded_base
+from rlora_cli.config import canonical_dtype
 from rlora_cli.errors import UserError, first_line
 
 
-def resolve_dtype(name: str) -> Any:
-    """'auto' = bf16 where a CUDA device supports it, else fp32; or a torch dtype name."""
-    import torch
-
+def resolve_dtype(name: str, where: str = "model.dtype") -> torch.dtype:
+    """The torch dtype for any spelling `config.canonical_dtype` accepts (bf16 = bfloat16);
+    'auto' = bf16 where a CUDA device supports it, else fp32. `where` names the key or flag."""
+    if name == "float64":  # not offered to users; tests compare against float64 references
+        return torch.float64
+    name = canonical_dtype(name, where)
     if name == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
-             "float64": torch.float64}
-    if name not in table:
-        raise UserError(f"model.dtype: unknown dtype {name!r}", "use auto, bfloat16, float16 or float32")
-    return table[name]
+    return getattr(torch, name)
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -42,8 +48,6 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
 def load_model(name_or_path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa", device: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) for a hub id or a local folder; UserError with a fix when it fails."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -60,9 +64,6 @@ def load_model(name_or_path: str, *, dtype: str = "auto", trust_remote_code: boo
 def meta_model(name_or_path: str, *, fix: str, trust_remote_code: bool = False) -> Any:
     """The model's architecture with no weights (meta device): shapes and module names only,
     from its config.json alone. `fix` tells the user what to pass when the config can't be read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -70,6 +71,73 @@ def meta_model(name_or_path: str, *, fix: str, trust_remote_code: bool = False) 
                         REMOTE_CODE_FIX if _wants_remote_code(e) else fix) from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+# ------------------------------------------------------------------------ base + adapter
+
+
+@dataclass
+class LoadInfo:
+    """What `load_with_adapter` loaded, and what the user should hear about it."""
+
+    base: str
+    """The base model's hub id or folder, as loaded."""
+    adapter: str | None = None
+    """The adapter folder applied on it, if any."""
+    warnings: list[str] = field(default_factory=list)
+    """Plain-text notes for the command to render (e.g. an adapter applied to another base)."""
+
+
+def load_with_adapter(model: str | None, adapter: str | None, *, dtype: str = "auto",
+                      default: str | None = None, trust_remote_code: bool = False,
+                      device: Any = "auto") -> tuple[Any, Any, LoadInfo]:
+    """(model in eval mode, tokenizer, LoadInfo): the base is `model`, else the adapter's recorded
+    base, else `default` (e.g. the recipe's model); the adapter is applied on it, and its saved
+    tokenizer wins. An adapter whose base runs its own code needs `trust_remote_code`.
+    `device` "auto" is CUDA when there is one."""
+    config = read_adapter_config(adapter) if adapter else {}
+    if adapter:
+        check_remote_code(config, adapter, trust_remote_code)
+    recorded = _recorded(config, adapter, strict=not model)
+    base = model or recorded or default
+    if not base:
+        raise UserError("no model to evaluate" + (f": {adapter} records no base model" if adapter else ""),
+                        "give --model ID_OR_PATH (a hub id, a local folder, or a merged model)")
+    info = LoadInfo(base, adapter)
+    if adapter and model and recorded and not _same_model(model, recorded):
+        info.warnings.append(f"adapter {adapter} was trained on {recorded}, applying it to {model}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else None
+    lm, tokenizer = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    if adapter:
+        load_adapter(lm, adapter)  # UserError on a shape mismatch: the adapter is for another base
+        if (Path(adapter) / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(adapter, trust_remote_code=trust_remote_code)
+    lm.eval()
+    return lm, tokenizer, info
+
+
+def _recorded(config: dict[str, Any], adapter: str | None, *, strict: bool) -> str | None:
+    """The adapter's base, found from here. With --model given (`strict` False) the record only
+    feeds a warning, so a base that has moved away is no error."""
+    if not adapter:
+        return None
+    try:
+        return recorded_base(config, adapter, option="--model")
+    except UserError:
+        if strict:
+            raise
+        return config.get("base_model")
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+# ------------------------------------------------------------------------------- errors
 
 
 REMOTE_CODE_FIX = ("if you trust the model's repository, allow its code: model.trust_remote_code: true "

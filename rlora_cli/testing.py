@@ -44,7 +44,8 @@ def tiny_corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
     lines = []
     for _ in range(n_lines):
         words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
-        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]) + f" {rng.randint(0, 999)}")
+        end = rng.choice([".", "?", "!", ":"])
+        lines.append(" ".join(words).capitalize() + end + f" {rng.randint(0, 999)}")
     return lines
 
 
@@ -106,7 +107,8 @@ def write_data(folder: Path) -> None:
     reviews = []
     for i in range(48):
         good = i % 2 == 0
-        words = rng.sample(["nice", "great", "lovely", "fine"] if good else ["awful", "poor", "dull", "bad"], 2)
+        pool = ["nice", "great", "lovely", "fine"] if good else ["awful", "poor", "dull", "bad"]
+        words = rng.sample(pool, 2)
         reviews.append({"text": f"The film was {words[0]} and {words[1]}.", "label": int(good)})
     (folder / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in facts))
     (folder / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))

@@ -38,11 +38,14 @@ def textops(rng: random.Random) -> dict[str, str]:
     phrase = " ".join(words)
     op = rng.randrange(5)
     if op == 0:
-        return {"instruction": "Reverse the order of these words.", "input": phrase, "output": " ".join(words[::-1])}
+        return {"instruction": "Reverse the order of these words.", "input": phrase,
+                "output": " ".join(words[::-1])}
     if op == 1:
-        return {"instruction": "Sort these words alphabetically.", "input": phrase, "output": " ".join(sorted(words))}
+        return {"instruction": "Sort these words alphabetically.", "input": phrase,
+                "output": " ".join(sorted(words))}
     if op == 2:
-        return {"instruction": "Write these words in capital letters.", "input": phrase, "output": phrase.upper()}
+        return {"instruction": "Write these words in capital letters.", "input": phrase,
+                "output": phrase.upper()}
     if op == 3:
         return {"instruction": "Give the first letter of each word.", "input": phrase,
                 "output": " ".join(w[0] for w in words)}
@@ -56,7 +59,8 @@ def review(rng: random.Random) -> dict[str, object]:
     word = rng.choice(COMPLAINT if positive == negated else PRAISE)
     adjective = f"not {word}" if negated else word
     opener = rng.choice(["I bought this {p} last month.", "The {p} arrived on time.",
-                         "We have used the {p} every day.", "My new {p} came in a small box."]).format(p=product)
+                         "We have used the {p} every day.",
+                         "My new {p} came in a small box."]).format(p=product)
     verdict = rng.choice(["Honestly, it is {a}.", "The {p} feels {a}.", "Overall it is {a}.",
                           "In short: {a}."]).format(a=adjective, p=product)
     return {"text": f"{opener} {verdict}", "label": int(positive)}
@@ -81,7 +85,8 @@ def quiz(rng: random.Random) -> dict[str, object]:
         question = f"Which of these is {category}?"
     else:  # which number is the largest: one has three digits, so the rule is quick to learn
         values = [rng.randrange(100, 1000)] + rng.sample(range(1, 100), 3)
-        right, others, question = str(values[0]), [str(v) for v in values[1:]], "Which of these numbers is the largest?"
+        right, others = str(values[0]), [str(v) for v in values[1:]]
+        question = "Which of these numbers is the largest?"
     options = [right] + others
     rng.shuffle(options)
     return {"question": question, "choices": options, "answer": options.index(right)}

@@ -271,7 +271,8 @@ def test_a_folder_that_is_not_an_adapter_is_refused(tmp_path, adapters):
 def test_output_that_is_a_file_is_refused_before_any_work(adapters, tmp_path, monkeypatch):
     import rlora_cli.analyze as an
 
-    monkeypatch.setattr(an, "analyze_adapter", lambda *a, **k: pytest.fail("analysed before checking --output"))
+    monkeypatch.setattr(an, "analyze_adapter",
+                        lambda *a, **k: pytest.fail("analysed before checking --output"))
     (tmp_path / "report.txt").write_text("keep")
     with pytest.raises(UserError, match="--output .*report.txt exists and is a file, not a folder"):
         analyze(adapters["lora"], output=tmp_path / "report.txt")

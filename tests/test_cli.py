@@ -57,7 +57,8 @@ def world(tiny_model_dir, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     inject_adapters(model, AdapterConfig(type="lora", r=2, target_modules="all-linear"))
     perturb(model)
-    good = save_adapter(model, root / "good" / "adapter", tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    good = save_adapter(model, root / "good" / "adapter",
+                        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
     paths = {"model": str(tiny_model_dir), "good": str(good), "root": str(root)}
     for name in ("nan", "gone", "gone_rel", "remote"):
         shutil.copytree(good, root / name)
@@ -109,7 +110,8 @@ def _no_lm_eval(monkeypatch):
 CASES = [
     ("train-bracketed-path", ["train", "a[/b].yaml"], ["a[/b].yaml", "no such recipe file"]),
     ("train-markup-path", ["train", "a[bold]x.yaml"], ["a[bold]x.yaml", "no such recipe file"]),
-    ("train-flag-with-value", ["train", "{recipe}", "--overwrite", "true"], ["--overwrite takes no value", "'true'"]),
+    ("train-flag-with-value", ["train", "{recipe}", "--overwrite", "true"],
+     ["--overwrite takes no value", "'true'"]),
     ("train-not-key-value", ["train", "{recipe}", "adapter.r"], ["'adapter.r' is not KEY=VALUE"]),
     ("train-module-name-list", ["train", "{recipe_modules}", "--output", "{root}/run-modules"],
      ["adapter.target_modules: [foo_proj] matches no Linear module", "q_proj"]),
@@ -143,12 +145,16 @@ CASES = [
      ["runs its own code", "--trust-remote-code"]),
     ("merge-output-is-a-file", ["merge", "--adapter", "{good}", "--output", "{file}"],
      ["--output", "a_file.txt exists and is a file", "choose another --output"]),
-    ("merge-missing-option", ["merge", "--output", "{root}/x"], ["Missing option '--adapter'", "rlora merge --help"]),
-    ("export-output-is-a-file", ["export", "--adapter", "{good}", "--format", "peft", "--output", "{file}"],
+    ("merge-missing-option", ["merge", "--output", "{root}/x"],
+     ["Missing option '--adapter'", "rlora merge --help"]),
+    ("export-output-is-a-file",
+     ["export", "--adapter", "{good}", "--format", "peft", "--output", "{file}"],
      ["a_file.txt exists and is a file"]),
-    ("export-nan-adapter", ["export", "--adapter", "{nan}", "--format", "peft", "--output", "{root}/peft-nan"],
+    ("export-nan-adapter",
+     ["export", "--adapter", "{nan}", "--format", "peft", "--output", "{root}/peft-nan"],
      ["tensor {nan_tensor} holds NaN or infinite values"]),
-    ("export-remote-code", ["export", "--adapter", "{remote}", "--format", "peft", "--output", "{root}/peft-r"],
+    ("export-remote-code",
+     ["export", "--adapter", "{remote}", "--format", "peft", "--output", "{root}/peft-r"],
      ["--trust-remote-code"]),
     ("analyze-output-is-a-file", ["analyze", "{good}", "--output", "{file}"],
      ["--output", "a_file.txt exists and is a file, not a folder"]),
@@ -216,7 +222,8 @@ def test_flags_read_as_flags_in_help(capsys):
         assert "--help" in out
     run_cli(["train", "--help"])
     out = capsys.readouterr().out
-    assert "--overwrite" in out and "--print-config" in out and "<path>" in out  # valued options keep their type
+    # valued options keep their type
+    assert "--overwrite" in out and "--print-config" in out and "<path>" in out
 
 
 def test_trust_remote_code_is_a_flag_of_each_loading_command(capsys):

@@ -22,15 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlora_cli.adapters import AdapterConfig, inject_adapters, parameter_counts
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from rlora_cli.errors import UserError
-from rlora_cli.export import (
-    adapter_info,
-    export_adapter,
-    export_peft,
-    inspect_dir,
-    merge_to_folder,
-    read_safetensors_header,
-    render_inspect,
-)
+from rlora_cli.export import export_adapter, export_peft, merge_to_folder
+from rlora_cli.report.inspect import render_inspect
+from rlora_cli.runs import adapter_info, inspect_dir, read_safetensors_header
 
 METHODS = [
     dict(type="lora", num_heads=1),
@@ -137,7 +131,8 @@ def test_peft_export_round_trip_or_refuses(case, tmp_path, tiny_model_dir):
     assert cfg["lora_alpha"] == pytest.approx(2.0 * rank)  # s = 8 / 4
     assert cfg["use_rslora"] is False and cfg["lora_dropout"] == 0 and cfg["bias"] == "none"
     assert cfg["fan_in_fan_out"] is False and cfg["base_model_name_or_path"] == str(tiny_model_dir)
-    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                     "v_proj"]
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert len(tensors) == 2 * 14
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (rank, 176)
@@ -156,7 +151,7 @@ def test_router_refusal_happens_before_any_load(case, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the base model was read before the refusal")
 
-    monkeypatch.setattr("rlora_cli.model.load_model", boom)
+    monkeypatch.setattr("rlora_cli.export.load_model", boom)
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", boom)
     for fmt in ("peft", "merged"):
         with pytest.raises(UserError, match="softmax router"):
@@ -226,20 +221,23 @@ def test_bf16_merge_rounds_once_and_is_as_close_to_fp32_as_the_bf16_adapter_mode
 
 def test_bf16_stored_base_loads_in_bf16_and_still_rounds_once(tiny_model_dir, tmp_path, monkeypatch):
     """A bf16 checkpoint merged to bf16 loads in bf16 (half the memory): W0 is exact either way."""
-    import rlora_cli.model
+    import rlora_cli.export
     from rlora_cli.adapters import adapter_layers
     from rlora_cli.checkpoint import load_adapter
 
     load(tiny_model_dir, torch.bfloat16).save_pretrained(tmp_path / "base16")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "base16")
-    make_adapter(tmp_path / "base16", tmp_path / "adapter", dict(type="multilora"), dtype=torch.bfloat16, scale=0.05)
-    seen, real = [], rlora_cli.model.load_model
-    monkeypatch.setattr(rlora_cli.model, "load_model", lambda *a, **k: seen.append(k["dtype"]) or real(*a, **k))
+    make_adapter(tmp_path / "base16", tmp_path / "adapter", dict(type="multilora"), dtype=torch.bfloat16,
+                 scale=0.05)
+    seen, real = [], rlora_cli.export.load_model
+    monkeypatch.setattr(rlora_cli.export, "load_model",
+                        lambda *a, **k: seen.append(k["dtype"]) or real(*a, **k))
     merge_to_folder(tmp_path / "adapter", tmp_path / "merged")
     assert seen == ["bfloat16"]
     weights = dict(load(tmp_path / "merged", None).named_parameters())
     for name, layer in adapter_layers(load_adapter(load(tmp_path / "base16"), tmp_path / "adapter")).items():
-        assert torch.equal(weights[name + ".weight"], (layer.base.weight + layer.delta_weight()).to(torch.bfloat16))
+        assert torch.equal(weights[name + ".weight"],
+                           (layer.base.weight + layer.delta_weight()).to(torch.bfloat16))
 
 
 def test_sharded_output_loads(tiny_model_dir, tmp_path):
@@ -256,7 +254,8 @@ def test_adapted_lm_head_is_untied_and_partial_targets_export_full_paths(tiny_mo
     from peft import PeftModel
 
     targets = r"lm_head|model\.layers\.0\.self_attn\.q_proj"
-    _, ref = make_adapter(tiny_model_dir, tmp_path / "adapter", dict(type="lora", num_heads=1), targets=targets)
+    _, ref = make_adapter(tiny_model_dir, tmp_path / "adapter", dict(type="lora", num_heads=1),
+                          targets=targets)
     merge_to_folder(tmp_path / "adapter", tmp_path / "merged")
     merged, base = load(tmp_path / "merged"), load(tiny_model_dir)
     assert not merged.config.tie_word_embeddings
@@ -286,7 +285,8 @@ def gpt2_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", [dict(type="lora", num_heads=1), dict(type="rlora", router="off")], ids=mid)
+@pytest.mark.parametrize("method", [dict(type="lora", num_heads=1), dict(type="rlora", router="off")],
+                         ids=mid)
 def test_conv1d_model_merges_and_exports_with_fan_in_fan_out(gpt2_dir, tmp_path, method):
     from peft import PeftModel
 
@@ -435,7 +435,8 @@ def test_missing_base_names_the_base_option(good_adapter, tiny_model_dir, tmp_pa
         str(tiny_model_dir)
 
 
-@pytest.mark.parametrize("interrupt", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+@pytest.mark.parametrize("interrupt", [RuntimeError("disk full"), KeyboardInterrupt()],
+                         ids=["error", "ctrl-c"])
 def test_interrupted_merge_leaves_nothing_half_made(good_adapter, tmp_path, monkeypatch, interrupt):
     from transformers import PreTrainedModel
 
@@ -550,7 +551,8 @@ def _run(argv: list[str]) -> int:
 def test_cli_merge_export_inspect(good_adapter, tmp_path, capsys):
     assert _run(["merge", "--adapter", str(good_adapter), "--output", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "config.json").is_file()
-    assert _run(["export", "--adapter", str(good_adapter), "--format", "peft", "--output", str(tmp_path / "p")]) == 0
+    assert _run(["export", "--adapter", str(good_adapter), "--format", "peft",
+                 "--output", str(tmp_path / "p")]) == 0
     assert "rank 8" in capsys.readouterr().err
     assert _run(["export", "--adapter", str(good_adapter), "--format", "merged", "--output",
                  str(tmp_path / "m2"), "--dtype", "bfloat16"]) == 0
@@ -563,7 +565,8 @@ def test_cli_merge_export_inspect(good_adapter, tmp_path, capsys):
 
 @cli
 def test_cli_errors_exit_2_with_one_line(good_adapter, tmp_path, capsys):
-    for argv in (["export", "--adapter", str(good_adapter), "--format", "onnx", "--output", str(tmp_path / "x")],
+    for argv in (["export", "--adapter", str(good_adapter), "--format", "onnx",
+                  "--output", str(tmp_path / "x")],
                  ["merge", "--adapter", str(tmp_path / "missing"), "--output", str(tmp_path / "x")],
                  ["merge", "--adapter", str(good_adapter), "--output", str(good_adapter.parent)]):
         assert _run(argv) == 2
@@ -575,7 +578,8 @@ def test_cli_errors_exit_2_with_one_line(good_adapter, tmp_path, capsys):
 # ---------------------------------------------------------------- portable, custom code, literal output
 
 
-def test_peft_export_records_a_local_base_by_absolute_path(good_adapter, tiny_model_dir, tmp_path, monkeypatch):
+def test_peft_export_records_a_local_base_by_absolute_path(good_adapter, tiny_model_dir, tmp_path,
+                                                            monkeypatch):
     monkeypatch.chdir(tiny_model_dir.parent)
     cfg = export_peft(good_adapter, tmp_path / "peft", base=tiny_model_dir.name)  # relative, as typed
     assert cfg["base_model_name_or_path"] == str(tiny_model_dir)

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import rlora_cli.generate as generate_module
 from rlora_cli.adapters import AdapterConfig, inject_adapters, merge_adapters
-from rlora_cli.checkpoint import save_adapter
+from rlora_cli.checkpoint import load_adapter, save_adapter
+from rlora_cli.cli import main
 from rlora_cli.data.templates import TEMPLATES, template_info
 from rlora_cli.errors import UserError
 from rlora_cli.export import merge_to_folder
-from rlora_cli.generate import build_prompt, generate, read_prompts
+from rlora_cli.generate import _rows, build_prompt, generate, read_prompts
 
 NEW = 12
 ALPACA = TEMPLATES["instruction"]["prompt"]
@@ -50,8 +53,6 @@ def merged(tiny_model_dir, adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, adapter):
     """Greedy continuation (up to EOS) by plain transformers on the adapter merged in memory."""
-    from rlora_cli.checkpoint import load_adapter
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = merge_adapters(load_adapter(model, adapter)).eval()
     return _greedy(model, AutoTokenizer.from_pretrained(tiny_model_dir))
@@ -84,13 +85,15 @@ def test_jsonl_in_and_out_with_each_kind_and_template(adapter, reference, tmp_pa
         {"prompt": "Summarize the text.", "input": "The cat sat on the old tree.", "id": 2},
         {"prompt": "What is the capital of the moon?", "kind": "knowledge", "id": 3},  # saved: chat
         {"prompt": "The red bird", "kind": "raw", "id": 4},
-        {"prompt": "Is it good?", "kind": "nlu", "label_words": ["bad", "good"], "id": 5},  # no saved template
+        # no saved template for nlu
+        {"prompt": "Is it good?", "kind": "nlu", "label_words": ["bad", "good"], "id": 5},
     ]
     texts = [
         ALPACA.format(instruction=lines[0]["prompt"]),
         ALPACA_INPUT.format(instruction=lines[1]["prompt"], input=lines[1]["input"]),
-        tokenizer.apply_chat_template([{"role": "user", "content": f"Question: {lines[2]['prompt']}\nAnswer:"}],
-                                      tokenize=False, add_generation_prompt=True),
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Question: {lines[2]['prompt']}\nAnswer:"}],
+            tokenize=False, add_generation_prompt=True),
         "The red bird",
         "Classify the text. Answer with one of: bad, good.\n\nText: Is it good?\nAnswer:",
     ]
@@ -113,7 +116,8 @@ def test_a_merged_folder_and_a_base_model_work_alike(adapter, merged, tiny_model
     prompt = "Write a word."
     via_merged = generate(prompt, model=str(merged), max_new_tokens=NEW, stream=False)
     via_adapter = generate(prompt, adapter=str(adapter), max_new_tokens=NEW, stream=False)
-    assert via_merged == via_adapter == [{"prompt": prompt, "completion": reference(ALPACA.format(instruction=prompt))}]
+    expected = [{"prompt": prompt, "completion": reference(ALPACA.format(instruction=prompt))}]
+    assert via_merged == via_adapter == expected
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     plain = _greedy(base, AutoTokenizer.from_pretrained(tiny_model_dir))
     [row] = generate("The sun is", model=str(tiny_model_dir), kind="raw", max_new_tokens=NEW, stream=False)
@@ -121,8 +125,8 @@ def test_a_merged_folder_and_a_base_model_work_alike(adapter, merged, tiny_model
     [row] = generate("Hi", model=str(tiny_model_dir), kind="instruction", template="chat", max_new_tokens=NEW,
                      stream=False)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    chat = tok.apply_chat_template([{"role": "user", "content": ALPACA.format(instruction="Hi")}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": ALPACA.format(instruction="Hi")}],
+                                   tokenize=False, add_generation_prompt=True)
     assert row["completion"] == plain(chat)
 
 
@@ -175,8 +179,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(argv: list[str]) -> int:
-    from rlora_cli.cli import main
-
     try:
         main(argv)
     except SystemExit as e:
@@ -216,12 +218,11 @@ def test_custom_code_adapter_generates_only_with_the_flag(adapter, tmp_path):
         generate("hi", adapter=str(copy), max_new_tokens=2, stream=False)
     assert "--trust-remote-code" in e.value.fix
     expected = generate("hi", adapter=str(adapter), max_new_tokens=2, stream=False)
-    assert generate("hi", adapter=str(copy), max_new_tokens=2, stream=False, trust_remote_code=True) == expected
+    allowed = generate("hi", adapter=str(copy), max_new_tokens=2, stream=False, trust_remote_code=True)
+    assert allowed == expected
 
 
 def test_non_finite_adapter_generates_nothing_and_says_which_tensor(adapter, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     copy = tmp_path / "adapter"
     shutil.copytree(adapter, copy)
     tensors = load_file(str(copy / "rlora_adapter.safetensors"))
@@ -233,17 +234,13 @@ def test_non_finite_adapter_generates_nothing_and_says_which_tensor(adapter, tmp
 
 
 def test_output_that_is_a_folder_is_refused_before_loading(adapter, tmp_path, monkeypatch):
-    import rlora_cli.eval.run as ev
-
-    monkeypatch.setattr(ev, "load_eval_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(generate_module, "load_with_adapter", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(UserError, match="is a folder"):
         generate("hi", adapter=str(adapter), output=tmp_path)
 
 
 def test_shipped_demo_prompts_cover_each_demo_kind(adapter):
     """data/demo/prompts.jsonl (used in the README) parses and has a line of each kind the demo trains."""
-    from rlora_cli.generate import _rows
-
     path = REPO / "data" / "demo" / "prompts.jsonl"
     rows = _rows(None, path, "instruction")
     assert {r.get("kind", "instruction") for r in rows} == {"instruction", "nlu", "knowledge"}

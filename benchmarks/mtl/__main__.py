@@ -15,10 +15,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.mtl", description=__doc__.split(":")[0])
     ap.add_argument("--tasks-dir", help="folder of BIG-bench task folders (task.json); optional with --smoke")
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: every JSON task found)")
-    ap.add_argument("--methods", default=None, help=f"comma-separated, from: {','.join(VARIANTS)} (default: all)")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated, from: {','.join(VARIANTS)} (default: all)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (split, init, data order)")
     ap.add_argument("--model", default=d.model, help="base model folder or hub id")
-    ap.add_argument("--out", default=None, help="output folder (default runs/mtl, runs/mtl-smoke with --smoke)")
+    ap.add_argument("--out", default=None,
+                    help="output folder (default runs/mtl, runs/mtl-smoke with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, two tiny tasks, a few steps")
     ap.add_argument("--overwrite", action="store_true", help="delete OUT first (default: keep finished runs)")
     ap.add_argument("--r", type=int, default=d.r, help="rank per head")
@@ -26,7 +28,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--alpha", type=float, default=d.lora_alpha, help="lora_alpha (scaling = alpha / r)")
     ap.add_argument("--dropout", type=float, default=d.lora_dropout)
     ap.add_argument("--targets", default=",".join(d.target_modules), help="module names, or all-linear")
-    ap.add_argument("--val-size", type=int, default=d.val_size, help="held-out examples per task (≤ a quarter)")
+    ap.add_argument("--val-size", type=int, default=d.val_size,
+                    help="held-out examples per task (≤ a quarter)")
     ap.add_argument("--max-train", type=int, default=d.max_train, help="training examples per task per epoch")
     ap.add_argument("--max-length", type=int, default=d.max_length)
     ap.add_argument("--epochs", type=int, default=d.num_epochs)
@@ -50,8 +53,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         seeds=tuple(int(s) for s in split(args.seeds)), tasks=split(args.tasks), r=args.r,
         num_heads=args.heads, lora_alpha=args.alpha, lora_dropout=args.dropout,
         target_modules="all-linear" if targets == ("all-linear",) else targets, val_size=args.val_size,
-        max_train=args.max_train, max_length=args.max_length, num_epochs=args.epochs, max_steps=args.max_steps,
-        micro_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
+        max_train=args.max_train, max_length=args.max_length, num_epochs=args.epochs,
+        max_steps=args.max_steps, micro_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
         eval_batch_size=args.eval_batch_size)
 
 

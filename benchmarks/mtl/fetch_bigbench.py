@@ -68,7 +68,8 @@ def extract(source: str | Path, out: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.mtl.fetch_bigbench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.mtl.fetch_bigbench",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("source", help="the bigbench-1.0.0.tar.gz sdist, or the folder pip downloaded it to")
     ap.add_argument("--out", default="data/bigbench", help="where the task folders go")
     args = ap.parse_args(argv)

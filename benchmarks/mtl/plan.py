@@ -85,7 +85,7 @@ def find_tasks(tasks_dir: str | Path, names: tuple[str, ...] = ()) -> dict[str, 
     A task is a folder with a task.json holding `examples` (parents of subtasks and
     programmatic tasks hold none and are skipped); its name is its path under `tasks_dir`.
     """
-    from rlora_cli.data.sources import read_bigbench
+    from rlora_cli.data.bigbench import load_bigbench as read_bigbench
 
     root = Path(tasks_dir)
     if not root.is_dir():
@@ -123,9 +123,11 @@ def held_out_size(n_examples: int, val_size: int) -> int:
 # ----------------------------------------------------------------------------- the budgets
 
 
-def trainable_counts(model: str, settings: Settings, methods: tuple[str, ...], matched_r: int) -> dict[str, int]:
+def trainable_counts(model: str, settings: Settings, methods: tuple[str, ...],
+                     matched_r: int) -> dict[str, int]:
     """Trainable parameters of each variant on `model`, counted on a weightless (meta) copy."""
-    return {m: count_trainable(model, adapter_section(m, settings, lora_r=matched_r if m == "lora-matched" else None))
+    return {m: count_trainable(
+                model, adapter_section(m, settings, lora_r=matched_r if m == "lora-matched" else None))
             for m in methods}
 
 
@@ -133,7 +135,8 @@ def count_trainable(model: str, adapter: dict[str, Any]) -> int:
     from rlora_cli.adapters import AdapterConfig, inject_adapters, parameter_counts
     from rlora_cli.model import meta_model
 
-    lm = meta_model(model, fix="give --model a local model folder (the GPU machine is offline) or a reachable hub id")
+    lm = meta_model(model, fix="give --model a local model folder (the GPU machine is offline) "
+                               "or a reachable hub id")
     inject_adapters(lm, AdapterConfig(**adapter))
     return parameter_counts(lm)[0]
 
@@ -152,7 +155,8 @@ def adapter_section(method: str, settings: Settings, *, lora_r: int | None = Non
     # (configs/adapters/), which differ in alpha, dropout and rslora.
     section: dict[str, Any] = {"r": settings.r, "lora_alpha": settings.lora_alpha,
                                "lora_dropout": settings.lora_dropout, "use_rslora": False,
-                               "target_modules": list(targets) if isinstance(targets, tuple) else targets, **keys}
+                               "target_modules": list(targets) if isinstance(targets, tuple) else targets,
+                               **keys}
     if keys["type"] == "lora":
         section["num_heads"] = 1
         if lora_r is not None:

@@ -1,6 +1,6 @@
 """The benchmark's results: mean ± sample std over seeds per task and on average, the markdown
 table, and the plots (accuracy per method; head similarity rlora vs hydralora and ΔW spectra
-multilora vs lora, drawn by `rlora_cli.analyze`)."""
+multilora vs lora, drawn by `rlora_cli.report.analyze`)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,10 @@ def markdown(results: dict[str, Any]) -> str:
     tasks = list(results["tasks"])
     st = results["settings"]
     head = ["method", "trainable params", *tasks, "average", "Δ avg vs base", "s / run"]
+    held_out = ", ".join(f"{t} {v['held_out']}" for t, v in results["tasks"].items())
     lines = [f"Held-out accuracy (%), mean ± std over seeds {', '.join(map(str, st['seeds']))}; "
-             f"model {st['model']}; r = {st['r']}, heads = {st['num_heads']}, targets {st['target_modules']}; "
-             f"held-out per task: " + ", ".join(f"{t} {v['held_out']}" for t, v in results["tasks"].items()) + ".",
+             f"model {st['model']}; r = {st['r']}, heads = {st['num_heads']}, "
+             f"targets {st['target_modules']}; held-out per task: {held_out}.",
              "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     b = results["base"]
     lines.append("| base model (before training) | 0 | " + " | ".join(_pct(b["tasks"][t]) for t in tasks)
@@ -64,17 +65,19 @@ def markdown(results: dict[str, Any]) -> str:
     for m, r in results["methods"].items():
         delta = (r["average"]["mean"] - b["average"]["mean"]
                  if r["average"]["mean"] is not None and b["average"]["mean"] is not None else None)
-        lines.append(f"| {m} | {r['trainable_parameters']:,} | " + " | ".join(_pct(r["tasks"][t]) for t in tasks)
+        cells = " | ".join(_pct(r["tasks"][t]) for t in tasks)
+        lines.append(f"| {m} | {r['trainable_parameters']:,} | " + cells
                      + f" | {_pct(r['average'])} | {'-' if delta is None else f'{100 * delta:+.1f}'}"
                      + f" | {'-' if r['wall_s']['mean'] is None else round(r['wall_s']['mean'])} |")
-    lines += ["", "Methods: " + "; ".join(f"`{m}` = {r['description']}" for m, r in results["methods"].items()) + "."]
+    methods = "; ".join(f"`{m}` = {r['description']}" for m, r in results["methods"].items())
+    lines += ["", f"Methods: {methods}."]
     return "\n".join(lines) + "\n"
 
 
 def plots(results: dict[str, Any], analyses: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
     """accuracy.png always; head_similarity.png (rlora vs hydralora) and spectra.png (multilora vs
     lora) when those methods ran."""
-    from rlora_cli.analyze import plot_head_similarity, plot_spectra
+    from rlora_cli.report.analyze import plot_head_similarity, plot_spectra
 
     folder.mkdir(parents=True, exist_ok=True)
     written = [plot_accuracy(results, folder / "accuracy.png")]

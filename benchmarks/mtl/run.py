@@ -51,16 +51,19 @@ def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: st
         tasks = dict(list(tasks.items())[:2])
     matched_r = plan.matched_lora_rank(settings.model, settings)
     counts = plan.trainable_counts(settings.model, settings, settings.methods, matched_r)
-    _claim(out / "settings.json", {**settings.to_dict(), "tasks_dir": str(tasks_dir), "smoke": smoke,
-                                   "tasks": {n: {"path": str(p), "examples": k} for n, (p, k) in tasks.items()},
-                                   "lora_matched_r": matched_r, "planned_trainable": counts})
-    console.print(f"[bold]multi-task benchmark[/]: {len(tasks)} tasks, methods {', '.join(settings.methods)}, "
-                  f"seeds {', '.join(map(str, settings.seeds))}; lora-matched r = {matched_r}", highlight=False)
+    _claim(out / "settings.json",
+           {**settings.to_dict(), "tasks_dir": str(tasks_dir), "smoke": smoke,
+            "tasks": {n: {"path": str(p), "examples": k} for n, (p, k) in tasks.items()},
+            "lora_matched_r": matched_r, "planned_trainable": counts})
+    console.print(f"[bold]multi-task benchmark[/]: {len(tasks)} tasks, "
+                  f"methods {', '.join(settings.methods)}, seeds {', '.join(map(str, settings.seeds))}; "
+                  f"lora-matched r = {matched_r}", highlight=False)
 
     recipes = {(m, s): plan.write_recipe(out / "recipes" / f"{m}-seed{s}.yaml",
                                          plan.recipe(m, s, settings, tasks, matched_r))
                for s in settings.seeds for m in settings.methods}
-    base = {s: score_base(recipes[(settings.methods[0], s)], settings, out / "base" / f"seed{s}.json", console)
+    base = {s: score_base(recipes[(settings.methods[0], s)], settings, out / "base" / f"seed{s}.json",
+                          console)
             for s in settings.seeds}
     runs = [train_and_score(m, s, recipes[(m, s)], out / "runs" / f"{m}-seed{s}", settings, console)
             for s in settings.seeds for m in settings.methods]
@@ -91,10 +94,10 @@ def score_base(recipe_path: Path, settings: plan.Settings, path: Path, console: 
     """The base model's held-out accuracy per task for one seed's split (cached in `path`)."""
     if path.is_file():
         return json.loads(path.read_text())
-    from rlora_cli.eval.run import load_eval_model
+    from rlora_cli.model import load_with_adapter
 
     start = time.perf_counter()
-    lm, tokenizer, _ = load_eval_model(settings.model, None, dtype=settings.dtype, console=console)
+    lm, tokenizer, _ = load_with_adapter(settings.model, None, dtype=settings.dtype)
     tasks = _score(lm, tokenizer, recipe_path, settings, console)
     return _results_file(path, settings.model, None, time.perf_counter() - start, tasks)
 
@@ -106,14 +109,14 @@ def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, se
     if result_path.is_file():
         console.print(f"[dim]{run_dir.name}: done before, kept[/]")
         return json.loads(result_path.read_text())
-    from rlora_cli.eval.run import load_eval_model
+    from rlora_cli.model import load_with_adapter
     from rlora_cli.train.loop import train
 
     console.rule(f"{method}, seed {seed}")
     start = time.perf_counter()
     train(recipe_path, output=run_dir, overwrite=True, console=console)  # overwrite: a crashed attempt
     train_s = time.perf_counter() - start
-    lm, tokenizer, _ = load_eval_model(None, str(run_dir / "adapter"), dtype=settings.dtype, console=console)
+    lm, tokenizer, _ = load_with_adapter(None, str(run_dir / "adapter"), dtype=settings.dtype)
     tasks = _score(lm, tokenizer, recipe_path, settings, console)
     eval_s = time.perf_counter() - start - train_s
     _results_file(run_dir / "eval.json", settings.model, str(run_dir / "adapter"), eval_s, tasks)
@@ -127,16 +130,18 @@ def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, se
     return result
 
 
-def _score(lm: Any, tokenizer: Any, recipe_path: Path, settings: plan.Settings, console: Any) -> dict[str, Any]:
+def _score(lm: Any, tokenizer: Any, recipe_path: Path, settings: plan.Settings,
+           console: Any) -> dict[str, Any]:
     from rlora_cli.eval.recipe_tasks import prepare_recipe, run_recipe
 
     return run_recipe(lm, tokenizer, prepare_recipe(str(recipe_path), None),
                       batch_size=settings.eval_batch_size, console=console)
 
 
-def _results_file(path: Path, model: str, adapter: str | None, wall_s: float, tasks: dict[str, Any]) -> dict[str, Any]:
+def _results_file(path: Path, model: str, adapter: str | None, wall_s: float,
+                  tasks: dict[str, Any]) -> dict[str, Any]:
     """The `rlora eval` results shape, so `rlora eval compare` reads these files too."""
-    from rlora_cli.eval.run import results_dict
+    from rlora_cli.eval.results import results_dict
 
     results = results_dict("recipe", model, adapter, None, None, wall_s, tasks)
     _write_json(path, results)

@@ -25,7 +25,8 @@ def write_tasks(folder: Path) -> Path:
               for i in range(3) for thing, color in THINGS.items()]
     sizes = [{"input": f"Is the {thing} small or large{'?' * (1 + i % 3)}", "target": [size]}
              for i in range(3) for thing, size in SIZES.items()]
-    for name, examples, extra in (("colors", colors, {"append_choices_to_input": True}), ("sizes", sizes, {})):
+    for name, examples, extra in (("colors", colors, {"append_choices_to_input": True}),
+                                  ("sizes", sizes, {})):
         task = {"name": name, "description": "rlora smoke task", "keywords": ["smoke"],
                 "metrics": ["multiple_choice_grade" if name == "colors" else "exact_str_match"],
                 "examples": examples, **extra}

@@ -239,8 +239,13 @@ def _add_delta(y: Tensor, z: Tensor, B: Tensor, alpha: float) -> Tensor:
     add in y's dtype, which the compiler fuses into whatever reads y next (RoPE, SwiGLU, the
     residual), or turns into the base GEMM's accumulate. alpha scales the [T, n·r] activations,
     where it fuses into the rank-space kernel: on the [T, d_out] product it was a pass of its own
-    over y's size (~3.3 ms of GPU time a step on Llama-1B, profiled).
+    over y's size (measured in benchmarks/RESULTS.md, "alpha scales the rank-space activations").
     """
-    if torch.compiler.is_compiling() or not (y.dtype == z.dtype == B.dtype or torch.is_autocast_enabled(y.device.type)):
+    if torch.compiler.is_compiling() or not _one_dtype(y, z, B):
         return y + ((z * alpha).to(B.dtype) @ B.t()).to(y.dtype)
     return y.addmm_(z.to(y.dtype), B.t().to(y.dtype), alpha=alpha)
+
+
+def _one_dtype(y: torch.Tensor, z: torch.Tensor, B: torch.Tensor) -> bool:
+    # addmm_ in place needs one dtype; autocast casts for it.
+    return y.dtype == z.dtype == B.dtype or torch.is_autocast_enabled(y.device.type)

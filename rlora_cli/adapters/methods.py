@@ -93,7 +93,8 @@ class AdapterConfig:
         elif self.type == "lora" and self.num_heads != 1:
             p.append(f"adapter.num_heads: lora has one head, got {self.num_heads}; "
                      "use multilora, hydralora or rlora for several")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+        alpha = self.lora_alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
             p.append(f"adapter.lora_alpha: must be a number > 0, got {self.lora_alpha!r}")
         d = self.lora_dropout
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0.0 <= d < 1.0:

@@ -1,17 +1,124 @@
-"""BIG-bench task files: reading them, and the prompts training rows and eval questions share.
+"""BIG-bench task files: one reader, one set of checks, one prompt, for training rows and eval.
 
-One module for both uses, so a model is scored on exactly the prompts it was trained on.
+    task = load_bigbench("data/bigbench/physics")        # a task.json, its folder, or a BBH .json
+    rows = bigbench_rows(task)                           # training: knowledge rows
+    prompt = bigbench_prompt(task, example, shots)       # evaluation: BIG-bench's few-shot prompt
+
+`load_bigbench` checks a file once for both uses: a non-empty `examples` list, each example with an
+`input` and an answer (a `target`, or `target_scores` mapping choices to numbers); anything else
+is a UserError naming the example. A training row's question is `bigbench_prompt` with no shots,
+so a model is scored on exactly the prompts it was trained on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.data.textfiles import TEXT_ENCODING, not_utf8
 from rlora_cli.errors import UserError
 
+ANSWER_NEEDED = "needs `input` and `target` or `target_scores`"
+
+
+# ---- reading and checking ------------------------------------------------------------------------
+
+def bigbench_file(path: str | Path) -> Path:
+    """The task file of a source: a folder's task.json, else the path itself."""
+    p = Path(path).expanduser()
+    return p / "task.json" if p.is_dir() else p
+
+
+def load_bigbench(path: str | Path) -> dict[str, Any]:
+    """A BIG-bench task.json (or the folder that holds it) or a BBH .json file, checked."""
+    file = bigbench_file(path)
+    if not file.is_file():
+        raise UserError(f"no BIG-bench task file at {file}", "give a task.json or the folder that holds it")
+    try:
+        task = json.loads(file.read_text(encoding=TEXT_ENCODING))
+    except UnicodeDecodeError:
+        raise not_utf8(file) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})",
+                        "give a BIG-bench task.json or a BBH .json") from None
+    examples = task.get("examples") if isinstance(task, dict) else None
+    if not isinstance(examples, list) or not examples:
+        raise UserError(f"{file}: no `examples` list; not a BIG-bench JSON task",
+                        "give a task.json with examples (programmatic BIG-bench tasks, and parents "
+                        "of subtasks, hold none: give a subtask's folder)")
+    for i, ex in enumerate(examples):
+        problem = example_problem(ex)
+        if problem:
+            raise UserError(f"{file}: example {i} {problem}",
+                            "fix the example (BIG-bench's JSON task format)")
+    return task
+
+
+def example_problem(example: Any) -> str | None:
+    """Why an example cannot be trained on or scored, or None. An empty `target_scores` with no
+    `target` is refused rather than skipped, so training and evaluation see the same examples."""
+    if not isinstance(example, dict) or "input" not in example:
+        return ANSWER_NEEDED
+    scores = example.get("target_scores")
+    if scores is not None and not (isinstance(scores, dict) and all(
+            isinstance(v, (int, float)) for v in scores.values())):
+        return "has a `target_scores` that is not a mapping of choices to numbers"
+    if not (bigbench_choices(example) or bigbench_targets(example)):
+        return ANSWER_NEEDED + " (an empty one gives nothing to answer)"
+    return None
+
+
+def bigbench_files(path: str | Path) -> dict[str, Path]:
+    """{task name: file} for a task.json / BBH .json file, or a folder of task folders and files.
+    Inside a folder, JSON files without `examples` are skipped: a BIG-bench task with subtasks
+    keeps only its metadata in its own task.json (its subtasks are found beside it)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--data {path}: no such file or folder",
+                        "give a BIG-bench task.json, a BBH .json file, or a folder of them")
+    if path.is_file():
+        return {path.parent.name if path.name == "task.json" else path.stem: path}
+    if (path / "task.json").is_file() and _has_examples(path / "task.json"):
+        return {path.name: path / "task.json"}
+    files = {p.stem: p for p in sorted(path.glob("*.json")) if _has_examples(p)}
+    for p in sorted(path.rglob("task.json")):  # task folders, and subtask folders inside them
+        if _has_examples(p):
+            files[p.parent.relative_to(path).as_posix()] = p
+    if not files:
+        raise UserError(f"--data {path}: no task.json or .json task files with examples in it",
+                        "give a BIG-bench task folder, a BBH .json file, or a folder of them")
+    return dict(sorted(files.items()))
+
+
+def _has_examples(file: Path) -> bool:
+    """False only for a readable JSON mapping without `examples` (a parent of subtasks); a file
+    that cannot be read stays in, so `load_bigbench` reports what is wrong with it."""
+    try:
+        task = json.loads(file.read_text(encoding=TEXT_ENCODING))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return not isinstance(task, dict) or "examples" in task
+
+
+def bigbench_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Knowledge rows of a checked task, one per example in file order: question = BIG-bench's
+    prompt (no shots); multiple choice (any example with target_scores) answers with the first
+    best-scored choice, free-form with the first target."""
+    rows = []
+    for ex in task["examples"]:
+        choices = [str(c) for c in bigbench_choices(ex) or []]
+        targets = bigbench_targets(ex) if ex.get("target") is not None else []  # the file's own targets
+        best = bigbench_best_choice(ex) if choices else -1
+        rows.append({"question": bigbench_prompt(task, ex, []),
+                     "answer": choices[best] if choices else targets[0],  # checked: one of the two exists
+                     "choices": choices, "answer_index": best, "targets": targets, "format": "bigbench"})
+    return rows
+
+
+# ---- answers and prompts -------------------------------------------------------------------------
 
 def bigbench_choices(example: dict[str, Any]) -> list[str] | None:
     """The candidate answers of a multiple-choice example (target_scores' keys, in file order)."""
@@ -76,42 +183,3 @@ def bigbench_prompt(task: dict[str, Any], example: dict[str, Any], shots: list[d
     """
     parts = [_format_input(task, s) + bigbench_answer(s) for s in shots] + [_format_input(task, example)]
     return task.get("task_prefix", "") + task.get("few_shot_example_separator", "\n").join(parts)
-
-
-def bigbench_files(path: str | Path) -> dict[str, Path]:
-    """{task name: file} for a task.json / BBH .json file, or a folder of task folders and files."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--data {path}: no such file or folder",
-                        "give a BIG-bench task.json, a BBH .json file, or a folder of them")
-    if path.is_file():
-        return {path.parent.name if path.name == "task.json" else path.stem: path}
-    if (path / "task.json").is_file():
-        return {path.name: path / "task.json"}
-    files = {p.stem: p for p in sorted(path.glob("*.json"))}
-    for p in sorted(path.rglob("task.json")):  # task folders, and subtask folders inside them
-        files[p.parent.relative_to(path).as_posix()] = p
-    if not files:
-        raise UserError(f"--data {path}: no task.json or .json task files in it",
-                        "give a BIG-bench task folder, a BBH .json file, or a folder of them")
-    return dict(sorted(files.items()))
-
-
-def load_bigbench(path: str | Path) -> dict[str, Any]:
-    """A BIG-bench or BBH task file, checked: `examples` with `input` and `target` or `target_scores`."""
-    path = Path(path)
-    try:
-        task = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({e})",
-                        "give a BIG-bench task.json or a BBH .json") from None
-    examples = task.get("examples") if isinstance(task, dict) else None
-    if not isinstance(examples, list) or not examples:
-        raise UserError(f"{path}: no `examples` list",
-                        'a task file is {"examples": [{"input": ..., "target": ...}]}')
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, dict) or "input" not in ex or not (
-                "target" in ex or bigbench_choices(ex)):
-            raise UserError(f"{path}: example {i} needs `input` and `target` or `target_scores`",
-                            "fix the example (BIG-bench's JSON task format)")
-    return task

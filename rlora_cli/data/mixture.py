@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from rlora_cli.files import atomic_write_text
+
 
 def rng_for(seed: int, *names: str) -> np.random.Generator:
     """A generator that depends only on the seed and the names (stable across runs and machines)."""
@@ -101,25 +103,6 @@ def make_report(lines: list[dict[str, Any]], **totals: Any) -> MixtureReport:
     return MixtureReport(examples=examples, trained_tokens=tokens, sources=sources, **totals)
 
 
-def mixture_table(report: MixtureReport) -> Any:
-    """The report as a rich table."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    packed = f", packed into {report.rows:,} rows" if report.packing else ""
-    table = Table(title=f"Mixture: {report.examples:,} examples per epoch{packed}, "
-                        f"{report.trained_tokens:,} trained tokens (T = {report.temperature:g})")
-    for header in ("source", "kind", "rows", "held out", "used", "examples", "trained tokens", "truncated"):
-        table.add_column(header, justify="left" if header in ("source", "kind") else "right")
-    for s in report.sources:
-        epochs = f" ({s.used / s.train_rows:.1f}x)" if s.used > s.train_rows else ""
-        table.add_row(escape(s.name), s.kind, f"{s.rows:,}", f"{s.val_rows:,}", f"{s.used:,}{epochs}",
-                      f"{s.share_examples:.1%}", f"{s.share_tokens:.1%}", f"{s.truncated:,}")
-    return table
-
-
 def write_mixture(report: MixtureReport, path: str | Path) -> None:
     """Write the report as JSON, atomically (OUT/mixture.json)."""
-    from rlora_cli.files import atomic_write_text
-
     atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")

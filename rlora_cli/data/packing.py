@@ -1,4 +1,5 @@
-"""Packing several examples into one row, and batching rows into tensors.
+"""Packing several examples into one row, and batching rows into tensors: `collate` for training
+rows, `pad_batch` for the padded batches that scoring, generation and analysis build.
 
 A packed row concatenates examples up to max_length with `position_ids` restarting at 0 for each
 example. Given position_ids and no attention mask, transformers (5.x masking utils, sdpa and
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import bisect
 from typing import Any
+
+import torch
 
 IGNORE = -100
 
@@ -31,8 +34,9 @@ def pack_batch(batch: dict[str, list], max_length: int) -> dict[str, list]:
     position_ids, task_ids per token, n_trained_tokens, n_examples).
 
     Best fit decreasing: longest examples first, each into the row whose free room fits it most
-    tightly. Every padded token is computed and thrown away: on mixed lengths, filling rows in
-    sequence leaves ~12% of every row as padding, first fit in dataset order ~4%, this ~2%."""
+    tightly. Every padded token is computed and thrown away, and on mixed lengths this leaves the
+    least padding of the simple rules (filling rows in sequence leaves the most, first fit in
+    dataset order sits between)."""
     keys = ("input_ids", "labels", "position_ids", "task_ids", "n_trained_tokens", "n_examples")
     rows: dict[str, list] = {k: [] for k in keys}
     free: list[tuple[int, int]] = []  # (tokens still free, row), sorted
@@ -64,8 +68,6 @@ def collate(rows: list[dict[str, Any]], pad_id: int, packing: bool,
     labels), and attention_mask (unpacked) or position_ids (packed: no attention_mask, see the
     module docstring; padding continues as its own short sequence). Rows may be packed rows
     (task_ids, position_ids) or single examples (task_id)."""
-    import torch
-
     longest = max(len(r["input_ids"]) for r in rows)
     if pad_to_multiple_of:
         longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
@@ -95,8 +97,6 @@ def pad_batch(sequences: list[list[int]], pad_id: int, *, side: str = "right",
     tokens, 0 on padding) and, when `labels` are given (one list per sequence, same lengths),
     labels with `ignore` on padding. Generation pads on the left, so every row's last token sits
     at the same column and new tokens follow it; scoring and training pad on the right."""
-    import torch
-
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', not {side!r}")
     longest = max((len(s) for s in sequences), default=0)
@@ -121,8 +121,6 @@ def segment_bounds(position_ids: Any, shape: tuple[int, int], bucket: int = 64) 
     segment each, padding included: they are padded on the right, so causal attention never lets
     a real token see a pad. The list is padded with the total (empty segments) to a multiple of
     `bucket` entries, so a compiled model sees few distinct shapes."""
-    import torch
-
     rows, length = shape
     if position_ids is None:
         starts = torch.arange(0, rows * length, length)

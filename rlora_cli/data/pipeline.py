@@ -15,22 +15,29 @@ setting, so a changed recipe or tokenizer never reuses a stale cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets import concatenate_datasets
 
 from rlora_cli.config import DatasetConfig, Recipe
-from rlora_cli.recipe.load import load_recipe
-from rlora_cli.errors import UserError
-from rlora_cli.data.mixture import (MixtureReport, draw_indices, make_report, mixture_table, plan_counts, rng_for,
-                               target_shares, write_mixture)
+from rlora_cli.data.mixture import (
+    MixtureReport,
+    draw_indices,
+    make_report,
+    plan_counts,
+    rng_for,
+    target_shares,
+    write_mixture,
+)
 from rlora_cli.data.packing import IGNORE, collate, pack
 from rlora_cli.data.sources import load_source
 from rlora_cli.data.templates import TEMPLATES, Example, render, template_info
+from rlora_cli.errors import UserError
+from rlora_cli.report.data import print_mixture
 
-__all__ = ["Encoded", "Prepared", "collate", "dry_run", "encode", "load_splits", "prepare", "split_indices",
-           "tokenize_example", "write_mixture"]
+__all__ = ["Encoded", "Prepared", "collate", "encode", "load_splits", "prepare", "special_prefix",
+           "split_indices", "tokenize_example", "write_mixture"]
 
 # Bump when tokenization changes in a way the cache fingerprints cannot see (code they call).
 PIPELINE_VERSION = 1
@@ -75,9 +82,8 @@ class _Source:
 
 
 def prepare(recipe: Recipe, tokenizer: Any, console: Any = None, cache_dir: str | None = None) -> Prepared:
-    """Load, split, mix and tokenize the recipe's data; print the mixture report to `console`."""
-    from datasets import concatenate_datasets
-
+    """Load, split, mix and tokenize the recipe's data; print the mixture report to `console`
+    (report/data.py renders it; none without a console)."""
     data = recipe.data
     sources = _load_sources(recipe, recipe.seed, cache_dir)
     weights = [s.cfg.weight for s in sources]
@@ -93,14 +99,15 @@ def prepare(recipe: Recipe, tokenizer: Any, console: Any = None, cache_dir: str 
     report = make_report(lines, seed=recipe.seed, temperature=data.temperature, max_length=data.max_length,
                          packing=data.packing, rows=len(train))
     if console is not None:
-        _print_report(report, console)
+        print_mixture(report, console)
     return Prepared(
         train=train,
         val={s.cfg.name: _tokenize(s.val, s, tokenizer, recipe).remove_columns("truncated")
              for s in sources if len(s.val)},
         val_examples={s.cfg.name: to_examples(s.val, s) for s in sources if len(s.val)},
         tasks=[s.cfg.name for s in sources], mixture=report,
-        templates=_templates(recipe), samples={s.cfg.name: to_examples(s.train.select([0]), s)[0] for s in sources})
+        templates=_templates(recipe),
+        samples={s.cfg.name: to_examples(s.train.select([0]), s)[0] for s in sources})
 
 
 def _mix_source(s: _Source, count: int, share: float, tokenizer: Any, recipe: Recipe) -> tuple[Any, dict]:
@@ -133,8 +140,8 @@ def _load_sources(recipe: Recipe, seed: int, cache_dir: str | None) -> list[_Sou
         rows, dropped, words = load_source(cfg, where, cache_dir)
         train_idx, val_idx = split_indices(len(rows), cfg.val_size, seed, cfg.name)
         if len(train_idx) == 0:
-            raise UserError(f"{where}.val_size: holding out {cfg.val_size} leaves none of the {len(rows)} usable "
-                            f"rows of {cfg.name} for training", "lower val_size")
+            raise UserError(f"{where}.val_size: holding out {cfg.val_size} leaves none of the "
+                            f"{len(rows)} usable rows of {cfg.name} for training", "lower val_size")
         out.append(_Source(cfg, i, rows.select(train_idx), rows.select(val_idx), len(rows), dropped, words))
     return out
 
@@ -155,9 +162,10 @@ def to_examples(rows: Any, source: _Source) -> list[Example]:
 
 
 def to_example(row: dict[str, Any], task: str, kind: str, words: list[str] | None = None) -> Example:
-    """A normalized row (sources.normalize_row's schema) as an Example with only meaningful fields."""
+    """A normalized row (rows.normalize_row's schema) as an Example with only meaningful fields."""
     if kind == "instruction":
-        fields = {k: row[k] for k in ("instruction", "output")} | ({"input": row["input"]} if row["input"] else {})
+        fields = {k: row[k] for k in ("instruction", "output")}
+        fields |= {"input": row["input"]} if row["input"] else {}
     elif kind == "nlu":
         fields = {"text": row["text"], "label": row["label"], "label_words": list(words or [])}
         fields |= {"text_pair": row["text_pair"]} if row["text_pair"] else {}
@@ -180,16 +188,17 @@ def _tokenize(rows: Any, s: _Source, tokenizer: Any, recipe: Recipe) -> Any:
                     desc=f"{s.cfg.name}: tokenizing")
 
 
-def _encode_row(row: dict[str, Any], *, task: str, task_id: int, kind: str, template: str, words: Any, tokenizer: Any,
-                max_length: int, train_on_prompt: bool, prefix: list[int], version: Any) -> dict[str, Any]:
-    e = encode(render(to_example(row, task, kind, words), tokenizer, template), tokenizer, max_length=max_length,
-               train_on_prompt=train_on_prompt, prefix=prefix)
+def _encode_row(row: dict[str, Any], *, task: str, task_id: int, kind: str, template: str, words: Any,
+                tokenizer: Any, max_length: int, train_on_prompt: bool, prefix: list[int],
+                version: Any) -> dict[str, Any]:
+    segments = render(to_example(row, task, kind, words), tokenizer, template)
+    e = encode(segments, tokenizer, max_length=max_length, train_on_prompt=train_on_prompt, prefix=prefix)
     return {"input_ids": e.input_ids, "labels": e.labels, "task_id": task_id,
             "n_trained_tokens": sum(1 for x in e.labels if x != IGNORE), "truncated": e.truncated}
 
 
-def tokenize_example(example: Example, tokenizer: Any, *, template: str = "default", max_length: int | None = None,
-                     train_on_prompt: bool = False) -> Encoded:
+def tokenize_example(example: Example, tokenizer: Any, *, template: str = "default",
+                     max_length: int | None = None, train_on_prompt: bool = False) -> Encoded:
     """Render and encode one example the way training sees it."""
     return encode(render(example, tokenizer, template), tokenizer, max_length=max_length,
                   train_on_prompt=train_on_prompt)
@@ -204,7 +213,8 @@ def encode(segments: list[tuple[str, bool]], tokenizer: Any, *, max_length: int 
     `prefix` is `special_prefix(tokenizer)`, computed once by callers that encode many examples."""
     prefix = special_prefix(tokenizer) if prefix is None else prefix
     bos = getattr(tokenizer, "bos_token", None)
-    head = [] if bos and segments and segments[0][0].startswith(bos) else list(prefix)  # a chat template has it
+    # A chat template writes the BOS itself.
+    head = [] if bos and segments and segments[0][0].startswith(bos) else list(prefix)
     ids, labels, last_start = list(head), [IGNORE] * len(head), len(head)
     for text, trained in segments:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -214,7 +224,8 @@ def encode(segments: list[tuple[str, bool]], tokenizer: Any, *, max_length: int 
         labels += piece if trained or train_on_prompt else [IGNORE] * len(piece)
     eos = tokenizer.eos_token_id
     last_trained = next((t for t, trained in reversed(segments) if trained), None)
-    if eos is not None and last_trained is not None and not last_trained.rstrip().endswith(tokenizer.eos_token):
+    ends_with_eos = last_trained is not None and last_trained.rstrip().endswith(tokenizer.eos_token)
+    if eos is not None and last_trained is not None and not ends_with_eos:
         ids.append(eos)
         labels.append(eos)
     if labels:
@@ -227,10 +238,20 @@ def encode(segments: list[tuple[str, bool]], tokenizer: Any, *, max_length: int 
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts in front of a text (BOS for Llama-style tokenizers, often none)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return full[: len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+    """The ids the tokenizer puts in front of every text (BOS for Llama, nothing for Qwen); the one
+    definition that training (`encode`), scoring and generation all prepend, so a prompt is the
+    same ids wherever it is tokenized.
+
+    The probe is two words, "a b": the text's own ids are then a run of several ids, which an id
+    the tokenizer adds cannot fake, and the probe holds a space, as every prompt does. The prefix
+    is what comes before that run; ids after it are not a prefix (a tokenizer configured to also
+    append EOS, e.g. Llama's add_eos_token, keeps its BOS here, and its EOS stays off prompts)."""
+    plain = list(tokenizer("a b", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a b", add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []  # the specials change how the text itself splits: prepend nothing rather than guess
 
 
 def _truncate(ids: list[int], labels: list[int], max_length: int, head: int, start: int) -> tuple[list, list]:
@@ -250,21 +271,8 @@ def _truncate(ids: list[int], labels: list[int], max_length: int, head: int, sta
 def _line(s: _Source, share: float, used: int, trained_tokens: int, truncated: int) -> dict[str, Any]:
     return {"name": s.cfg.name, "kind": s.cfg.kind, "path": s.cfg.path, "weight": s.cfg.weight,
             "target_share": share, "rows": s.rows, "dropped": s.dropped, "val_rows": len(s.val),
-            "train_rows": len(s.train), "used": used, "trained_tokens": trained_tokens, "truncated": truncated}
-
-
-def _print_report(report: MixtureReport, console: Any) -> None:
-    from rich.markup import escape
-
-    console.print(mixture_table(report))
-    truncated = sum(s.truncated for s in report.sources)
-    if truncated:
-        console.print(f"[yellow]{truncated:,} training examples are longer than data.max_length="
-                      f"{report.max_length} and lose tokens from the prompt side[/]")
-    for s in report.sources:
-        if s.used == 0:
-            console.print(f"[yellow]{escape(s.name)} contributes no training examples: raise its weight or "
-                          "num_samples[/]")
+            "train_rows": len(s.train), "used": used, "trained_tokens": trained_tokens,
+            "truncated": truncated}
 
 
 def _templates(recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -272,43 +280,3 @@ def _templates(recipe: Recipe) -> dict[str, dict[str, Any]]:
     for d in recipe.data.datasets:
         out.setdefault(d.kind, template_info(d.kind, d.template))
     return out
-
-
-def dry_run(recipe_path: str | Path, overrides: tuple[str, ...] | list[str] = (), console: Any = None) -> None:
-    """Validate the recipe, load the tokenizer (no model weights) and the data, print the mixture
-    and one rendered example per source with its trained tokens highlighted."""
-    from rich.console import Console
-
-    from rlora_cli.model import load_tokenizer
-
-    from rich.markup import escape
-
-    console = console or Console()
-    recipe = load_recipe(recipe_path, overrides)
-    tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
-    prepared = prepare(recipe, tokenizer, console)
-    for d in recipe.data.datasets:
-        show_example(prepared.samples[d.name], tokenizer, console, template=d.template, recipe=recipe)
-    console.print(f"[green]dry run ok[/]: {escape(str(recipe_path))} is valid and its data loads; no model "
-                  "weights were loaded and nothing was trained.")
-
-
-def show_example(example: Example, tokenizer: Any, console: Any, *, template: str, recipe: Recipe) -> None:
-    """Print an example as the model sees it: prompt dim, trained tokens highlighted."""
-    from rich.panel import Panel
-    from rich.text import Text
-
-    e = tokenize_example(example, tokenizer, template=template, max_length=recipe.data.max_length,
-                         train_on_prompt=recipe.data.train_on_prompt)
-    text, run, trained = Text(), [], False
-    for token, label in zip(e.input_ids + [None], e.labels + [None]):
-        is_trained = label is not None and label != IGNORE
-        if token is None or (run and is_trained != trained):
-            text.append(tokenizer.decode(run), style="bold green" if trained else "dim")
-            run = []
-        if token is not None:
-            run, trained = run + [token], is_trained
-    n = sum(1 for x in e.labels if x != IGNORE)
-    title = Text(f"{example.task} ({example.kind}): {len(e.input_ids)} tokens, {n} trained"
-                 + (", truncated" if e.truncated else ""))  # Text, not markup: task names are the user's
-    console.print(Panel(text, title=title, subtitle="[dim]prompt[/] / [bold green]trained[/]"))

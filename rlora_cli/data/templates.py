@@ -1,6 +1,6 @@
 """Prompt templates: how an example of each data kind becomes text, and which part is trained.
 
-Four kinds (`KIND_FIELDS` lists their fields):
+Four kinds (`config.KIND_FIELDS` lists their fields):
 - `instruction`: instruction, optional input → output (Alpaca's template);
 - `nlu`: text, optional text_pair → label word (the prompt names the label set);
 - `knowledge`: question → answer, or question + choices → "letter. answer" (BIG-bench rows keep
@@ -8,8 +8,8 @@ Four kinds (`KIND_FIELDS` lists their fields):
 - `chat`: messages [{role, content}, ...] through the tokenizer's chat template, every assistant
   turn trained.
 
-`render` returns text segments with a trained flag; data.py tokenizes each segment separately, so
-the loss-mask boundary is token-exact. With `template: chat` any kind goes through the
+`render` returns text segments with a trained flag; pipeline.py tokenizes each segment
+separately, so the loss-mask boundary is token-exact. With `template: chat` any kind goes through the
 tokenizer's chat template (user = prompt, assistant = response). `TEMPLATES` holds every format
 string render uses; `template_info` is what the trainer saves with an adapter so `rlora generate`
 and the evaluator can rebuild the same prompts.
@@ -22,22 +22,10 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from rlora_cli.config import CHAT_ROLES, KINDS, TEMPLATE_NAMES
 from rlora_cli.errors import UserError
 
-KINDS = ("instruction", "nlu", "knowledge", "chat")
-TEMPLATE_NAMES = ("default", "chat")
-# The roles chat templates know; sources.py translates other datasets' names into these.
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 LETTERS = string.ascii_uppercase
-
-# kind -> (required fields, optional fields), in the kind's own names (a recipe's `columns:` maps
-# a source's column names onto these).
-KIND_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "instruction": (("instruction", "output"), ("input",)),
-    "nlu": (("text", "label"), ("text_pair",)),
-    "knowledge": (("question", "answer"), ("choices",)),
-    "chat": (("messages",), ()),
-}
 
 _ALPACA_HEAD = "Below is an instruction that describes a task"
 TEMPLATES: dict[str, dict[str, str]] = {
@@ -75,7 +63,7 @@ TEMPLATES: dict[str, dict[str, str]] = {
 
 @dataclass(frozen=True)
 class Example:
-    """One training or held-out example. `fields` use the kind's names (see `KIND_FIELDS`), plus
+    """One training or held-out example. `fields` use the kind's names (see `config.KIND_FIELDS`), plus
     what scoring needs: nlu rows carry `label_words`; knowledge rows with choices carry
     `answer_index`; BIG-bench rows carry `format: "bigbench"` (and `targets` when free-form)."""
 
@@ -97,7 +85,8 @@ def render(example: Example, tokenizer: Any = None, template: str = "default") -
     return [(prompt, False), (response, True)]
 
 
-def prompt_and_response(example: Example, tokenizer: Any = None, template: str = "default") -> tuple[str, str]:
+def prompt_and_response(example: Example, tokenizer: Any = None,
+                        template: str = "default") -> tuple[str, str]:
     """(prompt, response) of a non-chat example: the untrained and the trained text."""
     if example.kind == "chat":
         raise UserError("chat examples have several turns", "use render() for them")
@@ -185,7 +174,8 @@ def _prompt(kind: str, f: dict) -> str:
         return f["question"].rstrip(" ")
     if f.get("choices"):
         if len(f["choices"]) > len(LETTERS):
-            raise UserError(f"{len(f['choices'])} choices in one question", f"at most {len(LETTERS)} are lettered")
+            raise UserError(f"{len(f['choices'])} choices in one question",
+                            f"at most {len(LETTERS)} are lettered")
         listed = t["choice_separator"].join(t["choice"].format(letter=LETTERS[i], choice=c)
                                             for i, c in enumerate(f["choices"]))
         return t["prompt_with_choices"].format(question=f["question"], choice_list=listed)

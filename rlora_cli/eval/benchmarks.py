@@ -1,8 +1,11 @@
-"""MMLU data and prompts, pure Python (no torch).
+"""MMLU data and prompts (no model here; `run.run_mmlu` scores them).
 
-`load_mmlu` reads hub `cais/mmlu` or a local folder of `dev` and `test` files; `mmlu_prompt` is the
-standard 5-shot prompt (Hendrycks et al.'s format). BIG-bench files live in `data/bigbench.py`,
-shared with training.
+    subjects = load_mmlu("mmlu/", ["astronomy"], shots=5)     # or load_mmlu(None, ...): hub cais/mmlu
+    prompt = mmlu_prompt("astronomy", question, dev[:5])
+
+`load_mmlu` reads hub `cais/mmlu` or a local folder of `dev` and `test` files (.jsonl, .json, .csv,
+.parquet); `mmlu_prompt` is the standard 5-shot prompt (Hendrycks et al.'s format). BIG-bench files
+live in `data/bigbench.py`, shared with training.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import csv
 import json
 from pathlib import Path
 from typing import Any
+
+import datasets
+import pyarrow.parquet as pq
 
 from rlora_cli.errors import UserError, first_line
 
@@ -30,7 +36,8 @@ def mmlu_question(row: dict[str, Any]) -> str:
 
 def mmlu_prompt(subject: str, question: dict[str, Any], shots: list[dict[str, Any]]) -> str:
     """The standard MMLU prompt: header, the shots with their answers, then the question."""
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    topic = subject.replace("_", " ")
+    header = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
     body = "".join(f"{mmlu_question(s)} {LETTERS[s['answer']]}\n\n" for s in shots)
     return header + body + mmlu_question(question)
 
@@ -61,7 +68,8 @@ def load_mmlu(data: str | None, subjects: list[str] | None, shots: int) -> dict[
 
 def _mmlu_local(folder: Path, shots: int) -> tuple[list, list]:
     if not folder.exists():
-        raise UserError(f"--data {folder}: no such file or folder", "give a folder holding dev and test files")
+        raise UserError(f"--data {folder}: no such file or folder",
+                        "give a folder holding dev and test files")
     if not folder.is_dir():  # one file: its `split` column says dev or test
         rows = read_table(folder)
         if not rows or "split" not in rows[0]:
@@ -80,8 +88,6 @@ def _mmlu_local(folder: Path, shots: int) -> tuple[list, list]:
 
 
 def _mmlu_hub(subjects: list[str] | None, shots: int) -> tuple[list, list]:
-    import datasets
-
     configs = subjects or ["all"]
     out: tuple[list, list] = ([], [])
     for config in configs:
@@ -97,7 +103,8 @@ def _mmlu_hub(subjects: list[str] | None, shots: int) -> tuple[list, list]:
                 raise
             except (OSError, ConnectionError) as e:
                 raise UserError(f"cannot load cais/mmlu from the hub: {first_line(e)}",
-                                "go online, or download it and pass --data FOLDER (dev and test files)") from None
+                                "go online, or download it and pass --data FOLDER (dev and test "
+                                "files)") from None
             out[k].extend(_mmlu_row(r, Path("cais/mmlu"), i) for i, r in enumerate(ds))
     return out
 
@@ -134,7 +141,6 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl, .json (a list, or {"data"|"rows"|"examples": list}), .csv or .parquet file."""
     try:
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
             return pq.read_table(path).to_pylist()
         if path.suffix == ".csv":
             with path.open(newline="") as f:
@@ -150,6 +156,3 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserError(f"{path}: expected a list of objects", "give one JSON object per row")
     return data
-
-
-# --------------------------------------------------------------------------------- BIG-bench

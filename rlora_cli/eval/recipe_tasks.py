@@ -20,14 +20,15 @@ import string
 from collections import Counter
 from typing import Any
 
-from rlora_cli.eval.scoring import task_record
+from rlora_cli.data.pipeline import load_splits, tokenize_example
+from rlora_cli.data.templates import choices, gold_index, prompt_and_response, prompt_text
+from rlora_cli.eval.scoring import decode, label_losses, loglikelihoods, task_record
+from rlora_cli.recipe.load import load_recipe
+from rlora_cli.report.eval import progress
 
 
 def prepare_recipe(recipe_path: str, limit: int | None) -> dict[str, Any]:
     """The recipe and its held-out examples per task (at most `limit` each), before any model loads."""
-    from rlora_cli.data.pipeline import load_splits
-    from rlora_cli.recipe.load import load_recipe
-
     recipe = load_recipe(recipe_path)
     held_out = {task: val[:limit] for task, (_, val) in load_splits(recipe, with_train=False).items()}
     return {"recipe": recipe, "val": held_out, "model": recipe.model.name_or_path}
@@ -37,11 +38,6 @@ def run_recipe(model: Any, tokenizer: Any, prepared: dict[str, Any], *, batch_si
                console: Any = None) -> dict[str, dict[str, Any]]:
     """{task: {accuracy, n, kind, ...}} with f1 for free-form knowledge and loss/perplexity for
     instruction and chat; a task without held-out rows reports n = 0."""
-    from rlora_cli.data.pipeline import tokenize_example
-    from rlora_cli.data.templates import choices, gold_index, prompt_and_response, prompt_text
-    from rlora_cli.eval.scoring import greedy_generate, label_losses, loglikelihoods
-    from rlora_cli.report.common import progress_bar
-
     recipe = prepared["recipe"]
     template = {d.name: d.template for d in recipe.data.datasets}
     mc, gen, loss = [], [], []  # (task, example[, prompt, candidates])
@@ -53,11 +49,11 @@ def run_recipe(model: Any, tokenizer: Any, prepared: dict[str, Any], *, batch_si
                 mc.append((task, ex, prompt_and_response(ex, tokenizer, template[task])[0], cands))
             else:
                 gen.append((task, ex))
-    with progress_bar(console, len(mc) + len(gen) + len(loss), "held-out tasks") as advance:
+    with progress(console, len(mc) + len(gen) + len(loss), "held-out tasks") as advance:
         mc_scores = loglikelihoods(model, tokenizer, [(prompt, cands) for _, _, prompt, cands in mc],
                                    batch_size=batch_size, progress=advance)
-        texts = greedy_generate(model, tokenizer, [prompt_text(ex, tokenizer, template[t]) for t, ex in gen],
-                                batch_size=batch_size, progress=advance)
+        texts = decode(model, tokenizer, [prompt_text(ex, tokenizer, template[t]) for t, ex in gen],
+                       until_newline=True, batch_size=batch_size, progress=advance)
         encoded = [tokenize_example(ex, tokenizer, template=template[t], max_length=recipe.data.max_length,
                                     train_on_prompt=recipe.data.train_on_prompt) for t, ex in loss]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

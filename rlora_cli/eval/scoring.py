@@ -1,4 +1,7 @@
-"""Score text with a causal LM: summed log-likelihoods of continuations, and greedy generation.
+"""Score and continue text with a causal LM: summed log-likelihoods, and the one batched decoder.
+
+    scores = loglikelihoods(model, tokenizer, [("Q: 2+2?\nA:", [" 4", " 5"])])   # [[Score, Score]]
+    texts = decode(model, tokenizer, ["Q: 2+2?\nA:"], until_newline=True)       # greedy, one line
 
 `loglikelihoods(model, tokenizer, [(context, [continuation, ...]), ...])` is the one scorer
 behind MMLU, BIG-bench multiple choice, NLU label words and held-out losses. Tokenization follows
@@ -8,8 +11,9 @@ exactly those tokens are scored. Rows are right-padded with an attention mask, s
 equals the one-by-one score (up to float rounding); when every candidate of a request is one token
 the context is run once and all candidates are read off its last position.
 
-`greedy_generate` decodes greedily (left-padded batches) until a newline or EOS. `progress_bar`
-and `task_record` are shared by every eval task (benchmarks, the recipe's held-out tasks).
+`decode` is what eval and `rlora generate` both continue prompts with: left-padded batches,
+greedy or sampled, until EOS (and, for eval's free-form answers, a newline). `task_record` is
+shared by every eval task (benchmarks, the recipe's held-out tasks).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from transformers import StoppingCriteriaList, TextStreamer
+
+from rlora_cli.data.packing import IGNORE, pad_batch
+from rlora_cli.data.pipeline import special_prefix
 
 Progress = Callable[[int], None]
 
@@ -37,14 +45,6 @@ class _Row:
 
     ids: list[int]
     reads: list[tuple[int, int, int, list[int]]]
-
-
-def special_prefix(tokenizer: Any) -> list[int]:
-    """Token ids the tokenizer puts in front of every text (BOS for Llama, nothing for Qwen)."""
-    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a b", add_special_tokens=True)["input_ids"]
-    n = len(full) - len(plain)
-    return list(full[:n]) if n > 0 and list(full[n:]) == list(plain) else []
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str,
@@ -98,6 +98,17 @@ def _rows(tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], limit: 
     return rows
 
 
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _fallback_token(tokenizer)
+
+
+def _batches(items: Sequence[Any], batch_size: int, key: Callable[[Any], int]) -> list[list[Any]]:
+    """Items in batches of `batch_size`, longest first, so each batch holds similar lengths."""
+    ordered = sorted(items, key=key, reverse=True)
+    step = max(1, batch_size)
+    return [ordered[i:i + step] for i in range(0, len(ordered), step)]
+
+
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -120,21 +131,15 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
     rows = _rows(tokenizer, requests, limit)
     out: list[list[Score | None]] = [[None] * len(c) for _, c in requests]
     left = [len(c) for _, c in requests]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _fallback_token(tokenizer)
-    device = _model_device(model)
+    pad, device = _pad_id(tokenizer), _model_device(model)
     keep_ok = _accepts(model, "logits_to_keep")
-    order = sorted(range(len(rows)), key=lambda k: -len(rows[k].ids))  # similar lengths per batch
-    for start in range(0, len(order), max(1, batch_size)):
-        batch = [rows[k] for k in order[start:start + batch_size]]
-        width = max(len(r.ids) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, r in enumerate(batch):  # right padding: real tokens keep positions 0..L-1
-            ids[b, :len(r.ids)] = torch.tensor(r.ids)
-            mask[b, :len(r.ids)] = 1
+    for batch in _batches(rows, batch_size, key=lambda r: len(r.ids)):
+        # right padding: real tokens keep positions 0..L-1
+        inputs = pad_batch([r.ids for r in batch], pad)
+        width = inputs["input_ids"].shape[1]
         first = min(pos for r in batch for _, _, pos, _ in r.reads)
         kwargs = {"logits_to_keep": width - first} if keep_ok else {}
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}, **kwargs).logits
         offset = width - logits.shape[1]  # logits cover positions offset..width-1
         done = 0
         for b, r in enumerate(batch):
@@ -149,6 +154,31 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
     return out  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def label_losses(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,
+                 batch_size: int = 8, progress: Progress | None = None) -> list[Score]:
+    """Score of each (input_ids, labels) row as the trainer sees it: labels are aligned with
+    input_ids, -100 where untrained; logprob sums the trained tokens (shifted: token t+1 given ≤ t)."""
+    device = _model_device(model)
+    out: list[Score | None] = [None] * len(rows)
+    for chunk in _batches(range(len(rows)), batch_size, key=lambda k: len(rows[k][0])):
+        inputs = pad_batch([rows[k][0] for k in chunk], pad_id, labels=[rows[k][1] for k in chunk])
+        labels = inputs.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        for b, k in enumerate(chunk):
+            targets = labels[b, 1:].to(device)
+            trained = targets != IGNORE  # only those positions' log-softmax is ever built
+            picked = logits[b, :-1][trained].float().log_softmax(-1)
+            lp = picked.gather(-1, targets[trained][:, None]).sum().item()
+            out[k] = Score(lp, int(trained.sum().item()))
+        if progress is not None:
+            progress(len(chunk))
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ the decoder
+
+
 class _StopAtNewline:
     """Stop a row once its new text holds a newline (EOS is handled by generate itself)."""
 
@@ -161,43 +191,63 @@ class _StopAtNewline:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 8,
-                    max_new_tokens: int = 64, progress: Progress | None = None) -> list[str]:
-    """Greedy continuation of each prompt up to the first newline or EOS (neither included)."""
-    from transformers import StoppingCriteriaList
+def decode(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+           until_newline: bool = False, stream: bool = False, progress: Progress | None = None) -> list[str]:
+    """The continuation of each prompt up to EOS (not included): greedy, or sampled (seeded) when
+    `temperature` > 0; with `until_newline`, only its first line (eval's free-form answers).
 
-    prefix = special_prefix(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _fallback_token(tokenizer)
+    Batches are left-padded so every row continues at the same column, and a batched decode
+    equals the one-by-one decode. A prompt too long for the model keeps its last tokens.
+    `stream` prints tokens to stdout as they come (one prompt at a time).
+    """
+    if temperature > 0:
+        torch.manual_seed(seed)
+    encoded = _encode_prompts(tokenizer, prompts, max_length(model, tokenizer) - max_new_tokens)
     eos = stop_ids(model, tokenizer)
-    limit = max_length(model, tokenizer) - max_new_tokens
-    encoded = [(prefix + tokenizer(p, add_special_tokens=False)["input_ids"])[-limit:] or
-               [_fallback_token(tokenizer)] for p in prompts]
-    device = _model_device(model)
+    settings = _settings(max_new_tokens, temperature, top_p, pad=_pad_id(tokenizer), eos=eos)
     out: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda k: -len(encoded[k]))
-    for start in range(0, len(order), max(1, batch_size)):
-        chunk = order[start:start + batch_size]
-        width = max(len(encoded[k]) for k in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, k in enumerate(chunk):  # left padding: every row continues at the same column
-            ids[b, width - len(encoded[k]):] = torch.tensor(encoded[k])
-            mask[b, width - len(encoded[k]):] = 1
-        # Explicit settings override a checkpoint's sampling defaults (Qwen ships
-        # repetition_penalty and top_k), so this is plain greedy decoding whatever the model.
-        new = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
-            max_new_tokens=max_new_tokens, repetition_penalty=1.0, pad_token_id=pad,
-            eos_token_id=eos or None,
-            stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width)]),
-        )[:, width:]
+    device = _model_device(model)
+    for chunk in _batches(range(len(prompts)), 1 if stream else batch_size, key=lambda k: len(encoded[k])):
+        inputs = pad_batch([encoded[k] for k in chunk], settings["pad_token_id"], side="left")
+        width = inputs["input_ids"].shape[1]
+        extra: dict[str, Any] = {}
+        if until_newline:
+            extra["stopping_criteria"] = StoppingCriteriaList([_StopAtNewline(tokenizer, width)])
+        if stream:
+            extra["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        new = model.generate(**{k: v.to(device) for k, v in inputs.items()}, **settings, **extra)[:, width:]
         for b, k in enumerate(chunk):
             row = new[b].tolist()
             end = next((n for n, t in enumerate(row) if t in eos), len(row))
-            out[k] = tokenizer.decode(row[:end], skip_special_tokens=True).split("\n", 1)[0]
+            text = tokenizer.decode(row[:end], skip_special_tokens=True)
+            out[k] = text.split("\n", 1)[0] if until_newline else text
         if progress is not None:
             progress(len(chunk))
     return out
+
+
+def _settings(max_new_tokens: int, temperature: float, top_p: float, *, pad: int,
+              eos: list[int]) -> dict[str, Any]:
+    """`generate` keywords. Explicit values override a checkpoint's sampling defaults (Qwen ships
+    repetition_penalty and top_k), so greedy is plain greedy and sampling plain temperature + top-p."""
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
+                else dict(do_sample=False))
+    return dict(num_beams=1, max_new_tokens=max_new_tokens, repetition_penalty=1.0, pad_token_id=pad,
+                eos_token_id=eos or None, **sampling)
+
+
+def _encode_prompts(tokenizer: Any, prompts: Sequence[str], keep: int) -> list[list[int]]:
+    """Each prompt's ids as training encodes them (the special prefix unless a chat template
+    already wrote BOS), its last `keep` tokens at most (all when `keep` < 1: no room is left for
+    new tokens anyway), never empty."""
+    prefix, bos = special_prefix(tokenizer), getattr(tokenizer, "bos_token", None)
+    encoded = []
+    for p in prompts:
+        head = [] if bos and p.startswith(bos) else prefix
+        ids = head + tokenizer(p, add_special_tokens=False)["input_ids"]
+        encoded.append((ids[-keep:] if keep > 0 else ids) or [_fallback_token(tokenizer)])
+    return encoded
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -206,35 +256,6 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += config_eos if isinstance(config_eos, list) else [config_eos]
     return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-@torch.no_grad()
-def label_losses(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,
-                 batch_size: int = 8, progress: Progress | None = None) -> list[Score]:
-    """Score of each (input_ids, labels) row as the trainer sees it: labels are aligned with
-    input_ids, -100 where untrained; logprob sums the trained tokens (shifted: token t+1 given ≤ t)."""
-    device = _model_device(model)
-    out: list[Score | None] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda k: -len(rows[k][0]))
-    for start in range(0, len(order), max(1, batch_size)):
-        chunk = order[start:start + batch_size]
-        width = max(len(rows[k][0]) for k in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, k in enumerate(chunk):
-            n = len(rows[k][0])
-            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(rows[k][0]), torch.tensor(rows[k][1]), 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for b, k in enumerate(chunk):
-            targets = labels[b, 1:].to(device)
-            trained = targets != -100  # only those positions' log-softmax is ever built
-            picked = logits[b, :-1][trained].float().log_softmax(-1)
-            lp = picked.gather(-1, targets[trained][:, None]).sum().item()
-            out[k] = Score(lp, int(trained.sum().item()))
-        if progress is not None:
-            progress(len(chunk))
-    return out  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------ shared by the eval tasks

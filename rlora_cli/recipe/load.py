@@ -5,7 +5,8 @@
 Loading reads the YAML, applies dotted `KEY=VALUE` overrides (values parsed as YAML), starts the
 adapter from its preset in `configs/adapters/<type>.yaml`, then reports every problem in one
 `UserError`, each with its YAML path. The sections themselves, their defaults and their range
-checks are in `rlora_cli/config.py`.
+checks are in `rlora_cli/config.py`; each section checks itself when built, and `construct`
+merges what it finds into the one report.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import rlora_cli
 from rlora_cli.adapters.methods import METHODS, AdapterConfig
 from rlora_cli.config import (
-    ADAPTER_CAPS,
     FIX,
-    RESUMABLE,
     SEED_RANGE,
     DataConfig,
     DatasetConfig,
@@ -31,9 +32,19 @@ from rlora_cli.config import (
     OutputConfig,
     Recipe,
     TrainConfig,
+    compile_problems,
 )
+from rlora_cli.data.sources import check_source
+from rlora_cli.data.textfiles import not_utf8
 from rlora_cli.errors import UserError, collect, first_line
 from rlora_cli.recipe.typed import about, build, join, unknown_key_problems
+
+# Bounds no real adapter reaches: public models' Linear layers are at most ~50k wide, and the
+# multi-head papers use a handful of heads. A value past them is a typo, and would otherwise
+# fail as an allocation error when the adapter is injected.
+ADAPTER_CAPS = {"r": 65536, "num_heads": 256}
+# Keys that may change between a run and its resume (everything else must match OUT/recipe.yaml).
+RESUMABLE = ("train.max_steps", "train.num_epochs", "output.")
 
 
 def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
@@ -53,7 +64,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.y*ml"))  # a run folder holds its recipe.yaml
         example = f", e.g. {path / inside[0]}" if inside else " (see recipes/)"
-        raise UserError(f"{path}: is a directory, not a recipe file", "give the recipe YAML file itself" + example)
+        raise UserError(f"{path}: is a directory, not a recipe file",
+                        "give the recipe YAML file itself" + example)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file", "give the path of a recipe YAML (see recipes/)")
     try:
@@ -65,8 +77,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}{at}: not valid YAML ({what})",
                         "fix the line shown (indent with spaces; quote values containing ': ')") from None
     except UnicodeDecodeError:
-        from rlora_cli.data.sources import not_utf8
-
         raise not_utf8(path) from None
     if raw is None:
         raise UserError(f"{path}: the recipe is empty",
@@ -86,7 +96,8 @@ def apply_overrides(raw: dict[str, Any], overrides: tuple[str, ...] | list[str],
         key, sep, text = item.partition("=")
         parts = re.findall(r"[^.\[\]]+", key.strip())
         if not sep or not parts:
-            problems.append(f"override {item!r}: write KEY=VALUE with a dotted key, e.g. train.learning_rate=1e-4")
+            problems.append(f"override {item!r}: write KEY=VALUE with a dotted key, "
+                            "e.g. train.learning_rate=1e-4")
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else ""
@@ -140,11 +151,8 @@ def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) ->
             parts[name] = _checked(cls, raw[name], name, problems)
     seed = _checked(_Seed, {"seed": raw.get("seed", 0)}, "", problems)
     train, data = parts.get("train"), parts["data"]
-    if train and data and train.compile and train.compile_mode == "reduce-overhead" and not data.packing:
-        # CUDA graphs replay one recorded shape; unpacked rows vary in length and carry a padding
-        # mask, whose attention path breaks the compiled block (and graph outputs get overwritten).
-        problems.append("train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
-                        "to max_length: fixed shapes, which CUDA graphs replay); use compile_mode: default for unpacked data")
+    if train and data:  # checked here too, so a recipe reports it with every other problem
+        problems += compile_problems(train, data)
     if len(problems) > before:
         return None
     output = parts.get("output", OutputConfig())
@@ -154,24 +162,35 @@ def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) ->
 
 @dataclass(frozen=True, kw_only=True)
 class _Seed:
-    seed: int = field(default=0, metadata={"range": SEED_RANGE})
+    """The recipe's top-level key, typed and range-checked like a section's."""
 
-    def problems(self, where: str) -> list[str]:
-        return []
+    seed: int = field(default=0, metadata={"range": SEED_RANGE})
 
 
 def _checked(cls: type, raw: Any, where: str, problems: list[str], given: dict[str, Any] | None = None,
              resolve: Any = None, skip: set[str] = frozenset()) -> Any:
-    """Build `cls` from YAML and range-check it; None when anything about it is wrong. Fields of
-    the wrong type take their defaults for the range checks, whose findings about them are dropped."""
+    """Build `cls` from YAML; None when anything about it is wrong. Fields of the wrong type take
+    their defaults for the section's own checks, whose findings about them are dropped."""
     before = len(problems)
     values, bad = build(cls, raw, where, problems, given=given)
     if values is None:
         return None
-    obj = cls(**values)
-    obj = resolve(obj) if resolve else obj
-    problems += [p for p in obj.problems(where) if not about(p, where, bad | skip)]
+    obj = construct(cls, resolve(values) if resolve else values, where, problems, bad | skip)
     return obj if len(problems) == before else None
+
+
+def construct(cls: type, values: dict[str, Any], where: str, problems: list[str],
+              ignore: set[str] = frozenset()) -> Any:
+    """`cls(**values)`, or None with the problems its `__post_init__` found added to `problems`:
+    moved from the class's own path (`cls.WHERE`, e.g. `data.datasets[]`) to `where`, less those
+    about the fields `ignore` (already reported as the wrong type)."""
+    try:
+        return cls(**values)
+    except UserError as e:
+        home = getattr(cls, "WHERE", where)
+        moved = [where + p[len(home):] if p.startswith(home) else p for p in e.problems]
+        problems += [p for p in moved if not about(p, where, ignore)]
+        return None
 
 
 def _build_data(raw: Any, problems: list[str]) -> DataConfig | None:
@@ -191,13 +210,16 @@ def _build_data(raw: Any, problems: list[str]) -> DataConfig | None:
 
 def _build_dataset(raw: Any, where: str, problems: list[str]) -> DatasetConfig | None:
     before = len(problems)
-    d = _checked(DatasetConfig, raw, where, problems, resolve=lambda d: dataclasses.replace(
-        d, name=d.name or default_name(d.path, d.subset), kind=d.kind or ("knowledge" if d.format else "")))
+    d = _checked(DatasetConfig, raw, where, problems, resolve=_resolve_dataset)
     if d is not None:  # the files are only worth reading once the entry itself makes sense
-        from rlora_cli.data.sources import check_source
-
         problems += check_source(d, where)
     return d if len(problems) == before else None
+
+
+def _resolve_dataset(values: dict[str, Any]) -> dict[str, Any]:
+    """The name from the path when none is given; a BIG-bench task is knowledge."""
+    return values | {"name": values.get("name") or default_name(values["path"], values.get("subset")),
+                     "kind": values.get("kind") or ("knowledge" if values.get("format") else "")}
 
 
 def default_name(path: str, subset: str | None = None) -> str:
@@ -225,32 +247,26 @@ def build_adapter(raw: Any, problems: list[str]) -> AdapterConfig | None:
     values, bad = build(AdapterConfig, merged, "adapter", problems)
     for key, cap in ADAPTER_CAPS.items():
         if values is not None and isinstance(values.get(key), int) and values[key] > cap:
-            problems.append(f"adapter.{key}: {values.pop(key)} is larger than any model needs; give at most {cap}")
+            problems.append(f"adapter.{key}: {values.pop(key)} is larger than any model needs; "
+                            f"give at most {cap}")
             bad.add(key)
-    try:
-        config = AdapterConfig(**values) if values is not None else None
-    except UserError as e:  # AdapterConfig validates itself; merge its report into ours
-        problems += [p for p in e.problems if not about(p, "adapter", bad)]
-        return None
+    config = construct(AdapterConfig, values, "adapter", problems, bad) if values is not None else None
     return config if len(problems) == before else None
 
 
 def adapter_preset(method: str) -> dict[str, Any]:
     """The preset of a method, as written in configs/adapters/<method>.yaml."""
-    text = configs_dir().joinpath("adapters").joinpath(f"{method}.yaml").read_text()  # Traversable: one part each
+    # A Traversable takes one part per joinpath.
+    text = configs_dir().joinpath("adapters").joinpath(f"{method}.yaml").read_text()
     return yaml.safe_load(text) or {}
 
 
 def configs_dir() -> Any:
     """The shipped configs: the checkout's configs/ when running from source, else the installed
     package data (rlora_cli.configs)."""
-    import rlora_cli
-
     checkout = Path(rlora_cli.__file__).parent.parent / "configs"
     if checkout.is_dir():
         return checkout
-    from importlib.resources import files
-
     return files("rlora_cli.configs")
 
 
@@ -269,7 +285,7 @@ def _plain(value: Any) -> Any:
 
 def recipe_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted keys (data.datasets[1].weight) whose values differ between two recipe dicts."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a), flatten(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, _MISSING) != fb.get(k, _MISSING))
 
 
@@ -282,15 +298,15 @@ def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
 _MISSING = object()
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
         for k, v in value.items():
-            out.update(_flatten(v, join(prefix, str(k))))
+            out.update(flatten(v, join(prefix, str(k))))
         return out
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
         out = {}
         for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
+            out.update(flatten(v, f"{prefix}[{i}]"))
         return out
     return {prefix: list(value) if isinstance(value, tuple) else value}

@@ -110,8 +110,9 @@ def _unknown(key: str, known: list[str], where: str) -> str:
 
 
 def _home_of(key: str) -> str | None:
-    homes = {"": ["seed"], "model": config.ModelConfig, "adapter": AdapterConfig, "data": config.DataConfig,
-             "data.datasets[]": config.DatasetConfig, "train": config.TrainConfig, "output": config.OutputConfig}
+    homes = {"": ["seed"], "model": config.ModelConfig, "adapter": AdapterConfig,
+             "data": config.DataConfig, "data.datasets[]": config.DatasetConfig,
+             "train": config.TrainConfig, "output": config.OutputConfig}
     for home, cls in homes.items():
         names = cls if isinstance(cls, list) else [f.name for f in dataclasses.fields(cls)]
         if key in names:
@@ -151,8 +152,8 @@ def build(cls: type, raw: Any, where: str, problems: list[str], *,
         elif required:
             bad.add(name)
             problems.append(f"{join(where, name)}: missing (required)")
-    required_bad = any(fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING
-                       for n in bad)
+    required_bad = any(fields[n].default is dataclasses.MISSING
+                       and fields[n].default_factory is dataclasses.MISSING for n in bad)
     return (None if required_bad else values), bad
 
 
@@ -206,7 +207,8 @@ def convert(value: Any, hint: Any) -> tuple[bool, Any]:
         items = [convert(v, args[0]) for v in value]
         return all(ok for ok, _ in items), tuple(v for _, v in items)
     if origin is dict:
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in value.items())
         return ok, dict(value) if ok else value
     return _scalar(value, hint)
 

@@ -1,36 +1,40 @@
-"""What a run shows and leaves behind: metrics.jsonl, the start banner, the progress bar,
-run_info.json and PNG plots.
+"""What `rlora train` shows: the start banner, its one-line notes, the progress bar, and the loss
+plots (PNG) it leaves in OUT/plots.
 
-Only the main process writes these (the progress bar is silent on the others). Plots use
-matplotlib's Agg backend (no display needed).
+    console = train_console(console, accelerator.is_main_process)
+    with TrainProgress(console, total, done, main) as progress: progress.update(row)
+    plot_losses(metrics_rows, out / "plots")
+
+Everything here renders what the loop hands it; the loop computes and writes the data (its
+metrics.jsonl is train/metrics.py's). Off the main process the console is quiet. Paths, model
+and task names go through `escape`, so `a[bold]x` prints as written.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from rlora_cli.runs import read_metrics
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from rlora_cli.adapters import adapter_layers
+from rlora_cli.report.common import Console, escape, pyplot, save_png
 
 
-class MetricsLog:
-    """Appends one JSON object per logged step to OUT/metrics.jsonl (kept across resumes)."""
-
-    def __init__(self, path: Path, *, resume_step: int = 0) -> None:
-        from rlora_cli.files import atomic_write_text
-
-        self.path = path
-        if path.exists():  # on resume, drop rows past the checkpoint we restart from
-            rows = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            # Through a temporary file: a full disk must not leave the log cut short.
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-    def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+def train_console(console: Any, main: bool) -> Any:
+    """The console a run prints to: the caller's (or stdout) on the main process, silent elsewhere."""
+    return (console or Console()) if main else Console(quiet=True)
 
 
 def format_count(n: int) -> str:
@@ -42,10 +46,6 @@ def format_count(n: int) -> str:
 
 def banner(console: Any, info: dict[str, Any]) -> None:
     """The start-of-run panel: model, method, trainable parameters, precision, world size."""
-    from rich.markup import escape
-    from rich.panel import Panel
-    from rich.table import Table
-
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold cyan")
     table.add_column()
@@ -54,11 +54,10 @@ def banner(console: Any, info: dict[str, Any]) -> None:
     console.print(Panel(table, title="rlora train", expand=False))
 
 
-def train_banner(console: Any, recipe: Any, accelerator: Any, model: Any, data: Any, out: Path, kernels: str,
-                 compile_note: str, steps_per_epoch: int, total: int, trainable: int, all_params: int) -> None:
+def train_banner(console: Any, recipe: Any, accelerator: Any, model: Any, data: Any, out: Path,
+                 kernels: str, compile_note: str, steps_per_epoch: int, total: int, trainable: int,
+                 all_params: int) -> None:
     """`rlora train`'s panel."""
-    from rlora_cli.adapters import adapter_layers
-
     t, world, bare = recipe.train, accelerator.num_processes, accelerator.unwrap_model(model)
     banner(console, {
         "model": recipe.model.name_or_path,
@@ -79,40 +78,38 @@ def train_banner(console: Any, recipe: Any, accelerator: Any, model: Any, data: 
     })
 
 
-def run_info(recipe: Any, accelerator: Any, trainable: int, total: int) -> dict[str, Any]:
-    """OUT/run_info.json: versions, device, precision and sizes, for reproducing a run."""
-    import platform
+# ---------------------------------------------------------------------------- one-line notes
 
-    import accelerate
-    import torch
-    import transformers
 
-    from rlora_cli import __version__
+def print_notes(console: Any, notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]warning:[/] {escape(note)}")
 
-    return {
-        "rlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__, "python": platform.python_version(),
-        "seed": recipe.seed, "world_size": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "precision": accelerator.mixed_precision, "distributed": str(accelerator.distributed_type),
-        "trainable_parameters": trainable, "total_parameters": total,
-    }
+
+def print_resuming(console: Any, checkpoint: Path, step: int, total: int) -> None:
+    console.print(f"[green]resuming[/] from {escape(str(checkpoint))} (step {step} of {total})")
+
+
+def print_eval(console: Any, step: int, losses: dict[str, float]) -> None:
+    console.print(f"step {step} held-out loss: "
+                  + escape(", ".join(f"{k} {v:.4f}" for k, v in losses.items())))
+
+
+def print_stopped(console: Any, checkpoint: Path, terminated: bool) -> None:
+    """Ctrl-C or SIGTERM: where the run was saved and how to continue it."""
+    how = "terminated (SIGTERM)" if terminated else "interrupted"
+    console.print(f"[yellow]{how}:[/] saved {escape(str(checkpoint))}; continue with --resume auto")
+
+
+def print_done(console: Any, steps: int, adapter: Path, plots: Path | None) -> None:
+    console.print(f"[green]done:[/] {steps} steps, adapter in {escape(str(adapter))}"
+                  + (f", plots in {escape(str(plots))}" if plots else ""))
 
 
 class TrainProgress:
     """A rich progress bar with step, loss, lr, tokens/s and ETA (silent off the main process)."""
 
     def __init__(self, console: Any, total: int, done: int, enabled: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                             console=console, disable=not enabled, transient=False)
@@ -126,10 +123,14 @@ class TrainProgress:
         self.bar.__exit__(*exc)
 
     def update(self, row: dict[str, Any]) -> None:
-        self.bar.update(self.task, stats=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s")
+        stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
+        self.bar.update(self.task, stats=stats)
 
     def advance(self, step: int) -> None:
         self.bar.update(self.task, completed=step)
+
+
+# ---------------------------------------------------------------------------- plots
 
 
 def smooth(values: list[float], half: int | None = None) -> list[float]:
@@ -152,32 +153,15 @@ def _curve(ax: Any, steps: list[int], values: list[float], color: str, label: st
     ax.plot(steps, smooth(values), color=color, label=label)
 
 
-def plot_losses(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """loss.png (training and held-out loss) and task_loss.png (per task); returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
+def plot_losses(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """loss.png (training and held-out loss) and task_loss.png (per task) from metrics.jsonl's
+    rows; returns the files written."""
     train = [r for r in rows if "loss" in r and math.isfinite(r["loss"])]
     evals = [r for r in rows if "eval_loss" in r]
     if not train and not evals:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        _curve(ax, [r["step"] for r in train], [r["loss"] for r in train], "C0", "train")
-    if evals:
-        ax.plot([r["step"] for r in evals], [_mean(r["eval_loss"]) for r in evals], "o-", color="C3",
-                label="held-out (mean over tasks)")
-    ax.set(xlabel="step", ylabel="loss", title="Loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, out_dir / "loss.png"))
-
+    written = [_plot_loss(train, evals, out_dir / "loss.png")]
     per_task: dict[str, list[tuple[int, float]]] = defaultdict(list)
     per_task_eval: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in train:
@@ -187,36 +171,38 @@ def plot_losses(metrics_path: Path, out_dir: Path) -> list[Path]:
         for task, v in r["eval_loss"].items():
             per_task_eval[task].append((r["step"], v))
     if per_task or per_task_eval:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for i, task in enumerate(sorted(set(per_task) | set(per_task_eval))):
-            if per_task.get(task):
-                s, v = zip(*per_task[task])
-                _curve(ax, list(s), list(v), f"C{i}", f"{task} train")
-            if per_task_eval.get(task):
-                s, v = zip(*per_task_eval[task])
-                ax.plot(s, v, "o--", color=f"C{i}", label=f"{task} held-out")
-        ax.set(xlabel="step", ylabel="loss", title="Loss per task")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, out_dir / "task_loss.png"))
+        written.append(_plot_task_loss(per_task, per_task_eval, out_dir / "task_loss.png"))
     return written
+
+
+def _plot_loss(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    if train:
+        _curve(ax, [r["step"] for r in train], [r["loss"] for r in train], "C0", "train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [_mean(r["eval_loss"]) for r in evals], "o-", color="C3",
+                label="held-out (mean over tasks)")
+    ax.set(xlabel="step", ylabel="loss", title="Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
+def _plot_task_loss(per_task: dict[str, list[tuple[int, float]]],
+                    per_task_eval: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    for i, task in enumerate(sorted(set(per_task) | set(per_task_eval))):
+        if per_task.get(task):
+            s, v = zip(*per_task[task])
+            _curve(ax, list(s), list(v), f"C{i}", f"{task} train")
+        if per_task_eval.get(task):
+            s, v = zip(*per_task_eval[task])
+            ax.plot(s, v, "o--", color=f"C{i}", label=f"{task} held-out")
+    ax.set(xlabel="step", ylabel="loss", title="Loss per task")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
 
 
 def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / max(len(d), 1)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no partial image behind
-        raise
-    finally:
-        plt.close(fig)
-    return path

@@ -19,12 +19,15 @@ runs inside whatever wraps the model (DDP, FSDP, torch.compile) exactly as the p
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rlora_cli.data.packing import IGNORE
 from rlora_cli.errors import UserError
@@ -72,8 +75,9 @@ def _liger(model: Any, kernels: str, device: Any, compiled: bool) -> Kernels:
     reason = _unavailable(model, device)
     if reason:
         if kernels == "liger":
+            install = ", or " + INSTALL_HINT if "installed" in reason else ""
             raise UserError(f"train.kernels: liger cannot be used: {reason}",
-                            f"use kernels: auto or none{'' if 'installed' not in reason else ', or ' + INSTALL_HINT}")
+                            f"use kernels: auto or none{install}")
         return Kernels(f"none (Liger off: {reason})")
     ops = not (compiled and kernels == "auto")
     if ops:
@@ -82,7 +86,8 @@ def _liger(model: Any, kernels: str, device: Any, compiled: bool) -> Kernels:
     head_problem = _plain_head_problem(model)
     if head_problem:
         if not ops:
-            return Kernels(f"none (Liger's cross-entropy unfused: {head_problem}; the compiler fuses the rest)")
+            return Kernels(f"none (Liger's cross-entropy unfused: {head_problem}; "
+                           "the compiler fuses the rest)")
         return Kernels(f"Liger ({what}cross-entropy unfused: {head_problem})")
     install_fused_loss(model)
     rest = "" if ops else "; RoPE, RMSNorm, SwiGLU left to torch.compile"
@@ -157,7 +162,8 @@ def packed_attention(model: Any, device: Any, packed_length: int) -> str:
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     reason = ("no CUDA device" if getattr(device, "type", str(device)) != "cuda"
               else "the model's attention is not sdpa" if config._attn_implementation != "sdpa"
-              else f"model type {config.model_type!r} not supported" if config.model_type not in _VARLEN_MODELS
+              else f"model type {config.model_type!r} not supported"
+              if config.model_type not in _VARLEN_MODELS
               else "sliding-window attention" if window and window < packed_length
               else "attention dropout" if getattr(config, "attention_dropout", 0.0)
               else None)
@@ -168,10 +174,6 @@ def packed_attention(model: Any, device: Any, packed_length: int) -> str:
             reason = f"torch {torch.__version__} has no torch.nn.attention.varlen"
     if reason:
         return reason
-    import inspect
-
-    from transformers import AttentionInterface
-
     global _VARLEN_GQA  # read inside compiled blocks, so decided here, once
     _VARLEN_GQA = ("flag" if "enable_gqa" in inspect.signature(varlen_attn).parameters
                    else "op" if hasattr(torch.ops.torch_attn, "_varlen_attn") else "")
@@ -183,7 +185,8 @@ def packed_attention(model: Any, device: Any, packed_length: int) -> str:
 
 def _varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                      rlora_cu_seq_lens: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                      rlora_cu_seq_lens: torch.Tensor | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: q [B, H, S, D], k and v [B, KV, S, D] -> ([B, S, H, D], None).
 
     `rlora_cu_seq_lens` [N+1] int32 are the boundaries of the causal segments of the flattened
@@ -192,9 +195,8 @@ def _varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     if rlora_cu_seq_lens is None or not _flash_ok(query):
         # The same attention written out: sdpa under the block-diagonal causal mask (CPU, fp32).
         mask = None if rlora_cu_seq_lens is None else block_causal_mask(rlora_cu_seq_lens, B, S)
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     rows = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], D)  # noqa: E731  (a view for q)
     out = _varlen(rows(query), rows(key), rows(value), rlora_cu_seq_lens, S, scaling)
     return out.view(B, S, H, D), None

@@ -54,7 +54,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 chunk_fn: ChunkFn) -> torch.Tensor:
         device_type = hidden.device.type
         # The matmuls write into buffers (out=), which autocast does not see: cast here.
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         losses = torch.zeros(h.shape[0], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                              device=h.device)
@@ -70,7 +71,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    def backward(ctx: Any,
+                 upstream: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         hidden_dtype, weight_dtype = ctx.dtypes
         if not ctx.needs_input_grad[1]:
             (grad_h,) = ctx.saved_tensors
@@ -142,8 +144,8 @@ _KERNEL_FIXED = dict(weight_ptr=None, z_loss_ptr=None, token_accuracy_ptr=None, 
                      label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False,
                      RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False,
                      HAS_SOFTCAPPING=False)
-_KERNEL_PER_CALL = ("X_ptr", "X_stride", "Y_ptr", "Y_stride", "loss_ptr", "loss_stride", "n_cols", "BLOCK_SIZE",
-                    "HAS_GRADIENTS")
+_KERNEL_PER_CALL = ("X_ptr", "X_stride", "Y_ptr", "Y_stride", "loss_ptr", "loss_stride", "n_cols",
+                    "BLOCK_SIZE", "HAS_GRADIENTS")
 
 
 @functools.cache

@@ -25,11 +25,18 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import load as load_state_file  # what load_state reads checkpoints with
+from safetensors.torch import load_file
+
+from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from rlora_cli.errors import UserError, first_line
+from rlora_cli.recipe.load import resume_conflicts
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -120,8 +127,6 @@ class RunDir:
         self.committed = False
 
     def __enter__(self) -> "RunDir":
-        from accelerate.utils import broadcast_object_list
-
         failure = None
         if self.main:
             try:
@@ -239,18 +244,15 @@ def plan_output(out: Path, recipe: dict[str, Any], resume: str, overwrite: bool)
 
 
 def _check_same_recipe(run_dir: Path, recipe: dict[str, Any]) -> None:
-    import yaml
-
-    from rlora_cli.recipe.load import resume_conflicts
-
     saved_path = run_dir / "recipe.yaml"
     if not saved_path.is_file():
         return
     changed = resume_conflicts(yaml.safe_load(saved_path.read_text()), recipe)
     if changed:
-        raise UserError(f"cannot resume {run_dir}: the recipe differs from its recipe.yaml in {', '.join(changed)}",
-                        "resume with the same recipe (only train.max_steps/num_epochs and output.* may change), "
-                        "or train into a new --output")
+        raise UserError(f"cannot resume {run_dir}: the recipe differs from its recipe.yaml in "
+                        f"{', '.join(changed)}",
+                        "resume with the same recipe (only train.max_steps/num_epochs and output.* may "
+                        "change), or train into a new --output")
 
 
 def _step(path: Path) -> int:
@@ -273,11 +275,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 def checkpoint_damage(ckpt: Path) -> str | None:
     """Why resuming from `ckpt` would fail (its first unreadable file), or None. Every file is read
     in full, as resuming will, but now, before the model loads, and the same on every process."""
-    from accelerate.utils import load as load_state_file  # what load_state reads them with
-    from safetensors.torch import load_file
-
-    from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
     if not (ckpt / "state").is_dir():
         return "state/ is missing"
     files = [ckpt / STATE_FILE, ckpt / "adapter" / CONFIG_FILE, ckpt / "adapter" / WEIGHTS_FILE,
@@ -298,10 +295,6 @@ def checkpoint_damage(ckpt: Path) -> str | None:
 def save_checkpoint(accelerator: Any, model: Any, out: Path, state: Any, tokenizer: Any,
                     meta: dict[str, Any], limit: int) -> Path:
     """OUT/checkpoint-<step>: adapter + Accelerate state + trainer_state.json, renamed into place."""
-    from dataclasses import asdict
-
-    from rlora_cli.checkpoint import save_adapter
-
     final = out / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = out / f".{final.name}.tmp"  # same name on every process: they all write into it
     accelerator.wait_for_everyone()
@@ -332,8 +325,6 @@ def save_checkpoint(accelerator: Any, model: Any, out: Path, state: Any, tokeniz
 
 def full_state(accelerator: Any, model: Any) -> dict[str, Any] | None:
     """A full state dict where parameters are sharded (FSDP); None means 'read the model'."""
-    from accelerate.utils import DistributedType
-
     return accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
 
 

@@ -180,7 +180,8 @@ def test_zero_delta_at_init_without_perturbation(case):
         assert delta <= 1e-10
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.get("router") == "off" or c["type"] in ("lora", "multilora")],
+@pytest.mark.parametrize("case", [c for c in CASES
+                                  if c.get("router") == "off" or c["type"] in ("lora", "multilora")],
                          ids=case_id)
 def test_static_factors_equal_the_layer_delta(case):
     layer = make_layer(case).eval()

@@ -28,7 +28,8 @@ def test_floor_is_the_frozen_base_on_full_rows_with_the_same_peak(smoke):
     assert floor["variant"] == "base" and floor["batch"] == f"{e2e.MICRO_BATCH}x512"  # no Liger on the CPU
     assert floor["attention_context"] == pytest.approx(256.5)
     dense, attention = e2e.flops_per_token(config("tiny"), 256.5)
-    assert floor["mfu"] == pytest.approx((dense + attention) * floor["tokens_per_s"] / (report["peak_tflops"] * 1e12))
+    assert floor["mfu"] == pytest.approx(
+        (dense + attention) * floor["tokens_per_s"] / (report["peak_tflops"] * 1e12))
     for r in report["results"]:
         assert r["vs_floor_mfu"] == pytest.approx(r["mfu"] / floor["mfu"])
         assert r["vs_floor_tokens"] == pytest.approx(r["input_tokens_per_s"] / floor["tokens_per_s"])
@@ -102,8 +103,10 @@ def test_shipped_recipes_load(smoke, shape):
     a, d, t = recipe.adapter, recipe.data, recipe.train
     assert (a.type, a.r, a.lora_alpha, a.lora_dropout, a.num_heads) == ("rlora", 8, 16.0, 0.05, 4)
     assert set(a.target_modules) == {f"{m}_proj" for m in ("q", "k", "v", "o", "gate", "up", "down")}
-    assert (d.max_length, d.packing, d.datasets[0].kind, d.datasets[0].val_size) == (1024, True, "instruction", 0)
-    assert (t.micro_batch_size, t.gradient_accumulation_steps, t.precision, t.kernels) == (8, 1, "bf16", "auto")
+    assert ((d.max_length, d.packing, d.datasets[0].kind, d.datasets[0].val_size)
+            == (1024, True, "instruction", 0))
+    assert ((t.micro_batch_size, t.gradient_accumulation_steps, t.precision, t.kernels)
+            == (8, 1, "bf16", "auto"))
     assert recipe.output.save_steps == 0 and recipe.output.eval_steps == 0
     raw = path.read_text()
     assert "path: runs/e2e/data/synthetic.jsonl" in raw

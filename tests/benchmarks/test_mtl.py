@@ -32,7 +32,8 @@ def test_smoke_runs_and_writes_its_table(tmp_path):
     for name in ("lora", "rlora"):
         r = results["methods"][name]
         assert r["seeds"] == [0] and r["trainable_parameters"] > 0 and r["wall_s"]["mean"] > 0
-        assert r["trainable_parameters"] == results["runs"][["lora", "rlora"].index(name)]["trainable_parameters"]
+        seed0_run = results["runs"][["lora", "rlora"].index(name)]
+        assert r["trainable_parameters"] == seed0_run["trainable_parameters"]
         acc = r["tasks"]["colors"]["mean"]
         assert 0.0 <= acc <= 1.0 and r["tasks"]["colors"]["std"] is None  # one seed: no std
         run = out / "runs" / f"{name}-seed0"
@@ -40,7 +41,8 @@ def test_smoke_runs_and_writes_its_table(tmp_path):
         evals = json.loads((run / "eval.json").read_text())  # rlora eval's results shape
         assert set(evals["tasks"]) == {"colors", "sizes"} and evals["tasks"]["sizes"]["n"] == 4
         assert (out / "analysis" / f"{name}.json").is_file()
-    assert results["methods"]["rlora"]["trainable_parameters"] > results["methods"]["lora"]["trainable_parameters"]
+    methods = results["methods"]
+    assert methods["rlora"]["trainable_parameters"] > methods["lora"]["trainable_parameters"]
     assert json.loads((out / "base" / "seed0.json").read_text())["tasks"]["colors"]["n"] == 4
     for png in ("accuracy.png", "head_similarity.png", "spectra.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
@@ -50,12 +52,14 @@ def test_smoke_runs_and_writes_its_table(tmp_path):
 
 
 def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
-    settings = plan.Settings(model=str(tiny_model_dir), r=4, num_heads=3, target_modules="all-linear", val_size=2)
+    settings = plan.Settings(model=str(tiny_model_dir), r=4, num_heads=3, target_modules="all-linear",
+                             val_size=2)
     tasks = plan.find_tasks(BIGBENCH, ("plausibility", "count_items"))
     assert list(tasks) == ["plausibility", "count_items"] and [n for _, n in tasks.values()] == [12, 5]
     assert tasks["count_items"][0] == BIGBENCH_FIXTURES / "count_items" / "task.json"
-    assert set(plan.find_tasks(BIGBENCH)) == {"answer_first", "count_items", "plausibility", "several_correct",
-                                              "spell_backwards", "table_lookup", "word_kinds/nouns"}
+    assert set(plan.find_tasks(BIGBENCH)) == {"answer_first", "count_items", "plausibility",
+                                              "several_correct", "spell_backwards", "table_lookup",
+                                              "word_kinds/nouns"}
     r = plan.matched_lora_rank(str(tiny_model_dir), settings)
     counts = plan.trainable_counts(str(tiny_model_dir), settings, tuple(plan.VARIANTS), r)
     # LoRA's count is linear in r, so the matched rank is the closest to rlora's count
@@ -99,7 +103,8 @@ def test_fetch_bigbench_extracts_only_task_files(tmp_path):
         f"{root}/../../evil/task.json": b"no",
     })
     assert extract(tmp_path, tmp_path / "out") == 2  # the folder pip downloaded to
-    found = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    found = sorted(p.relative_to(tmp_path / "out").as_posix()
+                   for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert found == ["anu/4_distractors/task.json", "snarks/task.json"]
     assert (tmp_path / "out" / "snarks" / "task.json").read_bytes() == b'{"examples": []}'
     assert task_path("x/bigbench/benchmark_tasks/task.json") is None
@@ -142,6 +147,7 @@ def test_settings_changes_are_refused_in_a_used_out(tmp_path, monkeypatch):
         run_benchmark(None, plan.Settings(), tmp_path, smoke=True, methods_given=False)
     saved = json.loads((tmp_path / "settings.json").read_text())
     assert saved["smoke"] is True and saved["lora_matched_r"] >= 1
-    assert yaml.safe_load((tmp_path / "recipes" / "rlora-seed0.yaml").read_text())["adapter"]["type"] == "rlora"
+    recipe = yaml.safe_load((tmp_path / "recipes" / "rlora-seed0.yaml").read_text())
+    assert recipe["adapter"]["type"] == "rlora"
     with pytest.raises(UserError, match="other settings"):
         run_benchmark(None, plan.Settings(lora_dropout=0.3), tmp_path, smoke=True, methods_given=False)

@@ -23,7 +23,8 @@ def test_profile_train_profiles_the_last_steps_only(tmp_path, learnable_model_di
         return real_save(*a, **k)
 
     monkeypatch.setattr(train_mod, "save_adapter", save_adapter)
-    main([recipe, "train.gradient_accumulation_steps=1", "--steps", "4", "--active", "2", "--out", str(tmp_path / "p")])
+    main([recipe, "train.gradient_accumulation_steps=1", "--steps", "4", "--active", "2",
+          "--out", str(tmp_path / "p")])
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert len(summary["wall_ms_per_step"]) == 2 and all(w > 0 for w in summary["wall_ms_per_step"])
     assert saw_profiler and not any(saw_profiler)  # the checkpoint and the final adapter

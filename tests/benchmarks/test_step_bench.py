@@ -36,7 +36,8 @@ def smoke(tmp_path_factory):
 
 def test_variant_names_parse_into_flags():
     spec = parse_name("rlora+ce+bf16+compile")
-    assert (spec.kind, spec.liger, spec.ce, spec.fused_ce, spec.bf16, spec.compiled) == ("rlora", False, True, True, True, True)
+    assert ((spec.kind, spec.liger, spec.ce, spec.fused_ce, spec.bf16, spec.compiled)
+            == ("rlora", False, True, True, True, True))
     assert parse_name("peft-lora+liger").fused_ce and parse_name("peft-lora-r32").r == 32
     for bad in ("rlora+liger+ce", "peft-lora+bf16", "rlora+fast", "qlora"):
         with pytest.raises(SystemExit, match="unknown variant"):
@@ -51,7 +52,8 @@ def rows_by_variant(result):
 def test_every_variant_runs_with_finite_times_and_losses(smoke):
     rows = rows_by_variant(smoke)
     assert list(rows) == default_names(smoke=True, compiled=False)
-    assert {"base", "peft-lora", "peft-lora-r32", "lora", "multilora", "hydralora", "rlora", "reference"} == set(rows)
+    assert {"base", "peft-lora", "peft-lora-r32", "lora", "multilora", "hydralora", "rlora",
+            "reference"} == set(rows)
     for name, r in rows.items():
         assert r["ok"], (name, r.get("error"))
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and math.isfinite(r["max_ms"])
@@ -70,7 +72,8 @@ def test_trainable_counts_match_peft_and_rlora(smoke):
     assert rows["base"]["trainable"] == 0
     for name, r in (("peft-lora", 8), ("peft-lora-r32", 32)):
         peft_model = get_peft_model(build_base("tiny", torch.device("cpu")),
-                                    LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=list(TARGETS)))
+                                    LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05,
+                                               target_modules=list(TARGETS)))
         assert rows[name]["trainable"] == peft_model.get_nb_trainable_parameters()[0]
     # tiny: 2 layers; r·(d_in + d_out) over q, k, v, o (64→64, 64→32, 64→32, 64→64) and the MLP (64↔128)
     assert rows["peft-lora"]["trainable"] == 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192)
@@ -129,7 +132,8 @@ def fake_liger(monkeypatch):
         calls.append(q.shape)
         return plain(q, k, cos, sin, unsqueeze_dim)
 
-    def apply(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False):
+    def apply(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+              fused_linear_cross_entropy=False):
         assert model.config.model_type == "llama" and not (cross_entropy or fused_linear_cross_entropy)
         ml.apply_rotary_pos_emb, ml.LlamaRMSNorm, ml.LlamaMLP = fake_rope, object, object
 
@@ -159,4 +163,5 @@ def test_liger_rope_is_set_per_variant_and_globals_restored(monkeypatch, tmp_pat
     assert ml.apply_rotary_pos_emb is plain and (ml.LlamaRMSNorm, ml.LlamaMLP) == classes
     # The fused-loss path (hidden states and the head's weight) gives the logits path's loss.
     assert rows["base+liger"]["loss"] == pytest.approx(rows["base"]["loss"], rel=1e-3)
-    assert rows["lora+liger"]["trainable"] == rows["base+liger"]["trainable"] + 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192)
+    assert (rows["lora+liger"]["trainable"]
+            == rows["base+liger"]["trainable"] + 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192))

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
 
-from rlora_cli.recipe.load import load_recipe
-from rlora_cli.data.pipeline import collate, load_splits, prepare, split_indices, write_mixture
-from rlora_cli.errors import UserError
 from rlora_cli.data.bigbench import bigbench_prompt
 from rlora_cli.data.mixture import draw_indices, plan_counts, target_shares
 from rlora_cli.data.packing import pack_batch
+from rlora_cli.data.pipeline import collate, load_splits, prepare, split_indices, write_mixture
 from rlora_cli.data.templates import choices, gold_index, prompt_and_response
-from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
+from rlora_cli.errors import UserError
+from rlora_cli.recipe.load import load_recipe
+from rlora_cli.train.preview import dry_run
 
 BIGBENCH = BIGBENCH_FIXTURES
 # fixture task -> the answer its first example trains on
@@ -41,16 +42,19 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
 
 def recipe_for(tmp_path: Path, datasets: list[dict], overrides=(), **data) -> object:
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny"}, "data": {"datasets": datasets, **data}}))
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": "tiny"},
+                                    "data": {"datasets": datasets, **data}}))
     return load_recipe(path, overrides)
 
 
 @pytest.fixture
 def three_sources(tmp_path):
-    instr = jsonl(tmp_path / "ops.jsonl", [{"instruction": f"Repeat {i}.", "output": f"{i} {i}"} for i in range(40)])
+    instr = jsonl(tmp_path / "ops.jsonl",
+                  [{"instruction": f"Repeat {i}.", "output": f"{i} {i}"} for i in range(40)])
     nlu = jsonl(tmp_path / "rev.jsonl", [{"sentence": f"review {i}", "label": i % 2} for i in range(40)])
-    mc = jsonl(tmp_path / "num.jsonl", [{"question": f"Largest of {i}?", "choices": [str(i), str(i + 1)], "answer": 1}
-                                        for i in range(40)])
+    mc = jsonl(tmp_path / "num.jsonl",
+               [{"question": f"Largest of {i}?", "choices": [str(i), str(i + 1)], "answer": 1}
+                for i in range(40)])
     return [
         {"path": str(instr), "kind": "instruction", "weight": 5, "val_size": 4},
         {"path": str(nlu), "kind": "nlu", "weight": 3, "columns": {"text": "sentence"},
@@ -137,12 +141,14 @@ def test_cache_follows_recipe_and_tokenizer(tmp_path, tok, three_sources):
     first = prepare(recipe, tok, cache_dir=cache).val["ops"]
     assert first.cache_files  # tokenized rows are cached on disk next to the source's cache
     assert prepare(recipe, tok, cache_dir=cache).val["ops"]._fingerprint == first._fingerprint
-    shorter = prepare(recipe_for(tmp_path, three_sources, ["data.max_length=16"]), tok, cache_dir=cache).val["ops"]
+    shorter = prepare(recipe_for(tmp_path, three_sources, ["data.max_length=16"]), tok,
+                      cache_dir=cache).val["ops"]
     other_tok = build_tokenizer(vocab_size=300)
     retok = prepare(recipe, other_tok, cache_dir=cache).val["ops"]
     assert len({first._fingerprint, shorter._fingerprint, retok._fingerprint}) == 3
-    assert retok["input_ids"][0] == other_tok(prompt_and_response(
-        prepare(recipe, other_tok, cache_dir=cache).val_examples["ops"][0])[0], add_special_tokens=False)["input_ids"] \
+    held_out = prepare(recipe, other_tok, cache_dir=cache).val_examples["ops"][0]
+    prompt_ids = other_tok(prompt_and_response(held_out)[0], add_special_tokens=False)["input_ids"]
+    assert retok["input_ids"][0] == prompt_ids \
         + retok["input_ids"][0][len(retok["input_ids"][0]) - retok["n_trained_tokens"][0]:]
 
 
@@ -160,16 +166,19 @@ def test_local_formats_and_column_mapping(tmp_path, tok):
     for path in ("r.csv", "r.parquet", "r.json", "parts"):
         entry = {"path": str(tmp_path / path), "kind": "nlu", "columns": {"text": "review", "label": "stars"},
                  "val_size": 0}
-        (train, val), = load_splits(recipe_for(tmp_path, [entry]), 0, cache_dir=str(tmp_path / "cache")).values()
+        (train, val), = load_splits(recipe_for(tmp_path, [entry]), 0,
+                                    cache_dir=str(tmp_path / "cache")).values()
         assert len(train) == 10 and not val
         assert sorted(e.fields["text"] for e in train) == sorted(r["review"] for r in rows)
         assert {e.fields["label"] for e in train} == {"bad", "good"}
-        assert train[0].fields["label_words"] == ["bad", "good"]  # text labels without label_words: sorted set
+        # text labels without label_words: sorted set
+        assert train[0].fields["label_words"] == ["bad", "good"]
 
 
 def test_arc_style_choices_and_sharegpt_chat(tmp_path, tok):
     arc = jsonl(tmp_path / "arc.jsonl", [
-        {"q": "Which is a planet?", "choices": {"text": ["Moon", "Mars", "Sun"], "label": ["A", "B", "C"]}, "key": "B"},
+        {"q": "Which is a planet?", "choices": {"text": ["Moon", "Mars", "Sun"], "label": ["A", "B", "C"]},
+         "key": "B"},
         {"q": "Which is wet?", "choices": {"text": ["water", "sand"], "label": ["1", "2"]}, "key": "1"}])
     chats = jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": "human", "value": "hi"},
                                                                {"from": "gpt", "value": "hello"}]},
@@ -194,7 +203,8 @@ def check_bigbench_rows(rows: list, raw: dict) -> None:
     for row, ex in zip(rows, raw["examples"]):
         q = row.fields["question"]
         assert q == bigbench_prompt(raw, ex, [])  # the evaluator's own prompt: train and eval see one text
-        assert q.startswith(raw.get("task_prefix", "") + raw.get("example_input_prefix", "\nQ: ") + ex["input"])
+        head = raw.get("task_prefix", "") + raw.get("example_input_prefix", "\nQ: ")
+        assert q.startswith(head + ex["input"])
         assert q.endswith(raw.get("example_output_prefix", "\nA: "))
         prompt, response = prompt_and_response(row)
         assert prompt + response == q + row.fields["answer"]
@@ -223,7 +233,7 @@ def test_bigbench_fixtures_cover_every_shape():
     assert any(isinstance(ex.get("target"), str) and "target_scores" not in ex for ex in examples)
     assert any("target" in ex and "target_scores" in ex for ex in examples)
     first = tasks["answer_first"]["examples"]  # the right answer listed first, in every example
-    assert all(list(ex["target_scores"])[0] == max(ex["target_scores"], key=ex["target_scores"].get) for ex in first)
+    assert all(list(s)[0] == max(s, key=s.get) for s in (ex["target_scores"] for ex in first))
     keys = {"task_prefix", "example_input_prefix", "example_output_prefix", "choice_prefix",
             "few_shot_example_separator", "append_choices_to_input"}
     assert keys <= {k for t in tasks.values() for k in t}
@@ -245,8 +255,8 @@ def test_bigbench_source(tmp_path, tok, task):
 
 def test_real_bigbench_tasks_read_like_the_fixtures(tmp_path):
     """Real task files (their prefixes, choices and targets) become the same rows as the fixtures."""
-    for task in ("date_understanding", "implicatures", "misconceptions", "object_counting", "penguins_in_a_table",
-                 "physics", "presuppositions_as_nli", "snarks", "sports_understanding"):
+    for task in ("date_understanding", "implicatures", "misconceptions", "object_counting", "physics",
+                 "penguins_in_a_table", "presuppositions_as_nli", "snarks", "sports_understanding"):
         path = real_bigbench_task(task)
         recipe = recipe_for(tmp_path, [{"path": str(path.parent), "format": "bigbench", "val_size": 0}])
         (rows, _), = load_splits(recipe, 0).values()
@@ -255,18 +265,21 @@ def test_real_bigbench_tasks_read_like_the_fixtures(tmp_path):
 
 def test_hub_source_offline_is_one_clear_line(tmp_path, tok):
     recipe = recipe_for(tmp_path, [{"path": "nyu-mll/glue", "subset": "sst2", "kind": "nlu",
-                                    "columns": {"text": "sentence"}, "label_words": ["negative", "positive"]}])
+                                    "columns": {"text": "sentence"},
+                                    "label_words": ["negative", "positive"]}])
     with pytest.raises(UserError) as info:
         prepare(recipe, tok, cache_dir=str(tmp_path / "cache"))
-    assert info.value.problem.startswith("data.datasets[0] (sst2): cannot load nyu-mll/glue (sst2) split train "
-                                         "from the Hugging Face hub")
+    assert info.value.problem.startswith("data.datasets[0] (sst2): cannot load nyu-mll/glue (sst2) split "
+                                         "train from the Hugging Face hub")
     assert "\n" not in info.value.message
 
 
 def test_zero_usable_rows(tmp_path, tok):
-    empty = jsonl(tmp_path / "e.jsonl", [{"instruction": "Do it.", "output": ""}, {"instruction": " ", "output": "x"}])
+    empty = jsonl(tmp_path / "e.jsonl",
+                  [{"instruction": "Do it.", "output": ""}, {"instruction": " ", "output": "x"}])
     with pytest.raises(UserError, match=r"data.datasets\[0\] \(e\): no usable rows in .* \(2 rows"):
-        prepare(recipe_for(tmp_path, [{"path": str(empty), "kind": "instruction"}]), tok, cache_dir=str(tmp_path / "c"))
+        prepare(recipe_for(tmp_path, [{"path": str(empty), "kind": "instruction"}]), tok,
+                cache_dir=str(tmp_path / "c"))
 
 
 def test_label_outside_label_words_after_the_first_rows(tmp_path, tok):
@@ -297,7 +310,8 @@ def test_pack_keeps_labels_aligned():
     assert rows["task_ids"] == [[2, 2, 2, 2, 1, 1], [0, 0, 0, 0]]
     assert rows["n_examples"] == [2, 2] and rows["n_trained_tokens"] == [4, 3]
     batch = collate([{k: v[i] for k, v in rows.items()} for i in range(2)] + [
-        {"input_ids": [11, 12], "labels": [-100, 12], "task_id": 1, "n_trained_tokens": 1}], pad_id=0, packing=True)
+        {"input_ids": [11, 12], "labels": [-100, 12], "task_id": 1, "n_trained_tokens": 1}],
+        pad_id=0, packing=True)
     assert "attention_mask" not in batch
     assert batch["position_ids"][2].tolist() == [0, 1, 0, 1, 2, 3]  # padding is a sequence of its own
     assert batch["labels"][2].tolist() == [-100, 12, -100, -100, -100, -100]
@@ -309,14 +323,16 @@ def test_packed_logits_equal_each_example_alone(tmp_path, tok, tiny_model_dir, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn,
+                                                 dtype=torch.float32).eval()
     recipe = recipe_for(tmp_path, three_sources, ["data.packing=true"], max_length=128)
     p = prepare(recipe, tok, cache_dir=str(tmp_path / "cache"))
     rows = [r for r in p.train.select(range(8)) if r["n_examples"] > 1][:3]
     assert rows and "position_ids" in p.train.column_names
     batch = collate(rows, pad_id=tok.pad_token_id, packing=True)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
         for b, row in enumerate(rows):
             starts = [i for i, pos in enumerate(row["position_ids"]) if pos == 0] + [len(row["input_ids"])]
             for s, e in zip(starts, starts[1:]):
@@ -330,14 +346,13 @@ def test_packed_logits_equal_each_example_alone(tmp_path, tok, tiny_model_dir, t
             n = len(row["input_ids"])
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
             assert (logits[b, :n] - alone).abs().max().item() <= 1e-5
-            assert padded["task_ids"][b, :n].eq(row["task_id"]).all() and padded["task_ids"][b, n:].eq(-1).all()
+            tasks = padded["task_ids"][b]
+            assert tasks[:n].eq(row["task_id"]).all() and tasks[n:].eq(-1).all()
 
 
 def test_write_mixture_and_dry_run(tmp_path, tok, tiny_model_dir, three_sources, monkeypatch):
     import datasets
     from rich.console import Console
-
-    from rlora_cli.data.pipeline import dry_run
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     recipe = recipe_for(tmp_path, three_sources)
@@ -346,9 +361,11 @@ def test_write_mixture_and_dry_run(tmp_path, tok, tiny_model_dir, three_sources,
     saved = json.loads((tmp_path / "run" / "mixture.json").read_text())
     assert saved["examples"] == 108 and [s["name"] for s in saved["sources"]] == ["ops", "rev", "num"]
     assert sum(s["share_tokens"] for s in saved["sources"]) == pytest.approx(1.0)
-    assert not [f for f in (tmp_path / "run").iterdir() if f.name != "mixture.json"]  # no temporary left behind
+    # no temporary left behind
+    assert not [f for f in (tmp_path / "run").iterdir() if f.name != "mixture.json"]
     path = tmp_path / "dry.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"datasets": three_sources}}))
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir)},
+                                    "data": {"datasets": three_sources}}))
     console = Console(record=True, width=120)
     dry_run(path, ["data.max_length=64"], console)
     out = console.export_text()
@@ -367,10 +384,12 @@ def test_readable_hub_source_uses_classlabel_names_and_checks_columns(tmp_path, 
                                     "label": datasets.ClassLabel(names=["negative", "positive"])}))
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or fake)
-    entry = {"path": "nyu-mll/glue", "subset": "sst2", "kind": "nlu", "columns": {"text": "sentence"}, "val_size": 0}
+    entry = {"path": "nyu-mll/glue", "subset": "sst2", "kind": "nlu", "columns": {"text": "sentence"},
+             "val_size": 0}
     (train, _), = load_splits(recipe_for(tmp_path, [entry]), 0).values()
     assert calls[0][0] == ("nyu-mll/glue", "sst2") and calls[0][1]["split"] == "train"
-    assert [e.fields["label"] for e in train] == ["negative", "positive", "positive", "negative", "positive", "negative"]
+    assert [e.fields["label"] for e in train] == ["negative", "positive", "positive", "negative", "positive",
+                                                  "negative"]
     entry["columns"] = {"text": "premise"}
     with pytest.raises(UserError, match="reads column 'premise'.* its columns are sentence, label, idx"):
         load_splits(recipe_for(tmp_path, [entry]), 0)

@@ -7,9 +7,19 @@ import json
 import pytest
 
 from rlora_cli.data.pipeline import encode, tokenize_example
+from rlora_cli.data.templates import (
+    KINDS,
+    TEMPLATE_NAMES,
+    TEMPLATES,
+    Example,
+    choices,
+    gold_index,
+    prompt_and_response,
+    prompt_text,
+    render,
+    template_info,
+)
 from rlora_cli.errors import UserError
-from rlora_cli.data.templates import (KINDS, TEMPLATE_NAMES, TEMPLATES, Example, choices, gold_index, prompt_and_response,
-                                 prompt_text, render, template_info)
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +33,13 @@ def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-NLU = Example("sst2", "nlu", {"text": "A fine film.", "label": "positive", "label_words": ["negative", "positive"]})
+NLU = Example("sst2", "nlu",
+              {"text": "A fine film.", "label": "positive", "label_words": ["negative", "positive"]})
 MC = Example("arc", "knowledge", {"question": "Capital of France?", "answer": "Paris",
                                   "choices": ["London", "Paris", "Rome"], "answer_index": 1})
 FREE = Example("facts", "knowledge", {"question": "Two plus two?", "answer": "four"})
-INSTR = Example("alpaca", "instruction", {"instruction": "Reverse the words.", "input": "red cat", "output": "cat red"})
+INSTR = Example("alpaca", "instruction",
+                {"instruction": "Reverse the words.", "input": "red cat", "output": "cat red"})
 CHAT = Example("dialogues", "chat", {"messages": [
     {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "name a color"},
@@ -36,21 +48,25 @@ CHAT = Example("dialogues", "chat", {"messages": [
 
 def test_instruction_is_alpaca():
     prompt, response = prompt_and_response(INSTR)
-    assert prompt == ("Below is an instruction that describes a task, paired with an input that provides further "
-                      "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    assert prompt == ("Below is an instruction that describes a task, paired with an input that provides "
+                      "further context. Write a response that appropriately completes the request.\n\n"
+                      "### Instruction:\n"
                       "Reverse the words.\n\n### Input:\nred cat\n\n### Response:\n")
     assert response == "cat red"
     no_input = Example("a", "instruction", {"instruction": "Say hi.", "output": "hi"})
-    assert render(no_input) == [(TEMPLATES["instruction"]["prompt"].format(instruction="Say hi."), False), ("hi", True)]
+    assert render(no_input) == [(TEMPLATES["instruction"]["prompt"].format(instruction="Say hi."), False),
+                                ("hi", True)]
     assert "### Input" not in render(no_input)[0][0]
 
 
 def test_nlu_names_the_label_set_and_scores_every_word():
     prompt, response = prompt_and_response(NLU)
-    assert prompt == "Classify the text. Answer with one of: negative, positive.\n\nText: A fine film.\nAnswer:"
+    assert prompt == ("Classify the text. Answer with one of: negative, positive.\n\n"
+                      "Text: A fine film.\nAnswer:")
     assert response == " positive"
     assert choices(NLU) == [" negative", " positive"] and gold_index(NLU) == 1
-    pair = Example("mnli", "nlu", {"text": "A man sleeps.", "text_pair": "Someone rests.", "label": "entailment",
+    pair = Example("mnli", "nlu", {"text": "A man sleeps.", "text_pair": "Someone rests.",
+                                   "label": "entailment",
                                    "label_words": ["entailment", "neutral", "contradiction"]})
     assert prompt_and_response(pair)[0].endswith("Text 1: A man sleeps.\nText 2: Someone rests.\nAnswer:")
     assert choices(pair)[gold_index(pair)] == prompt_and_response(pair)[1] == " entailment"
@@ -67,8 +83,8 @@ def test_knowledge_multiple_choice_and_free_form():
 
 def test_bigbench_rows_keep_bigbench_text():
     q = "Is the following sentence plausible?\nQ: A cat barked.\nA: "
-    ex = Example("bb", "knowledge", {"question": q, "answer": "no", "choices": ["yes", "no"], "answer_index": 1,
-                                     "format": "bigbench"})
+    ex = Example("bb", "knowledge", {"question": q, "answer": "no", "choices": ["yes", "no"],
+                                     "answer_index": 1, "format": "bigbench"})
     prompt, response = prompt_and_response(ex)
     assert prompt + response == q + "no"  # exactly BIG-bench's prompt followed by the target
     assert (prompt, response) == (q.rstrip(" "), " no")
@@ -94,7 +110,8 @@ def test_chat_template_for_any_kind(tok):
     assert prompt + response == tok.apply_chat_template(
         user + [{"role": "assistant", "content": default_response.strip()}], tokenize=False)
     assert response == "B. Paris<|im_end|>\n"
-    assert choices(MC, tok, "chat") == ["A. London<|im_end|>\n", "B. Paris<|im_end|>\n", "C. Rome<|im_end|>\n"]
+    assert choices(MC, tok, "chat") == ["A. London<|im_end|>\n", "B. Paris<|im_end|>\n",
+                                        "C. Rome<|im_end|>\n"]
     assert prompt_text(MC, tok, "chat") == prompt and prompt_text(MC) == default_prompt
 
 
@@ -110,7 +127,8 @@ def test_template_info_is_json_and_matches_render():
             assert (info["kind"], info["template"]) == (kind, template)
             assert info["format"] == TEMPLATES[kind]
     nlu = template_info("nlu")["format"]
-    assert nlu["prompt"].format(label_list="negative, positive", text="A fine film.") == prompt_and_response(NLU)[0]
+    assert nlu["prompt"].format(label_list="negative, positive",
+                                text="A fine film.") == prompt_and_response(NLU)[0]
     with pytest.raises(UserError):
         template_info("summary")
 
@@ -168,7 +186,8 @@ def test_bos_once_for_tokenizers_that_add_one(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     bos = tok.convert_tokens_to_ids("<|im_start|>")
-    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                       special_tokens=[("<|im_start|>", bos)])
     tok.bos_token = "<|im_start|>"
     assert tok("a")["input_ids"][0] == bos
     e = tokenize_example(NLU, tok)

@@ -76,22 +76,29 @@ CASES = [
     Case("recipe-latin1", recipe_bytes=b"seed: 1\n# caf\xe9\n",
          expect=("recipe.yaml: not UTF-8 text (byte 0xe9 at offset 13)", "re-save it as UTF-8")),
     # 2. seeds numpy cannot take
-    Case("seed-negative", ("seed=-1",), expect=("seed: -1 is out of range; give an integer from 0 to 4294967295",)),
+    Case("seed-negative", ("seed=-1",),
+         expect=("seed: -1 is out of range; give an integer from 0 to 4294967295",)),
     Case("seed-2**32", ("seed=4294967296",), expect=("seed: 4294967296 is out of range",)),
     Case("seed-10**30", (f"seed={10**30}",), expect=(f"seed: {10**30} is out of range",)),
     Case("seed-negative-train", ("seed=-1",), expect=("seed: -1 is out of range",), dry_run=False),
     # 3. floats: finite and in range, every section
-    Case("lr-nan", ("train.learning_rate=nan",), expect=("train.learning_rate: must be a finite number, got nan",)),
-    Case("lr-inf", ("train.learning_rate=.inf",), expect=("train.learning_rate: must be a finite number, got inf",)),
-    Case("weight-inf", ("data.datasets.facts.weight=inf",), expect=("data.datasets[0].weight: must be a finite",)),
-    Case("weight-nan", ("data.datasets.facts.weight=.nan",), expect=("data.datasets[0].weight: must be a finite",)),
-    Case("weight-negative", ("data.datasets.facts.weight=-2",), expect=("data.datasets[0].weight: must be > 0",)),
+    Case("lr-nan", ("train.learning_rate=nan",),
+         expect=("train.learning_rate: must be a finite number, got nan",)),
+    Case("lr-inf", ("train.learning_rate=.inf",),
+         expect=("train.learning_rate: must be a finite number, got inf",)),
+    Case("weight-inf", ("data.datasets.facts.weight=inf",),
+         expect=("data.datasets[0].weight: must be a finite",)),
+    Case("weight-nan", ("data.datasets.facts.weight=.nan",),
+         expect=("data.datasets[0].weight: must be a finite",)),
+    Case("weight-negative", ("data.datasets.facts.weight=-2",),
+         expect=("data.datasets[0].weight: must be > 0",)),
     Case("temperature-nan", ("data.temperature=nan",), expect=("data.temperature: must be a finite number",)),
     Case("temperature-inf", ("data.temperature=inf",), expect=("data.temperature: must be a finite number",)),
     Case("temperature-zero", ("data.temperature=0",), expect=("data.temperature: must be > 0",)),
     Case("max-grad-norm-nan", ("train.max_grad_norm=nan",),
          expect=("train.max_grad_norm: must be a finite number or .inf, got nan",)),
-    Case("max-grad-norm-negative-inf", ("train.max_grad_norm=-.inf",), expect=("train.max_grad_norm: must be",)),
+    Case("max-grad-norm-negative-inf", ("train.max_grad_norm=-.inf",),
+         expect=("train.max_grad_norm: must be",)),
     Case("weight-decay-inf", ("train.weight_decay=inf",), expect=("train.weight_decay: must be a finite",)),
     Case("warmup-nan", ("train.warmup_ratio=nan",), expect=("train.warmup_ratio: must be a finite",)),
     Case("lora-alpha-nan", ("adapter.lora_alpha=nan",), expect=("adapter.lora_alpha: must be a finite",)),
@@ -114,7 +121,8 @@ CASES = [
     Case("num-samples-huge", (f"data.num_samples={10**20}",), expect=("data.num_samples:", "too large")),
     Case("save-steps-huge", (f"output.save_steps={10**40}",), expect=("output.save_steps:", "too large")),
     # 5. values of the wrong type: source, row, field and the type expected
-    Case("jsonl-list-answer", (on("list.jsonl"),), {"list.jsonl": jsonl([{"question": "q", "answer": [1, 2]}] * 20)},
+    Case("jsonl-list-answer", (on("list.jsonl"),),
+         {"list.jsonl": jsonl([{"question": "q", "answer": [1, 2]}] * 20)},
          ("list.jsonl", "row 0: answer is a list ([1, 2]), expected a string")),
     Case("jsonl-list-in-row-5", (on("mixed.jsonl"),),  # mixed types: datasets stores the column as JSON
          {"mixed.jsonl": jsonl([{"question": "q", "answer": [1, 2] if i == 5 else "a"} for i in range(20)])},
@@ -135,13 +143,15 @@ CASES = [
          {"nlu.jsonl": jsonl([{"text": "t", "label": ["good"]}] * 20)},
          ("data.datasets[0] (facts)", "label column 'label'", "nlu.jsonl holds lists")),
     Case("chat-content-list", (on("chat.jsonl"), "data.datasets.facts.kind=chat"),
-         {"chat.jsonl": jsonl([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}] * 20)},
+         {"chat.jsonl": jsonl([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}]
+                              * 20)},
          ("chat.jsonl", "row 0: messages[0].content is a list", "expected a string")),
     Case("chat-message-a-string", (on("chat.jsonl"), "data.datasets.facts.kind=chat"),
          {"chat.jsonl": jsonl([{"messages": ["hi", "hello"]}] * 20)},
          ("chat.jsonl", "row 0: messages[0] is a str ('hi'), expected a {role, content} message")),
     # 6. chat roles outside system/user/assistant/tool
-    Case("chat-unknown-role", (on("chat.jsonl"), "data.datasets.facts.kind=chat"), {"chat.jsonl": chat("wizard")},
+    Case("chat-unknown-role", (on("chat.jsonl"), "data.datasets.facts.kind=chat"),
+         {"chat.jsonl": chat("wizard")},
          ("chat.jsonl", "row 3: messages[1] has role 'wizard'", "system, user, assistant, tool")),
     # 7. a recipe path that is a directory
     Case("recipe-is-a-directory", recipe=".", expect=("is a directory, not a recipe file", "recipe.yaml")),
@@ -159,7 +169,8 @@ def write_recipe(folder: Path, model_dir: Path) -> str:
     recipe = {"model": {"name_or_path": str(model_dir), "dtype": "fp32"},
               "adapter": {"type": "lora", "r": 4, "target_modules": "all-linear"},
               "data": {"max_length": 64, "datasets": [
-                  {"name": "facts", "path": str(folder / "facts.jsonl"), "kind": "knowledge", "val_size": 2}]},
+                  {"name": "facts", "path": str(folder / "facts.jsonl"), "kind": "knowledge",
+                   "val_size": 2}]},
               "train": {"max_steps": 1, "micro_batch_size": 2, "precision": "fp32"},
               "output": {"dir": str(folder / "run")}}
     path = folder / "recipe.yaml"
@@ -187,7 +198,8 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_model_dir, capfd,
         (tmp_path / "recipe.yaml").write_bytes(case.recipe_bytes)
     for name, content in case.files.items():
         (tmp_path / name).write_bytes(content() if callable(content) else content)
-    args = ["train", str(tmp_path / case.recipe), *(o.replace("{tmp}", str(tmp_path)) for o in case.overrides)]
+    args = ["train", str(tmp_path / case.recipe),
+            *(o.replace("{tmp}", str(tmp_path)) for o in case.overrides)]
     with pytest.raises(SystemExit) as e:
         main(args + (["--dry-run"] if case.dry_run else ["--output", str(tmp_path / "run")]))
     out, err = capfd.readouterr()
@@ -209,7 +221,8 @@ def test_bracketed_names_and_paths_print_as_written(tmp_path, tiny_model_dir, ca
     (tmp_path / "a[/b].jsonl").write_bytes(jsonl(FACTS))
     (tmp_path / "[bold]").mkdir()
     (tmp_path / "[bold]" / "recipe.yaml").write_text((tmp_path / "recipe.yaml").read_text())
-    main(["train", str(tmp_path / "[bold]" / "recipe.yaml"), f"data.datasets.facts.path={tmp_path}/a[/b].jsonl",
+    main(["train", str(tmp_path / "[bold]" / "recipe.yaml"),
+          f"data.datasets.facts.path={tmp_path}/a[/b].jsonl",
           "data.datasets.facts.name='a[bold]x'", "--dry-run"])
     out, err = capfd.readouterr()
     assert "Traceback" not in err + out
@@ -221,7 +234,8 @@ def test_extreme_but_valid_numbers_are_accepted(tmp_path, tiny_model_dir, capfd,
     """The edges stay open: the largest seed, max_grad_norm .inf (no clipping, the norm still
     logged), a tiny temperature."""
     recipe = write_recipe(tmp_path, tiny_model_dir)
-    main(["train", recipe, "seed=4294967295", "train.max_grad_norm=.inf", "data.temperature=1e-300", "--dry-run"])
+    main(["train", recipe, "seed=4294967295", "train.max_grad_norm=.inf", "data.temperature=1e-300",
+          "--dry-run"])
     assert "dry run ok" in capfd.readouterr().out
 
 
@@ -244,9 +258,10 @@ def test_odd_but_valid_data_still_loads(tmp_path, quiet):
     turns = [{"role": "system", "content": "be brief"}, {"from": "human", "value": "hi"},
              {"role": "tool", "content": "{}"}, {"role": "Assistant", "content": "hello"}]
     (tmp_path / "chat.jsonl").write_bytes(jsonl([{"messages": turns}] * 10))
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "data": {"datasets": [
-        {"path": str(tmp_path / "bom.csv"), "kind": "knowledge", "val_size": 0},
-        {"path": str(tmp_path / "chat.jsonl"), "kind": "chat", "val_size": 0}]}}))
+    sources = [{"path": str(tmp_path / "bom.csv"), "kind": "knowledge", "val_size": 0},
+               {"path": str(tmp_path / "chat.jsonl"), "kind": "chat", "val_size": 0}]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "m"},
+                                                          "data": {"datasets": sources}}))
     splits = load_splits(load_recipe(tmp_path / "recipe.yaml"), cache_dir=str(tmp_path / "cache"))
     assert splits["bom"][0][3].fields == {"question": "3+1?", "answer": "4"}
     assert splits["chat"][0][0].fields["messages"] == [

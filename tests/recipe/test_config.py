@@ -15,6 +15,7 @@ from rlora_cli.errors import UserError
 from rlora_cli.recipe.load import configs_dir, load_recipe, recipe_diff, recipe_to_dict, resume_conflicts
 
 REPO = Path(__file__).resolve().parents[2]
+WITHIN_INT32 = "integers in a recipe must be within ±2147483647 (2**31-1)"
 
 
 @pytest.fixture
@@ -51,12 +52,15 @@ def test_defaults(tmp_path, data_file):
     assert r.adapter == AdapterConfig(**preset)
     assert r.adapter.use_rslora is True and r.adapter.r == 8 and r.adapter.num_heads == 3
     d = r.data.datasets[0]
-    assert (d.name, d.kind, d.weight, d.val_size, d.template, d.max_samples) == ("reviews", "nlu", 1.0, 0.05, "default", None)
+    assert (d.name, d.kind, d.weight, d.val_size, d.template, d.max_samples) == \
+        ("reviews", "nlu", 1.0, 0.05, "default", None)
     assert d.label_words == ("negative", "positive")
-    assert (r.data.max_length, r.data.packing, r.data.train_on_prompt, r.data.temperature) == (512, False, False, 1.0)
+    assert (r.data.max_length, r.data.packing, r.data.train_on_prompt, r.data.temperature) == \
+        (512, False, False, 1.0)
     t = r.train
     assert (t.num_epochs, t.max_steps, t.micro_batch_size, t.gradient_accumulation_steps) == (1, -1, 8, 1)
-    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.precision, t.kernels) == (2e-4, "cosine", 0.03, "auto", "auto")
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.precision, t.kernels) == \
+        (2e-4, "cosine", 0.03, "auto", "auto")
     assert (t.weight_decay, t.max_grad_norm, t.compile, t.gradient_checkpointing) == (0.0, 1.0, False, False)
     o = r.output
     assert (o.dir, o.save_steps, o.save_total_limit, o.logging_steps, o.eval_steps, o.log_with) == \
@@ -70,18 +74,21 @@ def test_every_field_has_a_docstring():
     from rlora_cli import config
 
     tree = ast.parse(inspect.getsource(config))
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(("Config", "Recipe"))):
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    for cls in (c for c in classes if c.name.endswith(("Config", "Recipe"))):
         body = cls.body
         for i, node in enumerate(body):
             if isinstance(node, ast.AnnAssign):
                 doc = body[i + 1] if i + 1 < len(body) else None
-                assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), f"{cls.name}.{node.target.id}"
+                documented = isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                assert documented, f"{cls.name}.{node.target.id}"
 
 
 def test_preset_then_recipe_keys(tmp_path, data_file):
     recipe = minimal(data_file) | {"adapter": {"type": "hydralora", "r": 16}}
     a = load_recipe(write(tmp_path, recipe)).adapter
-    assert (a.type, a.r, a.num_heads, a.lora_dropout, a.router, a.random_init) == ("hydralora", 16, 4, 0.05, "softmax", False)
+    assert (a.type, a.r, a.num_heads, a.lora_dropout, a.router, a.random_init) == \
+        ("hydralora", 16, 4, 0.05, "softmax", False)
 
 
 def test_overrides_are_yaml_values(tmp_path, data_file):
@@ -137,7 +144,8 @@ def test_unquoted_yes_no_label_words_and_the_rest_of_the_entry(tmp_path, data_fi
     problems = problems_of(tmp_path, minimal(data_file, label_words=[False, True], weight=-1))
     assert problems[0].startswith("data.datasets[0].label_words: must be a list of strings")
     assert "quote them" in problems[0]
-    assert problems[1:] == ["data.datasets[0].weight: must be > 0, got -1"]  # a bad type does not hide the rest
+    # a bad type does not hide the rest
+    assert problems[1:] == ["data.datasets[0].weight: must be > 0, got -1"]
 
 
 @pytest.mark.parametrize("where,key,expected", [
@@ -166,7 +174,8 @@ def test_unknown_key_in_a_dataset_entry(tmp_path, data_file):
     recipe = minimal(data_file)
     recipe["data"]["datasets"][0]["type"] = "alpaca"
     problems = problems_of(tmp_path, recipe)
-    assert problems == ["data.datasets[0].type: `type` is axolotl's name; rlora calls it `data.datasets[0].kind`"]
+    assert problems == ["data.datasets[0].type: `type` is axolotl's name; "
+                        "rlora calls it `data.datasets[0].kind`"]
 
 
 def test_missing_file(tmp_path, data_file):
@@ -179,7 +188,8 @@ def test_missing_column_names_the_existing_ones(tmp_path, data_file):
     assert problems == ["data.datasets[0].columns.text: no column 'review' in reviews.jsonl; "
                         "its columns are sentence, label"]
     problems = problems_of(tmp_path, minimal(data_file, columns={}))
-    assert len(problems) == 1 and "nlu needs a 'text' column" in problems[0] and "sentence, label" in problems[0]
+    assert len(problems) == 1
+    assert "nlu needs a 'text' column" in problems[0] and "sentence, label" in problems[0]
 
 
 @pytest.mark.parametrize("weight", [-1, 0])
@@ -190,7 +200,8 @@ def test_weight_must_be_positive(tmp_path, data_file, weight):
 
 def test_unknown_kind_and_template(tmp_path, data_file):
     problems = problems_of(tmp_path, minimal(data_file, kind="summary"))
-    assert problems == ["data.datasets[0].kind: unknown value 'summary'; choose one of instruction, nlu, knowledge, chat"]
+    assert problems == ["data.datasets[0].kind: unknown value 'summary'; "
+                        "choose one of instruction, nlu, knowledge, chat"]
     problems = problems_of(tmp_path, minimal(data_file, template="alpaca"))
     assert problems == ["data.datasets[0].template: unknown value 'alpaca'; choose one of default, chat"]
 
@@ -205,8 +216,8 @@ def test_nlu_labels(tmp_path, data_file):
 
 
 def test_max_length_and_ranges(tmp_path, data_file):
-    recipe = minimal(data_file, val_size=1.5, max_samples=0) | {"train": {"warmup_ratio": 1.0, "precision": "bf32",
-                                                                          "compile_mode": "fast"}}
+    recipe = minimal(data_file, val_size=1.5, max_samples=0) | {
+        "train": {"warmup_ratio": 1.0, "precision": "bf32", "compile_mode": "fast"}}
     recipe["data"] |= {"max_length": 4, "temperature": 0}
     problems = problems_of(tmp_path, recipe)
     assert "data.max_length: must be >= 8, got 4" in problems
@@ -236,12 +247,12 @@ def test_numbers_no_run_can_use_are_all_reported_in_every_section(tmp_path, data
         "data.datasets[0].weight: must be a finite number, got nan",
         "data.datasets[0].val_size: must be a finite number, got inf",
         "data.temperature: must be a finite number, got inf",
-        "data.max_length: 1099511627776 is too large; integers in a recipe must be within ±2147483647 (2**31-1)",
+        "data.max_length: 1099511627776 is too large; " + WITHIN_INT32,
         "train.learning_rate: must be a finite number, got nan",
         "train.max_grad_norm: must be a finite number or .inf, got -inf",
-        f"train.micro_batch_size: {10**30} is too large; integers in a recipe must be within ±2147483647 (2**31-1)",
+        f"train.micro_batch_size: {10**30} is too large; " + WITHIN_INT32,
         "output.save_minutes: must be a finite number, got inf",
-        f"output.eval_steps: {-(10**20)} is too small; integers in a recipe must be within ±2147483647 (2**31-1)",
+        f"output.eval_steps: {-(10**20)} is too small; " + WITHIN_INT32,
     ])
 
 
@@ -251,7 +262,8 @@ def test_the_edges_of_the_number_ranges_are_accepted(tmp_path, data_file):
     r = load_recipe(write(tmp_path, recipe))
     assert (r.seed, r.adapter.r, r.adapter.num_heads, r.train.max_steps) == (2**32 - 1, 65536, 256, 2**31 - 1)
     assert r.train.max_grad_norm == float("inf")  # no clipping, the norm still logged
-    assert load_recipe(write(tmp_path, recipe), ["train.max_grad_norm=0", "seed=0"]).train.max_grad_norm == 0.0
+    assert load_recipe(write(tmp_path, recipe),
+                       ["train.max_grad_norm=0", "seed=0"]).train.max_grad_norm == 0.0
     assert problems_of(tmp_path, recipe, ["adapter.r=65537", "adapter.num_heads=257"]) == [
         "adapter.r: 65537 is larger than any model needs; give at most 65536",
         "adapter.num_heads: 257 is larger than any model needs; give at most 256"]
@@ -260,9 +272,11 @@ def test_the_edges_of_the_number_ranges_are_accepted(tmp_path, data_file):
 def test_cuda_graphs_need_packed_compiled_runs(tmp_path, data_file):
     recipe = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True}}
     problems = problems_of(tmp_path, recipe)
-    assert problems == ["train.compile_mode: reduce-overhead needs data.packing: true (packed rows are padded "
-                        "to max_length: fixed shapes, which CUDA graphs replay); use compile_mode: default for unpacked data"]
-    liger = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True, "kernels": "liger"}}
+    assert problems == ["train.compile_mode: reduce-overhead needs data.packing: true (packed rows are "
+                        "padded to max_length: fixed shapes, which CUDA graphs replay); "
+                        "use compile_mode: default for unpacked data"]
+    liger = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead", "compile": True,
+                                            "kernels": "liger"}}
     liger["data"]["packing"] = True
     assert [p.split(" puts ")[0] for p in problems_of(tmp_path, liger)] == ["train.kernels: liger"]
     off = minimal(data_file) | {"train": {"compile_mode": "reduce-overhead"}}  # moot without compile
@@ -296,18 +310,21 @@ def test_duplicate_names(tmp_path, data_file):
     recipe = minimal(data_file)
     recipe["data"]["datasets"] *= 2
     assert problems_of(tmp_path, recipe) == [
-        "data.datasets[1].name: 'reviews' is also data.datasets[0]'s name; task names must be unique (set name:)"]
+        "data.datasets[1].name: 'reviews' is also data.datasets[0]'s name; "
+        "task names must be unique (set name:)"]
 
 
 def test_hub_source_is_checked_by_schema_only(tmp_path):
     recipe = {"model": {"name_or_path": "Qwen/Qwen2.5-0.5B"},
               "data": {"datasets": [{"path": "nyu-mll/glue", "subset": "sst2", "kind": "nlu",
-                                     "columns": {"text": "sentence"}, "label_words": ["negative", "positive"]}]}}
+                                     "columns": {"text": "sentence"}, "label_words": ["negative",
+                                                                                      "positive"]}]}}
     r = load_recipe(write(tmp_path, recipe))
     assert r.data.datasets[0].name == "sst2"
     recipe["data"]["datasets"][0]["columns"] = {"sentence": "text"}
     assert problems_of(tmp_path, recipe) == [
-        "data.datasets[0].columns.sentence: nlu has no field 'sentence'; its fields are text, label, text_pair"]
+        "data.datasets[0].columns.sentence: nlu has no field 'sentence'; "
+        "its fields are text, label, text_pair"]
 
 
 def test_bigbench_source(tmp_path):
@@ -320,7 +337,8 @@ def test_bigbench_source(tmp_path):
     assert load_recipe(write(tmp_path, folder, "folder.yaml")).data.datasets[0].name == "nouns"
     recipe["data"]["datasets"][0] |= {"kind": "nlu", "path": str(tmp_path / "task.json")}
     problems = problems_of(tmp_path, recipe)
-    assert problems == ["data.datasets[0].kind: BIG-bench tasks become knowledge rows; remove kind or set it to knowledge"]
+    assert problems == ["data.datasets[0].kind: BIG-bench tasks become knowledge rows; "
+                        "remove kind or set it to knowledge"]
 
 
 def test_round_trip_and_diff(tmp_path, data_file):
@@ -329,7 +347,8 @@ def test_round_trip_and_diff(tmp_path, data_file):
     again = load_recipe(write(tmp_path, yaml.safe_dump(resolved), "resolved.yaml"))
     assert isinstance(again, Recipe) and again == r
     other = load_recipe(write(tmp_path, yaml.safe_dump(resolved), "resolved.yaml"),
-                        ["train.max_steps=10", "output.dir=elsewhere", "data.datasets[0].weight=3", "adapter.r=4"])
+                        ["train.max_steps=10", "output.dir=elsewhere", "data.datasets[0].weight=3",
+                         "adapter.r=4"])
     changed = recipe_diff(resolved, recipe_to_dict(other))
     assert changed == ["adapter.r", "data.datasets[0].weight", "output.dir", "train.max_steps"]
     assert resume_conflicts(resolved, recipe_to_dict(other)) == ["adapter.r", "data.datasets[0].weight"]

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 
 import rlora_cli.train.kernels as kernels_mod
 import rlora_cli.train.loop as train_mod
+from rlora_cli.cli import main
+from rlora_cli.data.packing import segment_bounds
 from rlora_cli.errors import UserError
 from rlora_cli.model import load_model
+from rlora_cli.recipe.load import load_recipe
 from rlora_cli.testing import metrics, write_recipe
 from rlora_cli.train.kernels import Kernels, apply_kernels, install_fused_loss
 from rlora_cli.train.loop import token_losses, train
@@ -92,14 +95,16 @@ def test_fused_forward_gives_the_same_losses_and_gradients(tiny_model_dir):
         m.get_input_embeddings().weight.requires_grad_(True)
     token_losses(plain, batch).sum().backward()
     token_losses(fused, batch, fused=True).sum().backward()
-    torch.testing.assert_close(plain.get_input_embeddings().weight.grad, fused.get_input_embeddings().weight.grad,
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(plain.get_input_embeddings().weight.grad,
+                               fused.get_input_embeddings().weight.grad, rtol=1e-10, atol=1e-12)
     # Without labels it is the model's own forward (generation and evaluation need logits).
-    torch.testing.assert_close(fused(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits)
+    torch.testing.assert_close(fused(input_ids=batch["input_ids"]).logits,
+                               plain(input_ids=batch["input_ids"]).logits)
 
 
 @pytest.mark.parametrize("logging_steps", [1, 2])
-def test_training_with_the_fused_loss_matches_the_plain_loop(tmp_path, learnable_model_dir, monkeypatch, logging_steps):
+def test_training_with_the_fused_loss_matches_the_plain_loop(tmp_path, learnable_model_dir, monkeypatch,
+                                                              logging_steps):
     """Same per-step and per-task losses and adapter; the loss normalisation over accumulated
     micro-batches (prompt tokens masked) unchanged."""
     kw = dict(output={"logging_steps": logging_steps, "save_steps": 0})
@@ -145,8 +150,6 @@ def test_training_with_the_fused_loss_matches_the_plain_loop(tmp_path, learnable
 
 
 def test_cli_liger_without_a_gpu_exits_2(tmp_path, learnable_model_dir, capsys):
-    from rlora_cli.cli import main
-
     recipe = write_recipe(tmp_path, learnable_model_dir, train={"kernels": "liger"})
     with pytest.raises(SystemExit) as e:
         main(["train", recipe, "--output", str(tmp_path / "run")])
@@ -157,13 +160,12 @@ def test_cli_liger_without_a_gpu_exits_2(tmp_path, learnable_model_dir, capsys):
 def test_adapter_dtype_bf16_trains_bf16_weights_and_bad_values_are_named(tmp_path, learnable_model_dir):
     from safetensors.torch import load_file
 
-    from rlora_cli.recipe.load import load_recipe
-
     recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 2, "adapter_dtype": "bf16"},
                           output={"save_steps": 0})
     out = train(recipe, output=tmp_path / "run")
     saved = load_file(str(out / "adapter" / "rlora_adapter.safetensors"))
-    assert {t.dtype for k, t in saved.items() if "rlora_A0" not in k and "rlora_B0" not in k} == {torch.bfloat16}
+    adapters = {t.dtype for k, t in saved.items() if "rlora_A0" not in k and "rlora_B0" not in k}
+    assert adapters == {torch.bfloat16}
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)  # both steps logged, finite
     with pytest.raises(UserError, match="train.adapter_dtype"):
@@ -186,7 +188,8 @@ def packed_rows():
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False):
     """torch's varlen_attn contract written per segment with sdpa ([T, H, D] in and out)."""
     assert tuple(window_size) == (-1, 0) and cu_q is cu_k and int(cu_q.diff().max()) <= max_q == max_k
     assert enable_gqa or k.shape[1] == q.shape[1]
@@ -200,8 +203,6 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_si
 
 
 def test_segment_bounds_of_packed_and_unpacked_rows():
-    from rlora_cli.data.packing import segment_bounds
-
     b = packed_rows()
     cu = segment_bounds(b["position_ids"], (2, 16), bucket=8)
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 6, 13, 16, 32, 32, 32, 32]
@@ -215,8 +216,6 @@ def test_varlen_attention_equals_the_block_mask(tiny_model_dir, monkeypatch, tor
     the written-out fallback (CPU), and through the varlen call (a per-segment stand-in for torch's
     kernel, which needs a GPU; the GPU tests run the real one), with keys and values repeated by
     hand, through varlen_attn's GQA flag, or through the op under it."""
-    from rlora_cli.data.packing import segment_bounds
-
     plain, _ = load_model(str(tiny_model_dir), dtype="fp32")
     packed, _ = load_model(str(tiny_model_dir), dtype="fp32")
     assert packed.config.num_key_value_heads < packed.config.num_attention_heads  # GQA is exercised

@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rlora_cli.train.kernels as kernels_mod
+import rlora_cli.train.linear_ce as linear_ce
 from rlora_cli.adapters import AdapterConfig, inject_adapters
+from rlora_cli.data.packing import segment_bounds
 from rlora_cli.model import load_model
 from rlora_cli.testing import metrics, write_recipe
-from rlora_cli.train.kernels import apply_kernels
+from rlora_cli.train.kernels import apply_kernels, compile_model, packed_attention
 from rlora_cli.train.linear_ce import liger_chunk, linear_cross_entropy, torch_chunk
 from rlora_cli.train.loop import token_losses, train
 
@@ -122,7 +125,8 @@ def test_compiled_training_matches_eager(tmp_path, learnable_model_dir, mode):
                               train={"precision": "bf16", "max_steps": 6, **train_keys},
                               output={"save_steps": 0, "logging_steps": 1, "eval_steps": 3})
         rows = metrics(train(recipe, output=tmp_path / name / "run"))
-        runs[name] = [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+        runs[name] = ([r["loss"] for r in rows if "loss" in r],
+                      [r["eval_loss"] for r in rows if "eval_loss" in r])
     (eager, eager_eval), (compiled, compiled_eval) = runs["eager"], runs["compiled"]
     assert len(eager) == len(compiled) == 6 and len(eager_eval) == len(compiled_eval) == 2
     for a, b in zip(eager + eager_eval, compiled + compiled_eval):
@@ -133,9 +137,6 @@ def test_compiled_training_matches_eager(tmp_path, learnable_model_dir, mode):
 def test_varlen_attention_matches_the_block_mask(learnable_model_dir, compiled):
     """Packed rows through torch's varlen flash attention: the loss and gradients of sdpa under
     transformers' block mask, within bf16 noise, eager and inside compiled blocks."""
-    from rlora_cli.data.packing import segment_bounds
-    from rlora_cli.train.kernels import compile_model, packed_attention
-
     g = torch.Generator().manual_seed(0)
     lengths = [[20, 17, 11], [48], [5, 30, 13], [40, 8]]
     ids = torch.randint(3, 500, (4, 48), generator=g)
@@ -197,8 +198,6 @@ def test_the_linear_cross_entropy_never_waits_for_the_gpu():
         (loss.sum() / 4000).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    import rlora_cli.train.linear_ce as linear_ce
-
     assert linear_ce._liger_kernel() is not None  # Liger's row kernel ran, not the torch fallback
     h = hidden.detach().float().requires_grad_(True)
     want = torch.nn.functional.cross_entropy(h @ weight.float().t(), labels, reduction="none")
@@ -211,8 +210,6 @@ def test_grouped_query_varlen_matches_repeated_heads(monkeypatch):
     """Fewer key/value heads handed to flash attention as they are (torch's GQA flag, or on torch
     2.11 the op under varlen_attn) give the outputs and gradients of keys and values repeated."""
     import inspect
-
-    import rlora_cli.train.kernels as kernels_mod
 
     g = torch.Generator(device="cuda").manual_seed(0)
     cu = torch.tensor([0, 300, 301, 1024, 2048, 2048], dtype=torch.int32, device="cuda")

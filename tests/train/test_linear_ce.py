@@ -26,7 +26,8 @@ def _reference(hidden, weight, labels):
     return F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="none")
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 27, 8 * 50, 50])  # one chunk, 8 rows (5 chunks, last short), 1 row
+# one chunk, 8 rows (5 chunks, the last short), 1 row
+@pytest.mark.parametrize("chunk_elements", [1 << 27, 8 * 50, 50])
 def test_losses_and_gradients_match_the_plain_formula(monkeypatch, chunk_elements):
     monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", chunk_elements)
     hidden, weight, labels = _case()
@@ -102,4 +103,5 @@ def test_the_torch_chunk_writes_the_logits_gradient_in_place():
     F.cross_entropy(x, labels, ignore_index=-100, reduction="sum").backward()
     torch_chunk(logits, labels, losses, True)
     torch.testing.assert_close(logits, x.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(losses, F.cross_entropy(x.detach(), labels, ignore_index=-100, reduction="none"))
+    expected = F.cross_entropy(x.detach(), labels, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(losses, expected)

@@ -24,9 +24,9 @@ from matplotlib.figure import Figure
 import rlora_cli.train.loop as train_mod
 import rlora_cli.train.rundir as rundir
 from rlora_cli.cli import main
-from rlora_cli.report.train import MetricsLog
 from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 from rlora_cli.train.loop import train
+from rlora_cli.train.metrics import MetricsLog
 
 LOCK_HOLDER = ("import sys, time; from pathlib import Path; from rlora_cli.train.rundir import RunLock; "
                "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)")
@@ -113,8 +113,9 @@ def in_path(part: str) -> Callable[..., bool]:
 FULL = OSError(errno.ENOSPC, "No space left on device")
 SHORT_WRITE = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2112 vs 2000")
 full_at_checkpoint_4 = failing(torch, "save", in_path(".checkpoint-4"), FULL)
-read_only_metrics = failing(MetricsLog, "write", lambda self, row: row.get("step") == 3,
-                            lambda env: OSError(errno.EROFS, "Read-only file system", str(env.out / "metrics.jsonl")))
+read_only_metrics = failing(
+    MetricsLog, "write", lambda self, row: row.get("step") == 3,
+    lambda env: OSError(errno.EROFS, "Read-only file system", str(env.out / "metrics.jsonl")))
 # The run's own adapter, not a checkpoint's.
 full_at_adapter = failing(safetensors.torch, "save_file", lambda t, f, *a, **k: ".checkpoint-" not in f, FULL)
 # A partial image is written, then the disk is full.
@@ -218,8 +219,10 @@ CASES = [
          full_at_checkpoint_4, checkpoints(2)),
     Case("torch-short-write", ["-o", OUT], 1, ["is full", "checkpoint-2"],
          failing(torch, "save", in_path(".checkpoint-4"), SHORT_WRITE), checkpoints(2)),
-    Case("read-only-metrics", ["-o", OUT], 1, ["is read-only", "checkpoint-2"], read_only_metrics, checkpoints(2)),
-    Case("disk-full-final-adapter", ["-o", OUT], 1, ["is full", "checkpoint-4"], full_at_adapter, checkpoints(2, 4)),
+    Case("read-only-metrics", ["-o", OUT], 1, ["is read-only", "checkpoint-2"], read_only_metrics,
+         checkpoints(2)),
+    Case("disk-full-final-adapter", ["-o", OUT], 1, ["is full", "checkpoint-4"], full_at_adapter,
+         checkpoints(2, 4)),
     Case("disk-full-plots", ["-o", OUT], 1, ["is full"], full_at_plots, no_partial_plot),
     Case("damaged-checkpoint-named", ["-o", OUT, "--resume", "{out}/checkpoint-4"], 2,
          ["checkpoint-4 is damaged (state/optimizer.bin", "--resume {out}/checkpoint-2"], damaged_optimizer,
@@ -270,7 +273,8 @@ def test_run_folder_faults(case, tmp_path, finished, monkeypatch, capsys):
 def test_a_corrected_rerun_starts_after_a_failed_start(tmp_path, learnable_model_dir):
     recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 1})
     with pytest.raises(SystemExit) as e:
-        main(["train", recipe, "--output", str(tmp_path / "runs" / "a"), "adapter.target_modules=[nothing_here]"])
+        main(["train", recipe, "--output", str(tmp_path / "runs" / "a"),
+              "adapter.target_modules=[nothing_here]"])
     assert e.value.code == 2 and not (tmp_path / "runs").exists()  # the parents it made are gone too
     assert train(recipe, output=tmp_path / "runs" / "a") == tmp_path / "runs" / "a"
 

@@ -14,6 +14,8 @@ import rlora_cli.train.loop as train_mod
 import rlora_cli.train.rundir as rundir
 from rlora_cli.cli import main
 from rlora_cli.errors import UserError
+from rlora_cli.report import train as report
+from rlora_cli.report.train import smooth
 from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 from rlora_cli.train.loop import TrainingDiverged, train
 
@@ -44,7 +46,8 @@ def test_loss_falls_and_the_run_directory_is_complete(tmp_path, learnable_model_
 
 
 @pytest.mark.parametrize("deferred,after_step", [(False, False), (True, False), (False, True)])
-def test_resume_after_ctrl_c_is_bit_identical(tmp_path, learnable_model_dir, monkeypatch, deferred, after_step):
+def test_resume_after_ctrl_c_is_bit_identical(tmp_path, learnable_model_dir, monkeypatch, deferred,
+                                              after_step):
     """Deferred: a fused optimizer (as on CUDA) whose losses are read one step late; logged every
     5 steps, so the interrupt in step 5 finds step 4 still unread, and its checkpoint must count it.
     after_step: the interrupt comes after step 4 is done (while it logs), not inside a step."""
@@ -54,7 +57,7 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, learnable_model_dir, mon
     straight = train(recipe, output=tmp_path / "straight")
 
     calls = {"n": 0}
-    real, real_log = train_mod.token_losses, train_mod._Window.maybe_log
+    real, real_log = train_mod.token_losses, train_mod.LogWindow.maybe_log
     stop_at = 10 if deferred else 8  # the 2nd micro-batch of step 5 (4): its first one already drew dropout
 
     def interrupt_mid_step(model, batch, **kw):
@@ -69,14 +72,14 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, learnable_model_dir, mon
         return real_log(self, state, *a, **k)
 
     if after_step:
-        monkeypatch.setattr(train_mod._Window, "maybe_log", interrupt_after_step_4)
+        monkeypatch.setattr(train_mod.LogWindow, "maybe_log", interrupt_after_step_4)
     else:
         monkeypatch.setattr(train_mod, "token_losses", interrupt_mid_step)
     with pytest.raises(KeyboardInterrupt):
         train(recipe, output=tmp_path / "resumed")
     assert (tmp_path / "resumed" / f"checkpoint-{4 if after_step else stop_at // 2 - 1}").is_dir()
     monkeypatch.setattr(train_mod, "token_losses", real)
-    monkeypatch.setattr(train_mod._Window, "maybe_log", real_log)
+    monkeypatch.setattr(train_mod.LogWindow, "maybe_log", real_log)
     resumed = train(recipe, output=tmp_path / "resumed", resume="auto")
 
     a, b = adapter_tensors(straight), adapter_tensors(resumed)
@@ -97,7 +100,8 @@ def test_accumulation_4x2_equals_8x1(tmp_path, learnable_model_dir):
         folder = tmp_path / f"{micro}x{accum}"
         folder.mkdir()
         recipe = write_recipe(folder, learnable_model_dir, adapter={"lora_dropout": 0.0},
-                              train={**common, "micro_batch_size": micro, "gradient_accumulation_steps": accum})
+                              train={**common, "micro_batch_size": micro,
+                                     "gradient_accumulation_steps": accum})
         runs[micro] = adapter_tensors(train(recipe, output=folder / "run"))
     for key in runs[4]:
         torch.testing.assert_close(runs[4][key], runs[8][key], rtol=0, atol=1e-5)
@@ -126,14 +130,16 @@ def test_resume_refuses_a_changed_recipe(tmp_path, learnable_model_dir):
     assert (tmp_path / "run" / "checkpoint-3").is_dir()
 
 
-@pytest.mark.parametrize("logging_steps,deferred", [(1, False), (10, False), (10, True)])  # the check must not wait for a log line
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, learnable_model_dir, monkeypatch,
-                                                                          logging_steps, deferred):
+# the check must not wait for a log line
+@pytest.mark.parametrize("logging_steps,deferred", [(1, False), (10, False), (10, True)])
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, learnable_model_dir, monkeypatch, logging_steps, deferred):
     """Deferred: a fused optimizer (as on CUDA), whose step's loss is read one step late; step 3
     is found at step 4, before anything is saved (checkpoints every 2 steps)."""
     if deferred:
         monkeypatch.setattr(train_mod, "_fused_optimizer", lambda accelerator: True)
-    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 4, "gradient_accumulation_steps": 1},
+    recipe = write_recipe(tmp_path, learnable_model_dir,
+                          train={"max_steps": 4, "gradient_accumulation_steps": 1},
                           output={"save_steps": 2 if deferred else 1, "logging_steps": logging_steps})
     real, calls = train_mod.token_losses, {"n": 0}
 
@@ -156,7 +162,7 @@ def test_deferred_loss_reads_skip_a_nan_update_on_the_device():
     has read it; the reads come back one step late, in order, and flush returns the rest."""
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([w], lr=0.1, fused=True)
-    reads = train_mod._LossReads(opt, defer=True)
+    reads = train_mod.LossReads(opt, defer=True)
     w.grad = torch.full((3,), float("nan"))
     assert reads.push(torch.tensor([float("nan"), 5.0], dtype=torch.float64), 1) == []
     opt.step()
@@ -167,7 +173,7 @@ def test_deferred_loss_reads_skip_a_nan_update_on_the_device():
     opt.step()
     assert bool((w.detach() < 1).all())  # applied
     assert reads.flush() == [(2, 2.0, 4.0)] and reads.flush() == []
-    plain = train_mod._LossReads(opt, defer=False)
+    plain = train_mod.LossReads(opt, defer=False)
     assert plain.push(torch.tensor([1.0, 2.0]), 7) == [(7, 1.0, 2.0)]
 
 
@@ -182,7 +188,8 @@ def test_deferred_reads_log_the_same_run(tmp_path, learnable_model_dir, monkeypa
         rows = metrics(train(recipe, output=tmp_path / str(deferred) / "run"))
         runs[deferred] = [(r["step"], r.get("loss"), r.get("tokens")) for r in rows]
         # Step 3 is saved but neither logged nor evaluated: its checkpoint still counts its tokens.
-        saved = json.loads((tmp_path / str(deferred) / "run" / "checkpoint-3" / "trainer_state.json").read_text())
+        state_file = tmp_path / str(deferred) / "run" / "checkpoint-3" / "trainer_state.json"
+        saved = json.loads(state_file.read_text())
         logged = {r["step"]: r["tokens"] for r in rows if "tokens" in r}
         assert logged[2] < saved["tokens"] < logged[4]
     assert [r[0] for r in runs[True]] == [r[0] for r in runs[False]]
@@ -201,7 +208,8 @@ def test_cli_exit_codes(tmp_path, learnable_model_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", recipe, "--output", str(tmp_path / "busy")])
     assert e.value.code == 2 and "not empty" in capsys.readouterr().err
-    monkeypatch.setattr(train_mod, "token_losses", lambda m, b, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train_mod, "token_losses",
+                        lambda m, b, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(SystemExit) as e:
         main(["train", recipe, "--output", str(tmp_path / "int")])
     assert e.value.code == 130
@@ -219,7 +227,8 @@ def test_gradient_checkpointing_trains_the_adapters_identically(tmp_path, learna
     for ckpt in (False, True):
         folder = tmp_path / f"ckpt{ckpt}"
         folder.mkdir()
-        recipe = write_recipe(folder, learnable_model_dir, train={"max_steps": 2, "gradient_checkpointing": ckpt})
+        recipe = write_recipe(folder, learnable_model_dir,
+                              train={"max_steps": 2, "gradient_checkpointing": ckpt})
         runs[ckpt] = adapter_tensors(train(recipe, output=folder / "run"))
     for key in runs[True]:  # dropout is on: checkpointing replays the same RNG in recomputation
         torch.testing.assert_close(runs[True][key], runs[False][key], rtol=0, atol=1e-6)
@@ -232,7 +241,8 @@ def test_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path, learnable_mo
 
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False, raising=False)
     monkeypatch.setattr("accelerate.tracking.is_tensorboard_available", lambda: False, raising=False)
-    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 1}, output={"log_with": "tensorboard"})
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 1},
+                          output={"log_with": "tensorboard"})
     with pytest.raises(UserError, match="output.log_with: tensorboard is not installed"):
         train(recipe, output=tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -255,19 +265,17 @@ def test_compile_trains_like_eager_and_saves_plain_names(tmp_path, learnable_mod
 
 def test_plotted_curves_end_at_the_last_logged_loss(tmp_path, monkeypatch):
     """A short run's per-task curve once ended at 1.15 where the log said 0.63 (a trailing mean)."""
-    from rlora_cli.report import train as report
-
     losses = [2.4, 2.1, 1.9, 1.6, 1.2, 0.95, 0.8, 0.63]
-    rows = [{"step": 10 * (i + 1), "loss": v, "task_loss": {"a": v, "b": v + 0.5}} for i, v in enumerate(losses)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines, real_save = {}, report._save
+    rows = [{"step": 10 * (i + 1), "loss": v, "task_loss": {"a": v, "b": v + 0.5}}
+            for i, v in enumerate(losses)]
+    lines, real_save = {}, report.save_png
 
     def save(fig, path):
         lines[path.name] = [(line.get_label(), list(line.get_ydata())) for line in fig.axes[0].get_lines()]
         return real_save(fig, path)
 
-    monkeypatch.setattr(report, "_save", save)
-    report.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "plots")
+    monkeypatch.setattr(report, "save_png", save)
+    report.plot_losses(rows, tmp_path / "plots")
     for name, last in (("loss.png", 0.63), ("task_loss.png", 0.63)):
         curves = [y for label, y in lines[name] if not label.startswith("_")]  # the labelled (smoothed) ones
         assert curves and len(lines[name]) == 2 * len(curves)  # each with its raw points
@@ -277,8 +285,6 @@ def test_plotted_curves_end_at_the_last_logged_loss(tmp_path, monkeypatch):
 
 
 def test_smoothing_is_centred_and_keeps_the_ends():
-    from rlora_cli.report.train import smooth
-
     ramp = [float(i) for i in range(20)]
     assert smooth(ramp) == ramp  # a centred mean does not lag a trend
     noisy = [1.0 + (-1) ** i * 0.5 for i in range(20)]

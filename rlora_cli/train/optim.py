@@ -1,0 +1,76 @@
+"""The optimizer side of a run: precision, AdamW and its schedule, and what Accelerate's state holds.
+
+    optimizer, scheduler = adamw(model, recipe.train, total, fused=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    own_grads(model)            # only when compiled blocks replay as CUDA graphs
+    state_hooks(accelerator)
+
+Weight decay falls on the adapters' A/B factors only, never on gates and routers; the base model
+is frozen and never enters a checkpoint (the adapter is saved on its own).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import get_scheduler
+
+from rlora_cli.errors import UserError
+
+
+def mixed_precision(precision: str) -> str:
+    """auto = bf16 where supported, else fp16 (with loss scaling) on GPU, fp32 on CPU."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not torch.cuda.is_available():  # bf16 autocast also runs on the CPU
+        raise UserError("train.precision: fp16 needs a CUDA GPU", "use precision: auto or fp32 on the CPU")
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on A/B factors only, never on gates and routers."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(("rlora_gate", "rlora_router")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: torch.nn.Module, train: Any, total: int, *, fused: bool) -> tuple[torch.optim.AdamW, Any]:
+    """AdamW over the trainable parameters and the recipe's learning-rate schedule over `total` steps."""
+    groups = param_groups(model, train.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, fused=fused)
+    name = train.lr_scheduler if train.lr_scheduler != "constant" else "constant_with_warmup"
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total),
+                              num_training_steps=total)
+    return optimizer, scheduler
+
+
+def own_grads(model: torch.nn.Module) -> None:
+    """Give every trainable parameter a .grad of its own, for compiled blocks that replay as CUDA
+    graphs. The backward's gradients are CUDA-graph outputs, which the next replay overwrites; a
+    .grad of None would take that buffer over. Own .grad tensors, which every backward adds into
+    (gradient accumulation), stay valid: the loop zeroes them, never sets them to None."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+
+def state_hooks(accelerator: Any) -> None:
+    """Keep the frozen base out of Accelerate's state: the adapter is saved on its own."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return  # FSDP saves sharded model state itself; the hooks do not apply to it
+
+    def drop_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+
+    def skip_models(models: list, input_dir: str) -> None:
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(drop_weights)
+    accelerator.register_load_state_pre_hook(skip_models)
