@@ -52,3 +52,61 @@ def perturb(model, scale=0.2, seed=7):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+# The method matrix shared by the adapter tests: every method, and the router-off variants.
+METHODS = [
+    dict(type="lora"),
+    dict(type="multilora"),
+    dict(type="hydralora"),
+    dict(type="hydralora", router="off"),
+    dict(type="rlora"),
+    dict(type="rlora", router="off"),
+]
+
+
+def mid(m: dict) -> str:
+    return m["type"] + ("-router-off" if m.get("router") == "off" else "")
+
+
+def load(path, dtype=None):
+    """The saved tiny model, in float64 unless told (reference comparisons want float64)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float64).eval()
+
+
+def cfg_for(method: dict, **kw):
+    from rlora_cli.adapters import AdapterConfig
+
+    return AdapterConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **method, **kw})
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    """(model, tokenizer) of the tiny model in float32, eval mode."""
+    from rlora_cli.model import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float32")
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """(adapter folder, the adapted model): a LoRA on every Linear, perturbed so it changes logits."""
+    import torch
+
+    from rlora_cli.adapters import AdapterConfig, inject_adapters
+    from rlora_cli.checkpoint import save_adapter
+    from rlora_cli.model import load_model
+
+    model, tok = load_model(str(tiny_model_dir), dtype="float32")
+    inject_adapters(model, AdapterConfig(type="lora", r=2, lora_dropout=0.0, target_modules="all-linear"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rlora" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", tokenizer=tok), model.eval()
+

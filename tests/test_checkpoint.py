@@ -9,35 +9,15 @@ import shutil
 import pytest
 import safetensors.torch
 import torch
-from conftest import perturb
-from transformers import AutoModelForCausalLM
+from conftest import METHODS, cfg_for, load, mid, perturb
 
-from rlora_cli.adapters import AdapterConfig, adapter_layers, inject_adapters
+from rlora_cli.adapters import adapter_layers, inject_adapters
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, base_record, load_adapter, save_adapter
 from rlora_cli.errors import UserError
 from rlora_cli.testing import build_tiny_model
 
-METHODS = [
-    dict(type="lora"),
-    dict(type="multilora"),
-    dict(type="hydralora"),
-    dict(type="hydralora", router="off"),
-    dict(type="rlora"),
-    dict(type="rlora", router="off"),
-]
 IDS = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
 
-
-def mid(m: dict) -> str:
-    return m["type"] + ("-router-off" if m.get("router") == "off" else "")
-
-
-def load(path, dtype=torch.float64):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def cfg_for(method: dict, **kw) -> AdapterConfig:
-    return AdapterConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **method, **kw})
 
 
 @pytest.mark.parametrize("method", METHODS, ids=mid)

@@ -22,25 +22,6 @@ from rlora_cli.report.eval import print_warnings
 from rlora_cli.testing import build_tiny_model
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    model, tokenizer = load_model(str(tiny_model_dir), dtype="float32")
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """(adapter folder, the adapted model): a LoRA on every Linear, perturbed so it changes logits."""
-    model, tok = load_model(str(tiny_model_dir), dtype="float32")
-    inject_adapters(model, AdapterConfig(type="lora", r=2, lora_dropout=0.0, target_modules="all-linear"))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "rlora" in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", tokenizer=tok), model.eval()
-
-
 def test_adapter_loads_on_its_recorded_base(adapter_dir, lm):
     path, adapted = adapter_dir
     model, tok, info = load_with_adapter(None, str(path), dtype="float32")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturb  # noqa: E402
+from conftest import METHODS, cfg_for, load, mid, perturb  # noqa: E402
 from transformers import AutoModelForCausalLM
 
 from rlora_cli.adapters import (
@@ -18,27 +18,8 @@ from rlora_cli.adapters import (
 )
 from rlora_cli.errors import UserError
 
-METHODS = [
-    dict(type="lora"),
-    dict(type="multilora"),
-    dict(type="hydralora"),
-    dict(type="hydralora", router="off"),
-    dict(type="rlora"),
-    dict(type="rlora", router="off"),
-]
 MERGEABLE = [m for m in METHODS if m["type"] in ("lora", "multilora") or m.get("router") == "off"]
 
-
-def mid(m: dict) -> str:
-    return m["type"] + ("-router-off" if m.get("router") == "off" else "")
-
-
-def load(path, dtype=torch.float64):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def cfg_for(method: dict, **kw) -> AdapterConfig:
-    return AdapterConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **method, **kw})
 
 
 

@@ -1,6 +1,7 @@
 """What the eval tests share: references (a plain forward, transformers' own generate), a quiet
-console, small data files, and fixtures. A test module binds the fixtures it uses by name
-(`lm = evalkit.lm`); a second conftest.py would shadow the one `from conftest import` reads."""
+console, small data files, and eval-only fixtures. A test module binds those by name
+(`one_thread = evalkit.one_thread`); a second conftest.py would shadow the one `from conftest
+import` reads. The tiny model and adapter fixtures (`lm`, `adapter_dir`) are in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,10 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from rlora_cli.adapters import AdapterConfig, inject_adapters
-from rlora_cli.checkpoint import save_adapter
 from rlora_cli.eval.results import results_dict
-from rlora_cli.model import load_model
 
 RESULT_KEYS = {"task", "model", "adapter", "shots", "limit", "rlora_version", "wall_s", "accuracy",
                "n", "mean_accuracy", "tasks"}
@@ -35,10 +33,6 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    model, tokenizer = load_model(str(tiny_model_dir), dtype="float32")
-    return model.eval(), tokenizer
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -61,17 +55,6 @@ def mmlu_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """(adapter folder, the adapted model): a LoRA on every Linear, perturbed so it changes logits."""
-    model, tok = load_model(str(tiny_model_dir), dtype="float32")
-    inject_adapters(model, AdapterConfig(type="lora", r=2, lora_dropout=0.0, target_modules="all-linear"))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "rlora" in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", tokenizer=tok), model.eval()
 
 
 def results_file(path: Path, accs: dict[str, float | None], **extra) -> Path:

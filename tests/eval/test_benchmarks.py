@@ -23,7 +23,7 @@ from rlora_cli.eval.results import compare
 from rlora_cli.model import load_with_adapter
 
 BIGBENCH = BIGBENCH_FIXTURES
-lm, one_thread, mmlu_dir = evalkit.lm, evalkit.one_thread, evalkit.mmlu_dir  # shared fixtures
+one_thread, mmlu_dir = evalkit.one_thread, evalkit.mmlu_dir  # shared fixtures
 
 
 # --------------------------------------------------------------------------------------- MMLU

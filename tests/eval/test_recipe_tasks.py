@@ -21,7 +21,7 @@ from rlora_cli.recipe.load import load_recipe
 from rlora_cli.runs import adapter_dir as find_adapter_dir
 
 BIGBENCH = BIGBENCH_FIXTURES
-lm, one_thread, adapter_dir = evalkit.lm, evalkit.one_thread, evalkit.adapter_dir  # shared fixtures
+one_thread = evalkit.one_thread  # a shared fixture
 
 
 @pytest.fixture(scope="module")

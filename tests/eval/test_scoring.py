@@ -9,7 +9,7 @@ from evalkit import reference_generate, reference_loglik
 
 from rlora_cli.eval.scoring import decode, encode_pair, loglikelihoods
 
-lm, one_thread = evalkit.lm, evalkit.one_thread  # shared fixtures, found by pytest under these names
+one_thread = evalkit.one_thread  # a shared fixture, found by pytest under this name
 
 
 def test_encode_pair_moves_trailing_space_to_the_continuation(lm):
