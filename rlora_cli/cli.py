@@ -2,9 +2,10 @@
 the only place that turns a UserError into a red line and an exit code.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage/config/input error, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM; training saves a checkpoint first). Every bad
-input, ours or the command line parser's, is one line on stderr: the problem and the fix.
-Heavy libraries (torch, transformers) are imported inside the commands, so `--help` is instant.
+143 terminated (SIGTERM; training saves a checkpoint first). Every bad input, ours or the
+command line parser's, is one line on stderr: the problem and the fix.
+Each command imports its module inside the command: those modules load torch and transformers,
+and `rlora --help` should not wait for them. Everything else is imported at the top.
 """
 
 from __future__ import annotations
