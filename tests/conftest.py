@@ -13,10 +13,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout: recipes/, data/demo/, scripts/
 # Small BIG-bench-format tasks written for the tests; fixtures/bigbench/README.md lists their shapes.
-BIGBENCH_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bigbench"
+BIGBENCH_FIXTURES = REPO / "tests" / "fixtures" / "bigbench"
 # The real BIG-bench tasks, where `make bigbench-data` writes them (git-ignored, absent on a fresh clone).
-BIGBENCH_DATA = Path(__file__).resolve().parents[1] / "data" / "bigbench"
+BIGBENCH_DATA = REPO / "data" / "bigbench"
 
 
 def real_bigbench_task(name: str) -> Path:

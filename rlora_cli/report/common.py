@@ -25,15 +25,19 @@ from rich.progress import (
 
 from rlora_cli.files import atomic_save_figure
 
-__all__ = ["Console", "escape", "progress_bar", "pyplot", "save_png"]
+__all__ = ["Console", "bar_columns", "escape", "progress_bar", "pyplot", "save_png"]
+
+
+def bar_columns(label: str, *extra: Any) -> tuple[Any, ...]:
+    """The columns every rlora progress bar shows: label, bar, done/total, `extra`, elapsed, ETA."""
+    return (TextColumn(label), BarColumn(), MofNCompleteColumn(), *extra, TimeElapsedColumn(),
+            TimeRemainingColumn())
 
 
 @contextmanager
 def progress_bar(console: Any, total: int, label: str) -> Iterator[Callable[[int], None]]:
     """A rich progress bar; yields `advance(k)`. `label` prints literally (it may hold a path)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*bar_columns("{task.description}"), console=console, transient=True) as bar:
         handle = bar.add_task(escape(label), total=total)
         yield lambda k: bar.advance(handle, k)
 

@@ -18,18 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.panel import Panel
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TextColumn
 from rich.table import Table
 
 from rlora_cli.adapters import adapter_layers
-from rlora_cli.report.common import Console, escape, pyplot, save_png
+from rlora_cli.report.common import Console, bar_columns, escape, pyplot, save_png
 
 
 def train_console(console: Any, main: bool) -> Any:
@@ -110,9 +103,8 @@ class TrainProgress:
     """A rich progress bar with step, loss, lr, tokens/s and ETA (silent off the main process)."""
 
     def __init__(self, console: Any, total: int, done: int, enabled: bool) -> None:
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, disable=not enabled, transient=False)
+        columns = bar_columns("[bold]train", TextColumn("{task.fields[stats]}"))
+        self.bar = Progress(*columns, console=console, disable=not enabled, transient=False)
         self.task = self.bar.add_task("train", total=total, completed=done, stats="")
 
     def __enter__(self) -> "TrainProgress":

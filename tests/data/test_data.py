@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import BIGBENCH_FIXTURES, real_bigbench_task  # noqa: E402
+from conftest import BIGBENCH_FIXTURES, REPO, real_bigbench_task  # noqa: E402
 
 from rlora_cli.data.bigbench import bigbench_prompt
 from rlora_cli.data.mixture import draw_indices, plan_counts, target_shares
@@ -398,14 +398,13 @@ def test_readable_hub_source_uses_classlabel_names_and_checks_columns(tmp_path, 
 def test_committed_demo_data_is_what_the_script_writes(tmp_path):
     import importlib.util
 
-    repo = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("make_demo_data", repo / "scripts" / "make_demo_data.py")
+    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "scripts" / "make_demo_data.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     written = script.write(tmp_path, rows=400, seed=0)
     assert [p.name for p in written] == ["textops.jsonl", "reviews.jsonl", "quiz.jsonl"]
     for path in written:
-        assert path.read_bytes() == (repo / "data" / "demo" / path.name).read_bytes(), path.name
+        assert path.read_bytes() == (REPO / "data" / "demo" / path.name).read_bytes(), path.name
     quiz = [json.loads(line) for line in (tmp_path / "quiz.jsonl").read_text().splitlines()]
     assert all(len(set(q["choices"])) == 4 and 0 <= q["answer"] < 4 for q in quiz)
     assert {q["answer"] for q in quiz} == {0, 1, 2, 3}

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIGBENCH_FIXTURES  # noqa: E402
+from conftest import BIGBENCH_FIXTURES, REPO
 
 from rlora_cli.adapters import AdapterConfig
 from rlora_cli.config import Recipe
 from rlora_cli.errors import UserError
 from rlora_cli.recipe.load import configs_dir, load_recipe, recipe_diff, recipe_to_dict, resume_conflicts
 
-REPO = Path(__file__).resolve().parents[2]
 WITHIN_INT32 = "integers in a recipe must be within ±2147483647 (2**31-1)"
 
 

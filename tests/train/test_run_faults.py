@@ -153,7 +153,7 @@ def stale_temps(env: Env) -> None:
     (env.out / ".adapter.tmp-k2j3h4" / "rlora_adapter.safetensors").write_bytes(b"half")
     (env.out / ".checkpoint-6.tmp" / "state").mkdir(parents=True)
     (env.out / ".metrics.jsonl.tmp-x81").write_text("{")
-    (env.out / "plots" / ".loss.png.tmp.png").write_bytes(b"half")
+    (env.out / "plots" / ".loss.png.tmp-k2x9q1.png").write_bytes(b"half")
 
 
 def leftovers_of_a_killed_start(env: Env) -> None:
