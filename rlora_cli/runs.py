@@ -11,12 +11,16 @@ here loads a model: counts come from the safetensors header alone.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from rlora_cli.adapters import AdapterConfig, layer_spec
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from rlora_cli.errors import UserError
+
+CHECKPOINT_PREFIX = "checkpoint-"  # OUT/checkpoint-<step>/, written by train/rundir.py
+STATE_FILE = "trainer_state.json"  # in each complete checkpoint
 
 FROZEN = ("rlora_A0", "rlora_B0")  # R-LoRA's saved initial factors: in the file, never trained
 _KNOWN_KEYS = {"format_version", "rlora_version", "method", "adapter", "layer", "modules", "base_model",
@@ -55,8 +59,8 @@ def inspect_dir(path: str | Path) -> dict[str, Any]:
                         "give an adapter folder or a run folder (OUT of rlora train)")
     if (p / CONFIG_FILE).exists():
         return {"kind": "adapter", **adapter_info(p)}
-    checkpoints = sorted((c for c in p.glob("checkpoint-*") if c.is_dir() and _step(c) is not None),
-                         key=_step)
+    found = (c for c in p.glob(f"{CHECKPOINT_PREFIX}*") if c.is_dir() and checkpoint_step(c) is not None)
+    checkpoints = sorted(found, key=checkpoint_step)
     markers = [(p / "adapter").is_dir(), bool(checkpoints), (p / "recipe.yaml").is_file(),
                (p / "metrics.jsonl").is_file()]
     if not any(markers):
@@ -70,8 +74,8 @@ def inspect_dir(path: str | Path) -> dict[str, Any]:
         "recipe": str(p / "recipe.yaml") if (p / "recipe.yaml").is_file() else None,
         "run_info": _json_or_none(p / "run_info.json"),
         "metrics": _metrics_summary(p / "metrics.jsonl"),
-        "checkpoints": [{"step": _step(c), "path": str(c), "adapter": (c / CONFIG_FILE).is_file(),
-                         "training_state": (c / "trainer_state.json").is_file()} for c in checkpoints],
+        "checkpoints": [{"step": checkpoint_step(c), "path": str(c), "adapter": (c / CONFIG_FILE).is_file(),
+                         "training_state": (c / STATE_FILE).is_file()} for c in checkpoints],
         "final_adapter": (p / "adapter" / CONFIG_FILE).is_file(),
         "adapter": adapter_info(source) if source is not None else None,
     }
@@ -85,7 +89,7 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
     weights = d / WEIGHTS_FILE
     header = read_safetensors_header(weights)
     spec = layer_spec(cfg)
-    numel = {k: _prod(v["shape"]) for k, v in header.items()}
+    numel = {k: math.prod(v["shape"]) for k, v in header.items()}
     frozen = sum(n for k, n in numel.items() if k.rsplit(".", 1)[-1] in FROZEN)
     modules = list(config["modules"])
     return {
@@ -143,16 +147,11 @@ def _json_or_none(path: Path) -> Any:
         return None
 
 
-def _step(path: Path) -> int | None:
-    tail = path.name.removeprefix("checkpoint-")
-    return int(tail) if tail.isdigit() else None
+def checkpoint_step(path: Path) -> int | None:
+    """The step of an OUT/checkpoint-<step> folder's name; None for any other name."""
+    tail = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(tail) if path.name.startswith(CHECKPOINT_PREFIX) and tail.isdigit() else None
 
-
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 # ---------------------------------------------------------------- the weights file

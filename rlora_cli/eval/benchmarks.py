@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
+from rlora_cli.data.textfiles import TEXT_ENCODING, iter_jsonl, not_utf8
 from rlora_cli.errors import UserError, first_line
 
 LETTERS = "ABCD"
@@ -143,11 +144,13 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         if path.suffix == ".parquet":
             return pq.read_table(path).to_pylist()
         if path.suffix == ".csv":
-            with path.open(newline="") as f:
+            with path.open(newline="", encoding=TEXT_ENCODING) as f:
                 return list(csv.DictReader(f))
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        data = json.loads(path.read_text())
+            return [row for _, row in iter_jsonl(path)]
+        data = json.loads(path.read_text(encoding=TEXT_ENCODING))
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read it ({first_line(e)})",
                         "give a valid .jsonl, .json, .csv or .parquet file") from None

@@ -37,9 +37,8 @@ from safetensors.torch import load_file
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from rlora_cli.errors import UserError, first_line
 from rlora_cli.recipe.load import resume_conflicts
+from rlora_cli.runs import CHECKPOINT_PREFIX, STATE_FILE, checkpoint_step
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".lock"
 # What a run writes at the top of OUT besides its checkpoints (cleared when a run is started over).
 RUN_FILES = ("recipe.yaml", "mixture.json", "run_info.json", "metrics.jsonl", "plots", "adapter")
@@ -257,8 +256,8 @@ def _check_same_recipe(run_dir: Path, recipe: dict[str, Any]) -> None:
 
 
 def _step(path: Path) -> int:
-    suffix = path.name[len(CHECKPOINT_PREFIX):]
-    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else -1
+    step = checkpoint_step(path)
+    return -1 if step is None else step  # sorts any other name first
 
 
 def complete_checkpoints(out: Path) -> list[Path]:

@@ -26,7 +26,7 @@ import torch
 
 from rlora_cli.checkpoint import load_adapter_weights
 from rlora_cli.data.packing import collate
-from rlora_cli.train.rundir import STATE_FILE
+from rlora_cli.runs import STATE_FILE
 
 
 @dataclass
