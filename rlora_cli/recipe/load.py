@@ -5,7 +5,7 @@
 Loading reads the YAML, applies dotted `KEY=VALUE` overrides (values parsed as YAML), starts the
 adapter from its preset in `configs/adapters/<type>.yaml`, then reports every problem in one
 `UserError`, each with its YAML path. The sections themselves, their defaults and their range
-checks are in `rlora_cli/config.py`; each section checks itself when built, and `construct`
+checks are in `rlora_cli/config/`; each section checks itself when built, and `construct`
 merges what it finds into the one report.
 """
 
