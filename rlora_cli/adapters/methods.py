@@ -50,6 +50,13 @@ class AdapterConfig:
     """Heads start random and compensated (rlora: on; hydralora: off). Ablation switch."""
     head_dropout: bool | None = None
     """Independent dropout masks per head on A·x instead of one mask on x (rlora: on)."""
+    gate_lr_ratio: float = 1.0
+    """multilora: the scalar gates' learning rate over train.learning_rate (in the spirit of
+    LoRA+'s separate rate for B). Zero-init gates see a gradient of size |B_i·A_i·x| only, so at the
+    adapters' rate they barely move in a short run."""
+    router_lr_ratio: float = 1.0
+    """hydralora/rlora with router: softmax: the router's learning rate over train.learning_rate.
+    A zero-init router starts uniform and its gradient is the heads' differences, small at first."""
 
     def __post_init__(self) -> None:
         tm = self.target_modules
@@ -113,6 +120,18 @@ class AdapterConfig:
             for key in ("random_init", "head_dropout"):
                 if getattr(self, key):
                     p.append(f"adapter.{key}: only hydralora and rlora have it; remove it for {self.type}")
+        return p + self._ratio_problems()
+
+    def _ratio_problems(self) -> list[str]:
+        p = []
+        owners = (("gate_lr_ratio", "multilora (the method with scalar gates)", self.type == "multilora"),
+                  ("router_lr_ratio", "hydralora and rlora with router: softmax", self.has_router))
+        for key, owner, has in owners:
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                p.append(f"adapter.{key}: must be a finite number > 0, got {value!r}")
+            elif value != 1.0 and not has:
+                p.append(f"adapter.{key}: applies to {owner} only; remove it for this {self.type} adapter")
         return p
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,8 +5,9 @@
     own_grads(model)            # only when compiled blocks replay as CUDA graphs
     state_hooks(accelerator)
 
-Weight decay falls on the adapters' A/B factors only, never on gates and routers; the base model
-is frozen and never enters a checkpoint (the adapter is saved on its own).
+Weight decay falls on the adapters' A/B factors only, never on gates and routers, which also take
+their own learning rate (adapter.gate_lr_ratio, router_lr_ratio: the schedule scales every group
+alike); the base model is frozen and never enters a checkpoint (the adapter is saved on its own).
 """
 
 from __future__ import annotations
@@ -32,18 +33,34 @@ def mixed_precision(precision: str) -> str:
     return {"fp32": "no"}.get(precision, precision)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on A/B factors only, never on gates and routers."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, *, gate_lr_ratio: float = 1.0,
+                 router_lr_ratio: float = 1.0) -> list[dict[str, Any]]:
+    """Two AdamW groups, always both (a checkpoint's optimizer state is matched group by group): the
+    A/B factors with weight decay at `lr`, then the gates or routers (a method has one kind or
+    neither) without weight decay, at their own ratio of `lr`."""
+    factors, mixers, ratio = [], [], 1.0
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(("rlora_gate", "rlora_router")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        if name.endswith("rlora_gate"):
+            mixers.append(p)
+            ratio = gate_lr_ratio
+        elif name.endswith("rlora_router"):
+            mixers.append(p)
+            ratio = router_lr_ratio
+        else:
+            factors.append(p)
+    return [{"params": factors, "weight_decay": weight_decay, "lr": lr},
+            {"params": mixers, "weight_decay": 0.0, "lr": lr * ratio}]
 
 
-def adamw(model: torch.nn.Module, train: Any, total: int, *, fused: bool) -> tuple[torch.optim.AdamW, Any]:
-    """AdamW over the trainable parameters and the recipe's learning-rate schedule over `total` steps."""
-    groups = param_groups(model, train.weight_decay)
+def adamw(model: torch.nn.Module, train: Any, total: int, *, fused: bool,
+          adapter: Any = None) -> tuple[torch.optim.AdamW, Any]:
+    """AdamW over the trainable parameters and the recipe's learning-rate schedule over `total` steps;
+    `adapter` (the AdapterConfig) gives the gates' and routers' learning-rate ratios."""
+    ratios = {} if adapter is None else {"gate_lr_ratio": adapter.gate_lr_ratio,
+                                         "router_lr_ratio": adapter.router_lr_ratio}
+    groups = param_groups(model, train.weight_decay, train.learning_rate, **ratios)
     optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, fused=fused)
     name = train.lr_scheduler if train.lr_scheduler != "constant" else "constant_with_warmup"
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total),
