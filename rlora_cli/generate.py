@@ -6,9 +6,12 @@
     rlora generate --model HuggingFaceTB/SmolLM2-135M-Instruct --kind chat "Hi!" --temperature 0.7
 
 The prompt is wrapped in the template the adapter was trained with for that data kind (saved
-with the adapter under `templates`: the kind's default template, or the tokenizer's chat
-template when the recipe said `template: chat`); without an adapter, the kind's default
-template (`--template chat` picks the chat template); `--kind raw` sends the text as it is.
+with the adapter under `templates`: the kind's default template, the tokenizer's chat template
+when the recipe said `template: chat`, or a named chat format such as `template: llama3`, whose
+saved text is used as it was at training); without an adapter, the kind's default template
+(`--template chat` picks the tokenizer's chat template, `--template llama3` etc. a named format).
+`--kind completion` and `--kind text` continue the prompt as written (a completion prompt goes
+into a chat template when one applies); `--kind raw` sends the text as it is.
 Decoding is greedy unless `--temperature` > 0, and stops at EOS (the tokenizer's and the
 model's generation config's) or after `--max-new-tokens`. One prompt streams to the terminal;
 a JSONL file of `{"prompt": str, "kind"?: str, ...}` lines is answered in left-padded batches
@@ -23,7 +26,7 @@ from typing import Any
 
 from rlora_cli.checkpoint import read_adapter_config
 from rlora_cli.config import canonical_dtype
-from rlora_cli.data.templates import KINDS, TEMPLATE_NAMES, Example, prompt_text
+from rlora_cli.data.templates import KINDS, TEMPLATE_NAMES, Example, Template, prompt_text, saved_template
 from rlora_cli.data.textfiles import iter_jsonl
 from rlora_cli.errors import UserError
 from rlora_cli.eval.scoring import decode
@@ -150,7 +153,7 @@ def build_prompt(row: dict[str, Any], tokenizer: Any, saved: dict[str, dict[str,
     kind, text = row.get("kind", default_kind), row["prompt"]
     if kind == "raw":
         return text
-    name = template or (saved or {}).get(kind, {}).get("template") or "default"
+    chosen = _template(kind, saved or {}, template)
     if kind == "instruction":
         fields = {"instruction": text, **({"input": row["input"]} if row.get("input") else {})}
     elif kind == "knowledge":
@@ -158,6 +161,17 @@ def build_prompt(row: dict[str, Any], tokenizer: Any, saved: dict[str, dict[str,
     elif kind == "nlu":
         fields = {"text": text, "label_words": list(row["label_words"]),
                   **({"text_pair": row["text_pair"]} if row.get("text_pair") else {})}
+    elif kind in ("completion", "text"):
+        fields = {"prompt" if kind == "completion" else "text": text}
     else:  # chat: the prompt is one user turn
         fields = {"messages": [{"role": "user", "content": text}]}
-    return prompt_text(Example("generate", kind, fields), tokenizer, name)
+    return prompt_text(Example("generate", kind, fields), tokenizer, chosen)
+
+
+def _template(kind: str, saved: dict[str, Any], override: str | None) -> Template:
+    """`--template` when given, else the kind's saved template, else default; a named format the
+    adapter saved renders with the saved text."""
+    info = saved.get(kind)
+    if isinstance(info, dict) and override in (None, info.get("template")):
+        return saved_template(info)
+    return override or "default"

@@ -2,7 +2,8 @@
 
 `build_tiny_model` writes a small random Llama-style model and a byte-level BPE tokenizer (with
 pad/eos tokens and a chat template) to a folder with `save_pretrained`, so tests exercise the real
-`from_pretrained` path. `write_recipe` writes two small learnable tasks and a recipe over them.
+`from_pretrained` path. `write_recipe` writes two small learnable tasks and a recipe over them;
+`write_kinds_data` writes sources of the completion, text and chat kinds to put in one.
 """
 
 from __future__ import annotations
@@ -112,6 +113,28 @@ def write_data(folder: Path) -> None:
         reviews.append({"text": f"The film was {words[0]} and {words[1]}.", "label": int(good)})
     (folder / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in facts))
     (folder / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+
+
+def write_kinds_data(folder: Path, template: str = "qwen") -> list[dict[str, Any]]:
+    """Three small sources of the raw-data kinds and the recipe entries that read them: completion
+    (a thing's colour, verbatim), text (pseudo-sentences, some texts longer than 64 tokens so they
+    are cut into pieces) and chat (one question and answer per row, in the named `template`)."""
+    completions = [{"prompt": f"The {t} number {i} is", "completion": f" {COLORS[j % 4]}."}
+                   for i in range(4) for j, t in enumerate(THINGS)]
+    lines = tiny_corpus(96, seed=1)
+    texts = [{"body": " ".join(lines[i:i + 1 + i % 6])} for i in range(0, 96, 4)]
+    chats = [{"messages": [{"role": "user", "content": f"What color is the {t}?"},
+                           {"role": "assistant", "content": COLORS[j % 4]}]}
+             for j, t in enumerate(THINGS * 3)]
+    for name, rows in (("completions", completions), ("texts", texts), ("chats", chats)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [
+        {"name": "colors", "path": str(folder / "completions.jsonl"), "kind": "completion", "val_size": 4},
+        {"name": "prose", "path": str(folder / "texts.jsonl"), "kind": "text", "columns": {"text": "body"},
+         "val_size": 4},
+        {"name": "talk", "path": str(folder / "chats.jsonl"), "kind": "chat", "template": template,
+         "val_size": 4},
+    ]
 
 
 def write_recipe(folder: Path, model_dir: str | Path, **sections: Any) -> str:

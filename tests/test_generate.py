@@ -138,6 +138,40 @@ def test_sampling_is_seeded_and_differs_from_greedy(adapter):
     assert len(samples | {generate("The", **kw)[0]["completion"]}) > 1
 
 
+def test_completion_text_and_named_formats(adapter, tiny_model_dir, tmp_path):
+    """Completion and text prompts are continued as written; --template takes the named formats; an
+    adapter's saved format is rendered from its saved text, not from today's table."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain = _greedy(base, tok)
+    kw = dict(model=str(tiny_model_dir), max_new_tokens=NEW, stream=False)
+    for kind in ("completion", "text"):
+        assert generate("The sun is", kind=kind, **kw)[0]["completion"] == plain("The sun is")
+    gemma = "<start_of_turn>user\nThe sun is<end_of_turn>\n<start_of_turn>model\n"
+    assert build_prompt({"prompt": "The sun is", "kind": "completion"}, tok, template="gemma") == gemma
+    assert generate("The sun is", kind="completion", template="gemma", **kw)[0]["completion"] == plain(gemma)
+    with pytest.raises(UserError, match="--template: unknown template 'llama2'") as e:
+        generate("hi", template="llama2", **kw)
+    assert "llama3, qwen, mistral, gemma, alpaca" in e.value.fix
+    with pytest.raises(UserError, match="a text example is raw text, with no turns for template 'chat'"):
+        generate("hi", kind="text", template="chat", **kw)
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "rlora_config.json").read_text())
+    saved = template_info("chat", "mistral")
+    saved["chat_template"] = saved["chat_template"].replace("[/INST]", "[/ASK]")  # as if the table changed
+    config["templates"] = {**config["templates"], "chat": saved}
+    (copy / "rlora_config.json").write_text(json.dumps(config))
+    [row] = generate("Hi", adapter=str(copy), kind="chat", max_new_tokens=NEW, stream=False)
+    merged = merge_adapters(load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir,
+                                                                              dtype=torch.float32), copy))
+    assert row["completion"] == _greedy(merged.eval(), tok)("[INST] Hi [/ASK]")
+    hi = {"prompt": "Hi", "kind": "chat"}
+    assert build_prompt(hi, tok, config["templates"], "mistral") == "[INST] Hi [/ASK]"  # the saved one
+    assert build_prompt(hi, tok, config["templates"], "qwen") == (  # another format: the table's
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_bad_input_is_one_user_error(tmp_path, adapter, tiny_model_dir):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

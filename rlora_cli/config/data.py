@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 from rlora_cli.config.common import choice, validate
 
-# The data kinds (data/templates.py renders each) and the templates a source can use.
-KINDS = ("instruction", "nlu", "knowledge", "chat")
-TEMPLATE_NAMES = ("default", "chat")
+# The data kinds (data/templates.py renders each) and the templates a source can use: the kind's
+# own, the tokenizer's chat template, or a named chat format (data/chat_templates.py holds each
+# one's text; the names live here because the recipe check needs them).
+KINDS = ("instruction", "nlu", "knowledge", "chat", "completion", "text")
+CHAT_FORMATS = ("llama3", "qwen", "mistral", "gemma", "alpaca")
+TEMPLATE_NAMES = ("default", "chat", *CHAT_FORMATS)
 # The roles chat templates know; data/rows.py translates other datasets' names into these.
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # kind -> (required fields, optional fields), in the kind's own names (a recipe's `columns:` maps
@@ -21,6 +24,8 @@ KIND_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "nlu": (("text", "label"), ("text_pair",)),
     "knowledge": (("question", "answer"), ("choices",)),
     "chat": (("messages",), ()),
+    "completion": (("prompt", "completion"), ()),
+    "text": (("text",), ()),
 }
 
 FORMATS = ("bigbench",)
@@ -38,7 +43,8 @@ class DatasetConfig:
     """Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or folder of them (relative to
     the working directory); with format: bigbench, a BIG-bench task.json or its folder."""
     kind: str = ""
-    """instruction | nlu | knowledge | chat ('' only with format: bigbench, which is knowledge)."""
+    """instruction | nlu | knowledge | chat | completion (prompt → completion, verbatim) | text (raw
+    text, every token trained) ('' only with format: bigbench, which is knowledge)."""
     format: str | None = None
     """None (rows with the kind's fields) | bigbench (a BIG-bench task.json)."""
     subset: str | None = None
@@ -52,7 +58,9 @@ class DatasetConfig:
     label_words: tuple[str, ...] | None = None
     """nlu: the word for each label (integer labels index it); None = the labels are words."""
     template: str = "default"
-    """default (the kind's template, see templates.py) | chat (the tokenizer's chat template)."""
+    """default (the kind's template, see templates.py) | chat (the tokenizer's chat template) |
+    llama3 | qwen | mistral | gemma | alpaca (that family's chat format, for a tokenizer without
+    one; data/chat_templates.py). A text source takes only default."""
     val_size: float | int = 0.05
     """Held-out rows: a fraction in [0, 1) or an integer count; split off before sampling."""
     max_samples: int | None = None
@@ -80,6 +88,9 @@ class DatasetConfig:
             p.append(f"{where}.weight: must be > 0, got {self.weight:g}")
         if self.template not in TEMPLATE_NAMES:
             p.append(choice(f"{where}.template", self.template, TEMPLATE_NAMES))
+        elif self.kind == "text" and self.template != "default":
+            p.append(f"{where}.template: a text source is raw text with no prompt or reply to put in "
+                     f"{self.template!r} turns; remove template (or use kind: completion or chat)")
         p += self._size_problems(where) + self._field_problems(where)
         return p
 
@@ -115,11 +126,13 @@ class DataConfig:
     WHERE = "data"  # the YAML path its problems start with
 
     max_length: int = 512
-    """Tokens per sequence; longer examples lose tokens from the prompt side, never the response."""
+    """Tokens per sequence; longer examples lose tokens from the prompt side, never the response
+    (a text source's longer texts become several pieces instead: none of their text is lost)."""
     packing: bool = False
     """Pack several examples per row up to max_length (positions restart, no cross-attention)."""
     train_on_prompt: bool = False
-    """Also compute the loss on prompt tokens (default: only on responses)."""
+    """Also compute the loss on prompt tokens (default: only on responses; text sources train every
+    token either way)."""
     temperature: float = 1.0
     """Example shares follow weight^(1/temperature): 1 = weights as given; >1 flattens toward uniform,
     <1 sharpens toward the heaviest source (finite and > 0)."""

@@ -7,7 +7,8 @@ Per source (sources.py reads it): hold out val_size rows first (deterministic fo
 the training examples the mixture asks for (mixture.py), then tokenize only the drawn rows. Each
 rendered segment (templates.py) is tokenized on its own and the ids concatenated, so the boundary
 between untrained prompt (label -100) and trained response is token-exact; EOS follows the last
-response so the model learns to stop. Every example keeps its source name as its task id.
+response so the model learns to stop. A text example longer than max_length becomes several
+pieces (`encode_pieces`), every other kind one row. Every example keeps its source name as its task id.
 Tokenization is a `Dataset.map` whose fingerprint covers the rows, the tokenizer and every
 setting, so a changed recipe or tokenizer never reuses a stale cache.
 """
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 from datasets import concatenate_datasets
 
-from rlora_cli.config import DatasetConfig, Recipe
+from rlora_cli.config import KIND_FIELDS, DatasetConfig, Recipe
+from rlora_cli.data.chat_templates import CHAT_TEMPLATES
 from rlora_cli.data.mixture import (
     MixtureReport,
     draw_indices,
@@ -32,15 +34,15 @@ from rlora_cli.data.mixture import (
 )
 from rlora_cli.data.packing import IGNORE, collate, pack
 from rlora_cli.data.sources import load_source
-from rlora_cli.data.templates import TEMPLATES, Example, render, template_info
+from rlora_cli.data.templates import TEMPLATES, Example, Template, render, template_info
 from rlora_cli.errors import UserError
 from rlora_cli.report.data import print_mixture
 
-__all__ = ["Encoded", "Prepared", "collate", "encode", "load_splits", "prepare", "special_prefix",
-           "split_indices", "tokenize_example", "write_mixture"]
+__all__ = ["Encoded", "Prepared", "collate", "encode", "encode_pieces", "load_splits", "prepare",
+           "special_prefix", "split_indices", "tokenize_example", "write_mixture"]
 
 # Bump when tokenization changes in a way the cache fingerprints cannot see (code they call).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def prepare(recipe: Recipe, tokenizer: Any, console: Any = None, cache_dir: str 
         print_mixture(report, console)
     return Prepared(
         train=train,
-        val={s.cfg.name: _tokenize(s.val, s, tokenizer, recipe).remove_columns("truncated")
+        val={s.cfg.name: _tokenize(s.val, s, tokenizer, recipe).remove_columns(["truncated", "row"])
              for s in sources if len(s.val)},
         val_examples={s.cfg.name: to_examples(s.val, s) for s in sources if len(s.val)},
         tasks=[s.cfg.name for s in sources], mixture=report,
@@ -112,15 +114,28 @@ def prepare(recipe: Recipe, tokenizer: Any, console: Any = None, cache_dir: str 
 
 def _mix_source(s: _Source, count: int, share: float, tokenizer: Any, recipe: Recipe) -> tuple[Any, dict]:
     """The source's `count` drawn training examples, tokenized (None for none), and its report line.
-    Only distinct drawn rows are tokenized: a 400k-row source sampled down to 10k costs 10k encodes."""
+    Only distinct drawn rows are tokenized: a 400k-row source sampled down to 10k costs 10k encodes.
+    An example is one token row, or several pieces for a long text: each drawn example brings all
+    of its pieces, so the mixture's shares stay shares of examples."""
     if count == 0:
         return None, _line(s, share, 0, 0, 0)
     drawn = draw_indices(len(s.train), count, rng_for(recipe.seed, s.cfg.name, "draw"))
     unique, positions = np.unique(drawn, return_inverse=True)
     encoded = _tokenize(s.train.select(unique), s, tokenizer, recipe)
-    trained = int(np.asarray(encoded["n_trained_tokens"], dtype=np.int64)[positions].sum())
-    truncated = int(np.asarray(encoded["truncated"], dtype=bool)[positions].sum())
-    return encoded.remove_columns("truncated").select(positions), _line(s, share, count, trained, truncated)
+    pieces = _pieces_of(np.asarray(encoded["row"], dtype=np.int64), positions)
+    trained = int(np.asarray(encoded["n_trained_tokens"], dtype=np.int64)[pieces].sum())
+    truncated = int(np.asarray(encoded["truncated"], dtype=bool)[pieces].sum())
+    rows = encoded.remove_columns(["truncated", "row"]).select(pieces)
+    return rows, _line(s, share, count, trained, truncated)
+
+
+def _pieces_of(row_of_piece: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Indices of the pieces of each of `rows`, in that order; a row's pieces are consecutive and
+    `row_of_piece` (sorted) names each piece's row."""
+    first = np.searchsorted(row_of_piece, rows, side="left")
+    lengths = np.searchsorted(row_of_piece, rows, side="right") - first
+    starts = np.repeat(first - np.cumsum(lengths) + lengths, lengths)
+    return starts + np.arange(int(lengths.sum()))
 
 
 def load_splits(recipe: Recipe, seed: int | None = None, cache_dir: str | None = None,
@@ -174,34 +189,84 @@ def to_example(row: dict[str, Any], task: str, kind: str, words: list[str] | Non
         if row["choices"]:
             fields |= {"choices": list(row["choices"]), "answer_index": int(row["answer_index"])}
         fields |= {k: row[k] for k in ("format", "targets") if row.get(k)}
-    else:
+    elif kind == "chat":
         fields = {"messages": [dict(m) for m in row["messages"]]}
+    else:  # completion, text: the fields as they are
+        fields = {k: row[k] for k in KIND_FIELDS[kind][0]}
     return Example(task, kind, fields)
 
 
 def _tokenize(rows: Any, s: _Source, tokenizer: Any, recipe: Recipe) -> Any:
+    """Token rows of `rows`, each with `row` (its example's index in `rows`): a long text's pieces
+    share it, in order."""
+    # The templates' text is in the fingerprint, so editing one invalidates the cache.
+    version = [PIPELINE_VERSION, TEMPLATES[s.cfg.kind], CHAT_TEMPLATES.get(s.cfg.template)]
     kwargs = {"task": s.cfg.name, "task_id": s.task_id, "kind": s.cfg.kind, "template": s.cfg.template,
               "words": s.words, "tokenizer": tokenizer, "max_length": recipe.data.max_length,
               "train_on_prompt": recipe.data.train_on_prompt, "prefix": special_prefix(tokenizer),
-              "version": [PIPELINE_VERSION, TEMPLATES[s.cfg.kind]]}  # invalidates the cache on template edits
-    return rows.map(_encode_row, fn_kwargs=kwargs, remove_columns=rows.column_names,
-                    desc=f"{s.cfg.name}: tokenizing")
+              "version": version}
+    return rows.map(_encode_rows, batched=True, with_indices=True, fn_kwargs=kwargs,
+                    remove_columns=rows.column_names, desc=f"{s.cfg.name}: tokenizing")
 
 
-def _encode_row(row: dict[str, Any], *, task: str, task_id: int, kind: str, template: str, words: Any,
-                tokenizer: Any, max_length: int, train_on_prompt: bool, prefix: list[int],
-                version: Any) -> dict[str, Any]:
-    segments = render(to_example(row, task, kind, words), tokenizer, template)
-    e = encode(segments, tokenizer, max_length=max_length, train_on_prompt=train_on_prompt, prefix=prefix)
-    return {"input_ids": e.input_ids, "labels": e.labels, "task_id": task_id,
-            "n_trained_tokens": sum(1 for x in e.labels if x != IGNORE), "truncated": e.truncated}
+def _encode_rows(batch: dict[str, list], indices: list[int], *, task: str, task_id: int, kind: str,
+                 template: str, words: Any, tokenizer: Any, max_length: int, train_on_prompt: bool,
+                 prefix: list[int], version: Any) -> dict[str, list]:
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "task_id", "n_trained_tokens",
+                                            "truncated", "row")}
+    for index, values in zip(indices, zip(*batch.values())):
+        example = to_example(dict(zip(batch, values)), task, kind, words)
+        for e in encode_pieces(example, tokenizer, template=template, max_length=max_length,
+                               train_on_prompt=train_on_prompt, prefix=prefix):
+            out["input_ids"].append(e.input_ids)
+            out["labels"].append(e.labels)
+            out["n_trained_tokens"].append(sum(1 for x in e.labels if x != IGNORE))
+            out["truncated"].append(e.truncated)
+            out["task_id"].append(task_id)
+            out["row"].append(index)
+    return out
 
 
-def tokenize_example(example: Example, tokenizer: Any, *, template: str = "default",
+def tokenize_example(example: Example, tokenizer: Any, *, template: Template = "default",
                      max_length: int | None = None, train_on_prompt: bool = False) -> Encoded:
-    """Render and encode one example the way training sees it."""
-    return encode(render(example, tokenizer, template), tokenizer, max_length=max_length,
-                  train_on_prompt=train_on_prompt)
+    """Render and encode one example the way training sees it (a long text: its first piece;
+    `encode_pieces` gives them all)."""
+    return encode_pieces(example, tokenizer, template=template, max_length=max_length,
+                         train_on_prompt=train_on_prompt)[0]
+
+
+def encode_pieces(example: Example, tokenizer: Any, *, template: Template = "default",
+                  max_length: int | None = None, train_on_prompt: bool = False,
+                  prefix: list[int] | None = None) -> list[Encoded]:
+    """Every token row training makes of one example: `encode` of its rendered segments, except that
+    a text longer than `max_length` is cut into pieces rather than truncated."""
+    segments = render(example, tokenizer, template)
+    if example.kind != "text":
+        return [encode(segments, tokenizer, max_length=max_length, train_on_prompt=train_on_prompt,
+                       prefix=prefix)]
+    whole = encode(segments, tokenizer, prefix=prefix)
+    if max_length is None or len(whole.input_ids) <= max_length:
+        return [whole]
+    head = _head(segments, tokenizer, special_prefix(tokenizer) if prefix is None else prefix)
+    return _cut(whole, len(head), max_length)
+
+
+def _cut(whole: Encoded, n_head: int, max_length: int) -> list[Encoded]:
+    """A long text's pieces, each at most max_length tokens. Pretraining text has no response to
+    protect, and truncating it would silently drop the rest, so it is cut into consecutive
+    windows instead. Each piece opens with the special prefix (BOS: the model always starts as it
+    was trained to), and every piece after the first repeats the previous window's last token as
+    untrained context, so each text token (and the EOS) is a target exactly once: the token that
+    opens a window would otherwise have nothing before it to predict it from."""
+    head_ids, ids, labels = whole.input_ids[:n_head], whole.input_ids[n_head:], whole.labels[n_head:]
+    pieces, start = [], 0
+    while start < len(ids):
+        context = [] if start == 0 else [ids[start - 1]]
+        stop = start + max(1, max_length - n_head - len(context))
+        pieces.append(Encoded(head_ids + context + ids[start:stop],
+                              [IGNORE] * (n_head + len(context)) + labels[start:stop], False))
+        start = stop
+    return pieces
 
 
 def encode(segments: list[tuple[str, bool]], tokenizer: Any, *, max_length: int | None = None,
@@ -212,9 +277,7 @@ def encode(segments: list[tuple[str, bool]], tokenizer: Any, *, max_length: int 
     on the first token (nothing predicts it; in a packed row that keeps examples apart).
     `prefix` is `special_prefix(tokenizer)`, computed once by callers that encode many examples."""
     prefix = special_prefix(tokenizer) if prefix is None else prefix
-    bos = getattr(tokenizer, "bos_token", None)
-    # A chat template writes the BOS itself.
-    head = [] if bos and segments and segments[0][0].startswith(bos) else list(prefix)
+    head = _head(segments, tokenizer, prefix)
     ids, labels, last_start = list(head), [IGNORE] * len(head), len(head)
     for text, trained in segments:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -235,6 +298,12 @@ def encode(segments: list[tuple[str, bool]], tokenizer: Any, *, max_length: int 
     ids, labels = _truncate(ids, labels, max_length, len(head), last_start)
     labels[0] = IGNORE
     return Encoded(ids, labels, True)
+
+
+def _head(segments: list[tuple[str, bool]], tokenizer: Any, prefix: list[int]) -> list[int]:
+    """The ids in front of the segments: the special prefix, unless a chat template wrote the BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return [] if bos and segments and segments[0][0].startswith(bos) else list(prefix)
 
 
 def special_prefix(tokenizer: Any) -> list[int]:

@@ -39,7 +39,9 @@ def kind_features(kind: str) -> Any:
               "nlu": {"text": text, "text_pair": text, "label": text},
               "knowledge": {"question": text, "answer": text, "choices": [text],
                             "answer_index": Value("int64")},
-              "chat": {"messages": [{"role": text, "content": text}]}}[kind]
+              "chat": {"messages": [{"role": text, "content": text}]},
+              "completion": {"prompt": text, "completion": text},
+              "text": {"text": text}}[kind]
     return Features({**schema, "_ok": Value("bool")})
 
 
@@ -62,10 +64,14 @@ def normalize_row(row: dict[str, Any], index: int, *, kind: str, mapping: dict[s
         out = {"text": _text(get["text"], at, name["text"]), "label": word or "",
                "text_pair": _text(get.get("text_pair"), at, name["text_pair"])}
         return {**out, "_ok": bool(out["text"].strip() and word)}
+    if kind in ("completion", "text"):  # text as it is: only an all-blank field makes a row unusable
+        out = {f: _text(get[f], at, name[f]) for f in mapping}
+        return {**out, "_ok": all(v.strip() for v in out.values())}
     if kind == "knowledge":
         return _knowledge(get, at, name)
     messages = _messages(get["messages"], at, name["messages"])
-    return {"messages": messages, "_ok": any(m["role"] == "assistant" and m["content"] for m in messages)}
+    # An assistant turn that opens the conversation answers nothing, so it is not trained.
+    return {"messages": messages, "_ok": any(m["role"] == "assistant" and m["content"] for m in messages[1:])}
 
 
 def _scalar(value: Any, at: str, name: str, expected: str) -> Any:

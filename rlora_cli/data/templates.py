@@ -1,28 +1,38 @@
 """Prompt templates: how an example of each data kind becomes text, and which part is trained.
 
-Four kinds (`config.KIND_FIELDS` lists their fields):
+Six kinds (`config.KIND_FIELDS` lists their fields):
 - `instruction`: instruction, optional input → output (Alpaca's template);
 - `nlu`: text, optional text_pair → label word (the prompt names the label set);
 - `knowledge`: question → answer, or question + choices → "letter. answer" (BIG-bench rows keep
   BIG-bench's own prompt and answer with the choice text);
 - `chat`: messages [{role, content}, ...] through the tokenizer's chat template, every assistant
-  turn trained.
+  turn trained;
+- `completion`: prompt → completion, concatenated verbatim (TRL's prompt-completion rows);
+- `text`: raw text, every token trained (continued pretraining; pipeline.py cuts long texts into
+  max_length pieces).
 
 `render` returns text segments with a trained flag; pipeline.py tokenizes each segment
-separately, so the loss-mask boundary is token-exact. With `template: chat` any kind goes through the
-tokenizer's chat template (user = prompt, assistant = response). `TEMPLATES` holds every format
-string render uses; `template_info` is what the trainer saves with an adapter so `rlora generate`
-and the evaluator can rebuild the same prompts.
+separately, so the loss-mask boundary is token-exact. With `template: chat` any kind but text goes
+through the tokenizer's chat template (user = prompt, assistant = response); a named format
+(`template: llama3`, ...; chat_templates.py) goes the same way with that family's template, and
+so do chat rows. `TEMPLATES` holds every format string render uses; `template_info` is what the
+trainer saves with an adapter so `rlora generate` and the evaluator can rebuild the same prompts
+(a named format's text included: `ChatFormat` carries a saved one back in).
 """
 
 from __future__ import annotations
 
 import copy
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from rlora_cli.config import CHAT_ROLES, KINDS, TEMPLATE_NAMES
+from rlora_cli.data.chat_templates import CHAT_TEMPLATES
 from rlora_cli.errors import UserError
 
 LETTERS = string.ascii_uppercase
@@ -58,7 +68,23 @@ TEMPLATES: dict[str, dict[str, str]] = {
         "bigbench_response": "{trailing spaces of question}{answer}",
     },
     "chat": {"messages": "the tokenizer's chat template; loss on every assistant turn"},
+    "completion": {"prompt": "{prompt}", "response": "{completion}"},
+    "text": {"text": "{text}, every token trained; a text longer than max_length is cut into "
+                     "max_length pieces"},
 }
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A named chat format as an adapter saved it (`template_info`): rendering uses this text, not
+    today's entry in chat_templates.py, so an old adapter keeps its prompts."""
+
+    name: str
+    text: str
+
+
+# A template is a name in TEMPLATE_NAMES, or a named format carried back from a saved adapter.
+Template = str | ChatFormat
 
 
 @dataclass(frozen=True)
@@ -72,39 +98,73 @@ class Example:
     fields: dict
 
 
-def render(example: Example, tokenizer: Any = None, template: str = "default") -> list[tuple[str, bool]]:
-    """Text segments with a trained flag; for non-chat kinds `[(prompt, False), (response, True)]`."""
-    if example.kind == "chat":
-        return chat_segments(_messages(example), tokenizer)
-    prompt, response = _default_pair(example)
-    if template == "chat":
+def render(example: Example, tokenizer: Any = None, template: Template = "default") -> list[tuple[str, bool]]:
+    """Text segments with a trained flag: `[(prompt, False), (response, True)]` for the kinds with
+    a prompt and a response, `[(text, True)]` for text, and the turns of a chat."""
+    name, chat_template = resolve(template, example)
+    with _rendering(example, name):
+        if example.kind == "chat":
+            return chat_segments(_messages(example), tokenizer, chat_template)
+        if example.kind == "text":
+            return [(example.fields["text"], True)]
+        prompt, response = _default_pair(example)
+        if name == "default":
+            return [(prompt, False), (response, True)]
         return chat_segments([{"role": "user", "content": prompt},
-                              {"role": "assistant", "content": response.strip()}], tokenizer)
-    if template != "default":
-        raise UserError(f"unknown template {template!r}", f"use one of {', '.join(TEMPLATE_NAMES)}")
-    return [(prompt, False), (response, True)]
+                              {"role": "assistant", "content": response.strip()}], tokenizer, chat_template)
 
 
 def prompt_and_response(example: Example, tokenizer: Any = None,
-                        template: str = "default") -> tuple[str, str]:
-    """(prompt, response) of a non-chat example: the untrained and the trained text."""
-    if example.kind == "chat":
-        raise UserError("chat examples have several turns", "use render() for them")
+                        template: Template = "default") -> tuple[str, str]:
+    """(prompt, response) of a one-turn example: the untrained and the trained text."""
+    if example.kind in ("chat", "text"):
+        what = "have several turns" if example.kind == "chat" else "are one trained text, with no prompt"
+        raise UserError(f"{example.kind} examples {what}", "use render() for them")
     (prompt, _), (response, _) = render(example, tokenizer, template)
     return prompt, response
 
 
-def prompt_text(example: Example, tokenizer: Any = None, template: str = "default") -> str:
-    """The prompt alone, for generation: response fields may be absent."""
-    if example.kind == "chat":
-        return _apply(tokenizer, _messages(example), generation_prompt=True)
-    prompt = _prompt(example.kind, example.fields)
-    if template == "chat":
-        return _apply(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
-    return prompt
+def prompt_text(example: Example, tokenizer: Any = None, template: Template = "default") -> str:
+    """The prompt alone, for generation: response fields may be absent (a text example's prompt is
+    its text, continued as it is)."""
+    name, chat_template = resolve(template, example)
+    with _rendering(example, name):
+        if example.kind == "chat":
+            return _apply(tokenizer, _messages(example), generation_prompt=True, chat_template=chat_template)
+        prompt = _prompt(example.kind, example.fields)
+        if name != "default":
+            return _apply(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True,
+                          chat_template=chat_template)
+        return prompt
 
 
-def choices(example: Example, tokenizer: Any = None, template: str = "default") -> list[str] | None:
+def resolve(template: Template, example: Example | None = None) -> tuple[str, str | None]:
+    """(name, Jinja text to render chats with): the text is None for default and chat (the
+    tokenizer's own template), the table's entry for a named format, a saved format's own text."""
+    if isinstance(template, ChatFormat):
+        name, text = template.name, template.text
+    elif template in TEMPLATE_NAMES:
+        name, text = template, CHAT_TEMPLATES.get(template)
+    else:
+        raise UserError(f"unknown template {template!r}", f"use one of {', '.join(TEMPLATE_NAMES)}")
+    if example is not None and example.kind == "text" and name != "default":
+        raise UserError(f"{example.task}: a text example is raw text, with no turns for template {name!r}",
+                        "use template: default for text")
+    return name, text
+
+
+@contextmanager
+def _rendering(example: Example, name: str) -> Iterator[None]:
+    """A chat template that refuses a conversation (Jinja's raise_exception: a role the format
+    has no place for, turns out of order) becomes one line naming the task."""
+    try:
+        yield
+    except TemplateError as e:
+        raise UserError(f"{example.task}: the {name} chat template cannot render this example: {e}",
+                        "fix those turns in the data, or choose another template") from None
+
+
+def choices(example: Example, tokenizer: Any = None, template: Template = "default") -> list[str] | None:
     """Candidate response strings, scored by log-likelihood after the prompt (exactly as `render`
     writes the response): every label word for nlu, every "letter. answer" for knowledge with
     choices. None for free-form examples."""
@@ -130,17 +190,31 @@ def gold_index(example: Example) -> int | None:
 
 
 def template_info(kind: str, template: str = "default") -> dict[str, Any]:
-    """JSON-serialisable description of how `kind` is rendered, saved with the adapter."""
-    if kind not in KINDS or template not in TEMPLATE_NAMES:
+    """JSON-serialisable description of how `kind` is rendered, saved with the adapter; a named
+    chat format's Jinja text is saved in `chat_template` (`saved_template` reads it back)."""
+    if kind not in KINDS or template not in TEMPLATE_NAMES or (kind == "text" and template != "default"):
         raise UserError(f"no template for kind {kind!r} with template {template!r}",
-                        f"kinds: {', '.join(KINDS)}; templates: {', '.join(TEMPLATE_NAMES)}")
+                        f"kinds: {', '.join(KINDS)}; templates: {', '.join(TEMPLATE_NAMES)} "
+                        "(text: default only)")
     info: dict[str, Any] = {"kind": kind, "template": template, "format": copy.deepcopy(TEMPLATES[kind]),
                             "eos": "appended after the last trained segment unless it already ends "
                                    "with the tokenizer's EOS token"}
-    if template == "chat" and kind != "chat":
-        info["chat"] = ("the tokenizer's chat template with user = the default prompt and "
+    which = "the tokenizer's chat template" if template == "chat" else f"the {template} chat format"
+    if template in CHAT_TEMPLATES:
+        info["chat_template"] = CHAT_TEMPLATES[template]
+    if template != "default" and kind != "chat":
+        info["chat"] = (f"{which} with user = the default prompt and "
                         "assistant = the default response stripped of surrounding whitespace")
+    elif template in CHAT_TEMPLATES:
+        info["chat"] = f"{which} renders the messages"
     return info
+
+
+def saved_template(info: dict[str, Any]) -> Template:
+    """The template a saved `template_info` names: a named format as the saved text (an adapter
+    saved before its format's entry changed, or was removed, keeps its prompts), else the name."""
+    name, text = info.get("template") or "default", info.get("chat_template")
+    return ChatFormat(name, text) if isinstance(text, str) and name not in ("default", "chat") else name
 
 
 def _default_pair(example: Example) -> tuple[str, str]:
@@ -148,6 +222,8 @@ def _default_pair(example: Example) -> tuple[str, str]:
     if t is None:
         raise UserError(f"unknown data kind {example.kind!r}", f"use one of {', '.join(KINDS)}")
     prompt = _prompt(example.kind, f)
+    if example.kind == "completion":
+        return prompt, f["completion"]
     if example.kind == "instruction":
         return prompt, t["response"].format(output=f["output"])
     if example.kind == "nlu":
@@ -163,6 +239,10 @@ def _default_pair(example: Example) -> tuple[str, str]:
 
 def _prompt(kind: str, f: dict) -> str:
     t = TEMPLATES[kind]
+    if kind == "completion":  # verbatim: no template around the user's own text
+        return f["prompt"]
+    if kind == "text":
+        return f["text"]
     if kind == "instruction":
         key = "prompt_with_input" if f.get("input") else "prompt"
         return t[key].format(instruction=f["instruction"], input=f.get("input") or "")
@@ -191,21 +271,24 @@ def _messages(example: Example) -> list[dict[str, str]]:
     return messages
 
 
-def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, bool]]:
-    """Segments of a conversation through the chat template; assistant turns are trained.
+def chat_segments(messages: list[dict[str, str]], tokenizer: Any,
+                  chat_template: str | None = None) -> list[tuple[str, bool]]:
+    """Segments of a conversation through the chat template (`chat_template`, else the
+    tokenizer's own); assistant turns are trained.
 
     Each assistant turn is the difference between the rendering that ends with it and the
     rendering of the turns before it plus the generation prompt, so the trained text is exactly
     what the model must produce after the template's own "assistant" header (end-of-turn marker
-    included: the model learns to stop). Turns after the last assistant turn teach nothing and
-    are dropped."""
+    included: the model learns to stop). An assistant turn that opens the conversation answers
+    nothing and stays untrained context (rows.py keeps only rows with a later one). Turns after
+    the last assistant turn teach nothing and are dropped."""
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i == 0:
             continue
-        head = _apply(tokenizer, messages[:i], generation_prompt=True)
-        full = _apply(tokenizer, messages[: i + 1], generation_prompt=False)
+        head = _apply(tokenizer, messages[:i], generation_prompt=True, chat_template=chat_template)
+        full = _apply(tokenizer, messages[: i + 1], generation_prompt=False, chat_template=chat_template)
         if not (head.startswith(done) and full.startswith(head)):
             raise UserError("this tokenizer's chat template rewrites earlier turns, so assistant turns "
                             "cannot be located in the rendered text",
@@ -215,8 +298,11 @@ def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[
     return [(text, trained) for text, trained in segments if text]
 
 
-def _apply(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+def _apply(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool,
+           chat_template: str | None = None) -> str:
+    if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise UserError("this data needs a chat template, and the tokenizer has none",
-                        "use template: default, or a model whose tokenizer has a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+                        "use template: default, a named format (template: llama3, qwen, mistral, gemma "
+                        "or alpaca), or a model whose tokenizer has a chat template")
+    return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)

@@ -123,6 +123,10 @@ def test_no_chat_template_is_a_user_error(tok):
 def test_template_info_is_json_and_matches_render():
     for kind in KINDS:
         for template in TEMPLATE_NAMES:
+            if kind == "text" and template != "default":  # raw text has no turns to template
+                with pytest.raises(UserError, match="text: default only"):
+                    template_info(kind, template)
+                continue
             info = json.loads(json.dumps(template_info(kind, template)))
             assert (info["kind"], info["template"]) == (kind, template)
             assert info["format"] == TEMPLATES[kind]
