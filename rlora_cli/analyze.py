@@ -18,7 +18,8 @@ saved tensors over a weightless base):
 ΔW always comes from `MultiHeadLoRA.static_factors()`, the formula merge and export use; a head
 is a one-head view of the same tensors. With `--recipe` (softmax routers only), `router_usage`
 is the mean routing weight of each head over every token of each task's held-out examples as
-training renders them (prompt and response; padding excluded), per module and averaged.
+training renders them (prompt and response; padding excluded), per module and averaged
+(`routing.router_usage`, which per-task folding uses too).
 
 The plots in OUT (head_cosine, head_similarity, spectra and, with --recipe, router_usage) and the
 printed summary are drawn by report/analyze.py from the returned dicts.
@@ -35,16 +36,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlora_cli.adapters import ROUTER_METHODS, AdapterConfig, LayerSpec, MultiHeadLoRA, adapter_layers
+from rlora_cli.adapters import ROUTER_METHODS, AdapterConfig, LayerSpec, MultiHeadLoRA
 from rlora_cli.checkpoint import WEIGHTS_FILE, check_remote_code, read_adapter_config, read_weights
-from rlora_cli.data.packing import pad_batch
-from rlora_cli.data.pipeline import load_splits, tokenize_example
+from rlora_cli.data.pipeline import load_splits
 from rlora_cli.errors import UserError
 from rlora_cli.files import atomic_write_text, check_output_dir
 from rlora_cli.model import load_with_adapter
 from rlora_cli.recipe.load import load_recipe
 from rlora_cli.report.analyze import render_analysis, write_plots
 from rlora_cli.report.common import progress_bar
+from rlora_cli.routing import router_usage
 from rlora_cli.runs import adapter_dir
 
 # ------------------------------------------------------------------------------- the command
@@ -276,62 +277,3 @@ def top1_energy(sv: list[float]) -> float | None:
     """σ1² / Σσ²: the share of ΔW's squared Frobenius norm in its top direction."""
     energy = sum(s * s for s in sv)
     return sv[0] ** 2 / energy if energy > 0 else None
-
-
-# --------------------------------------------------------------------------- router usage
-
-
-@torch.no_grad()
-def router_usage(model: nn.Module, tokenizer: Any, examples: dict[str, list], *,
-                 templates: dict[str, str] | None = None, max_length: int | None = None,
-                 batch_size: int = 8, progress: Any = None) -> dict[str, dict[str, Any]]:
-    """{task: {"mean": [n], "per_module": {path: [n]}}}: mean ω(x) of each head over every
-    non-padding token of the task's examples, tokenized as training does. Forward hooks on
-    each adapted module call its `router_weights` on the module's own input."""
-    layers = {name: m for name, m in adapter_layers(model).items() if m.spec.gate == "router"}
-    if not layers:
-        raise UserError("this model has no softmax-router adapters", "load a hydralora/rlora adapter")
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    current: dict[str, Any] = {}
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Any:
-        def fn(module: MultiHeadLoRA, args: tuple, output: Any) -> None:
-            w = module.router_weights(args[0]).double()  # [B, T, n]
-            sums[name] = sums[name] + (w * current["mask"][..., None]).sum((0, 1))
-        return fn
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    result: dict[str, dict[str, Any]] = {}
-    try:
-        for task, rows in examples.items():
-            template = (templates or {}).get(task, "default")
-            ids = [tokenize_example(ex, tokenizer, template=template, max_length=max_length).input_ids
-                   for ex in rows]
-            for name, m in layers.items():
-                sums[name] = torch.zeros(m.spec.num_heads, dtype=torch.float64, device=device)
-            tokens = 0
-            for start in range(0, len(ids), max(1, batch_size)):
-                batch = ids[start:start + batch_size]
-                padded = pad_batch(batch, pad)  # right padding; padded positions are masked out
-                mask = padded["attention_mask"]
-                current["mask"] = mask.to(device, torch.float64)
-                model(input_ids=padded["input_ids"].to(device), attention_mask=mask.to(device))
-                tokens += int(mask.sum())
-                if progress is not None:
-                    progress(len(batch))
-            if tokens:
-                result[task] = _usage_means(sums, tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    return result
-
-
-def _usage_means(sums: dict[str, torch.Tensor], tokens: int) -> dict[str, Any]:
-    """{"mean": [n], "per_module": {path: [n]}} from routing-weight sums over `tokens` tokens."""
-    per_module = {name: (s / tokens).tolist() for name, s in sums.items()}
-    n = len(next(iter(per_module.values())))
-    mean = [sum(v[h] for v in per_module.values()) / len(per_module) for h in range(n)]
-    return {"mean": mean, "per_module": per_module}

@@ -5,22 +5,22 @@
     rlora inspect RUN [--json]
 
 Both merge and PEFT export take ΔW = B'·A' from `MultiHeadLoRA.static_factors()`, the one formula
-for ΔW. A softmax router makes ΔW depend on each token, so those adapters are refused after
-reading rlora_config.json, before any weights load and before anything is written. Output
-folders are written through `files.atomic_dir`: an interrupted run leaves nothing behind.
+for ΔW. A softmax router makes ΔW depend on each token, so those adapters are refused here after
+reading rlora_config.json, before any weights load and before anything is written; the refusal
+names the run's tasks, because `fold.py` folds them per task (`--task`, `--per-task`) through
+`plan_merge`/`run_merge` and the PEFT pieces below. Output folders are written through
+`files.atomic_dir`: an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.markup import escape
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
@@ -32,7 +32,7 @@ from rlora_cli.adapters import (
     inject_adapters,
     merge_adapters,
 )
-from rlora_cli.adapters.layer import is_conv1d
+from rlora_cli.card import model_card
 from rlora_cli.checkpoint import (
     WEIGHTS_FILE,
     check_remote_code,
@@ -46,17 +46,14 @@ from rlora_cli.config import DTYPE_NAMES
 from rlora_cli.errors import UserError, first_line
 from rlora_cli.files import atomic_dir, check_output_dir
 from rlora_cli.model import load_model, meta_model
+from rlora_cli.peft_format import make_peft_config, peft_targets, peft_tensors, write_peft
+from rlora_cli.recipe.load import default_name, read_yaml
+from rlora_cli.runs import CHECKPOINT_PREFIX, read_safetensors_header
 from rlora_cli.runs import adapter_dir as find_adapter_dir
-from rlora_cli.runs import read_safetensors_header
 
 FORMATS = ("peft", "merged")
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_SHARD = "5GB"  # what the hub's own large checkpoints use; transformers 5 defaults to 50GB
 _DTYPE_FIX = "use --dtype bfloat16, float16 or float32"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                    "chat_template.jinja", "chat_template.json")
 
 
 # ---------------------------------------------------------------- merge
@@ -71,33 +68,70 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, *, base: str | 
     The base is the one recorded in rlora_config.json unless `base` names another; the result is
     cast once to `dtype` (default: the dtype the adapter was trained over). Returns `output`.
     """
-    adapter_dir, config, cfg = _read(adapter_dir)
-    _require_static(cfg, "merge")
+    job = plan_merge(adapter_dir, output, base=base, dtype=dtype, overwrite=overwrite,
+                     trust_remote_code=trust_remote_code)
+    return run_merge(job, max_shard_size=max_shard_size, console=console)
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """A merge checked and ready to load: every refusal that needs no weights has been made."""
+
+    adapter_dir: Path
+    config: dict[str, Any]
+    cfg: AdapterConfig
+    output: Path
+    base: str
+    target: str
+    """torch's name for the merged model's dtype."""
+    trust_remote_code: bool = False
+
+
+def plan_merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None,
+               dtype: str | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+               routed: bool = False) -> MergeJob:
+    """Check a merge before any weights load. A softmax router is refused unless `routed` (the
+    caller fixes each routed layer's head mixture before `run_merge` folds it)."""
+    adapter_dir, config, cfg = read_adapter(adapter_dir)
+    if not routed:
+        require_static(adapter_dir, config, cfg, "merge")
     check_remote_code(config, adapter_dir, trust_remote_code)
     read_safetensors_header(adapter_dir / WEIGHTS_FILE)  # a corrupt file fails now, not after a long load
     target = _target_dtype(dtype, config)
-    base = _base_of(config, base, adapter_dir)
-    _check_output(output, overwrite, [adapter_dir, Path(base)])
+    base = base_of(config, base, adapter_dir)
+    check_output(output, overwrite, [adapter_dir, Path(base)])
+    return MergeJob(adapter_dir, config, cfg, Path(output), base, target, trust_remote_code)
 
-    _say(console, f"loading {escape(base)} and the {cfg.type} adapter from {escape(str(adapter_dir))}")
+
+def run_merge(job: MergeJob, *, max_shard_size: str | int = DEFAULT_SHARD, console: Any = None,
+              fold: Callable[[Any, Any], dict[str, Any] | None] | None = None, device: Any = None) -> Path:
+    """Load the base and the adapter, fold, cast once, write the folder atomically.
+
+    `fold(model, tokenizer)` runs after the adapter loads and before the merge: it fixes the head
+    mixture of every routed layer and returns what the model card says about the fold."""
+    _say(console, f"loading {escape(job.base)} and the {job.cfg.type} adapter from "
+                  f"{escape(str(job.adapter_dir))}")
     try:
-        model, _ = load_model(base, dtype=_load_dtype(base, target, trust_remote_code),
-                              trust_remote_code=trust_remote_code)
+        model, _ = load_model(job.base, dtype=_load_dtype(job.base, job.target, job.trust_remote_code),
+                              trust_remote_code=job.trust_remote_code, device=device)
     except UserError as e:
         raise UserError(e.problem, f"{e.fix}; or name the base model with --base") from None
-    load_adapter(model, adapter_dir)
+    load_adapter(model, job.adapter_dir)
     model.eval()
+    tokenizer = adapter_tokenizer(job.adapter_dir, job.base, job.trust_remote_code)
+    fold_info = fold(model, tokenizer) if fold is not None else None
     if _untie_adapted_head(model):
         _say(console, "[yellow]note:[/] the adapter changes the LM head, which shares its weight with the "
                       "input embeddings; the merged model unties them")
     merge_adapters(model)  # float32 (or wider) per weight, checked finite
-    model.to(getattr(torch, target))  # the one cast
-    tokenizer = _tokenizer(adapter_dir, base, trust_remote_code)
-    with atomic_dir(output) as tmp:
+    model.to(getattr(torch, job.target))  # the one cast
+    with atomic_dir(job.output) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-    _say(console, f"[green]merged[/] {len(config['modules'])} modules into {escape(str(output))} ({target})")
-    return Path(output)
+        (tmp / "README.md").write_text(model_card(job.adapter_dir, fold=fold_info, merged=True))
+    _say(console, f"[green]merged[/] {len(job.config['modules'])} modules into {escape(str(job.output))} "
+                  f"({job.target})")
+    return job.output
 
 
 def _load_dtype(base: str, target: str, trust_remote_code: bool = False) -> str:
@@ -131,7 +165,7 @@ def _untie_adapted_head(model: Any) -> bool:
     return True
 
 
-def _tokenizer(adapter_dir: Path, base: str, trust_remote_code: bool = False) -> Any:
+def adapter_tokenizer(adapter_dir: Path, base: str, trust_remote_code: bool = False) -> Any:
     """The adapter's own tokenizer (what it was trained with) when it has one, else the base's."""
     source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     try:
@@ -173,61 +207,20 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
     Needs only the base's config.json (modules are built on the meta device, no weights load),
     to check the adapter fits the base and to set fan_in_fan_out for Conv1D models.
     """
-    adapter_dir, config, cfg = _read(adapter_dir)
-    _require_static(cfg, "export --format peft")
+    adapter_dir, config, cfg = read_adapter(adapter_dir)
+    require_static(adapter_dir, config, cfg, "export --format peft")
     check_remote_code(config, adapter_dir, trust_remote_code)
     read_safetensors_header(adapter_dir / WEIGHTS_FILE)
-    base = _base_of(config, base, adapter_dir)
-    _check_output(output, overwrite, [adapter_dir])
+    base = base_of(config, base, adapter_dir)
+    check_output(output, overwrite, [adapter_dir])
     layers, targets = _adapter_on_meta_base(adapter_dir, config, cfg, base, trust_remote_code)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        B, A = layer.static_factors()
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise UserError(f"the adapter of {name} holds non-finite values",
-                            "the adapter is corrupt or training diverged; use an earlier checkpoint")
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (B / cfg.scaling).contiguous()  # PEFT applies s
-    rank = max(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
-    fan_in_fan_out = any(is_conv1d(layer.base) for layer in layers.values())
-    peft_config = _peft_config(base, rank, cfg.scaling, targets, fan_in_fan_out)
+    tensors, rank = peft_tensors(layers)
+    peft_config = make_peft_config(base, rank, cfg.scaling, targets, layers)
     with atomic_dir(output) as tmp:
-        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
-        for name in _TOKENIZER_FILES:  # the tokenizer it was trained with, for servers that read it
-            if (adapter_dir / name).is_file():
-                shutil.copy2(adapter_dir / name, tmp / name)
+        write_peft(tmp, tensors, peft_config, adapter_dir)
     _say(console, f"[green]exported[/] a PEFT LoRA of rank {rank} over {len(layers)} modules to "
                   f"{escape(str(output))} (servers cap the rank: vLLM needs --max-lora-rank >= {rank})")
     return peft_config
-
-
-def _peft_config(base: str, rank: int, scaling: float, targets: list[str],
-                 fan_in_fan_out: bool) -> dict[str, Any]:
-    """PEFT's adapter_config.json for factors A' and B'/s of rank `rank`."""
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": _portable(base),
-        "revision": None,
-        "r": rank,
-        # B'/s is exported and PEFT's own scaling lora_alpha / r' puts s back, so
-        # lora_alpha = s·r' (never rslora) reproduces rlora's ΔW whatever options it trained with.
-        "lora_alpha": scaling * rank,
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "target_modules": targets,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
 
 
 def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig, base: str,
@@ -237,7 +230,7 @@ def _adapter_on_meta_base(adapter_dir: Path, config: dict, cfg: AdapterConfig, b
     model = meta_model(base, fix=fix, trust_remote_code=trust_remote_code)
     path = adapter_dir / WEIGHTS_FILE
     tensors = read_weights(path)
-    targets = _peft_targets(model, config["modules"])
+    targets = peft_targets(model, config["modules"])
     dtype = next(iter(tensors.values())).dtype if tensors else None
     inject_adapters(model, cfg, modules=config["modules"], init=False, dtype=dtype)
     _assign(model, tensors, path)
@@ -251,35 +244,54 @@ def _assign(model: Any, tensors: dict[str, Any], path: Path) -> None:
     model.load_state_dict(tensors, strict=False, assign=True)
 
 
-def _peft_targets(model: Any, modules: list[str]) -> list[str]:
-    """Short names (q_proj, …) when they pick exactly the wrapped modules, else the full paths.
-
-    PEFT wraps every module whose name ends with a target; an adapter on some layers only must
-    list full paths, or PEFT would add (zero) LoRA layers elsewhere and warn about missing keys
-    (or fail on a same-named module that is not a Linear).
-    """
-    short = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    same_named = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in short}
-    return short if same_named == set(modules) else sorted(modules)
-
-
 # ---------------------------------------------------------------- shared checks
 
 
-def _read(adapter_dir: str | Path) -> tuple[Path, dict[str, Any], AdapterConfig]:
+def read_adapter(adapter_dir: str | Path) -> tuple[Path, dict[str, Any], AdapterConfig]:
     """(adapter folder, rlora_config.json, AdapterConfig); a run folder means its adapter/."""
     d = Path(find_adapter_dir(str(adapter_dir)))
     config = read_adapter_config(d)
     return d, config, AdapterConfig.from_dict(config["adapter"])
 
 
-def _require_static(cfg: AdapterConfig, what: str) -> None:
-    if cfg.has_router:
-        raise UserError(
-            f"{what}: this {cfg.type} adapter has a softmax router, so ΔW depends on each token and "
-            "cannot be folded into fixed weights (rlora makes no silent approximation)",
-            "evaluate or serve the adapter directly with rlora (eval/generate --adapter), "
-            "or train with adapter.router=off to make it mergeable")
+def require_static(adapter_dir: Path, config: dict[str, Any], cfg: AdapterConfig, what: str) -> None:
+    """Refuse a softmax router, naming the way out: a fold per task, or an adapter without router."""
+    if not cfg.has_router:
+        return
+    recipe = run_recipe(adapter_dir, config)
+    names = recipe_task_names(recipe) if recipe is not None else []
+    tasks = (f"tasks of its recipe: {', '.join(names)}" if names else
+             "no recipe.yaml beside the adapter names the tasks: add --recipe RECIPE")
+    per_task = ", or --per-task for one PEFT LoRA per task" if what.startswith("export") else ""
+    raise UserError(
+        f"{what}: this {cfg.type} adapter has a softmax router, so ΔW depends on each token and no "
+        "single set of fixed weights reproduces it (rlora makes no silent approximation)",
+        f"fold the router for one task with --task NAME ({tasks}){per_task}; or train with "
+        "adapter.router=off for an exactly mergeable adapter")
+
+
+def run_recipe(adapter_dir: Path, config: dict[str, Any]) -> Path | None:
+    """The recipe an adapter was trained from: RUN/recipe.yaml beside RUN/adapter (or above
+    RUN/checkpoint-N/adapter), else the path rlora_config.json records, when it still exists."""
+    here = [adapter_dir.parent]
+    if adapter_dir.parent.name.startswith(CHECKPOINT_PREFIX):
+        here.append(adapter_dir.parent.parent)
+    found = [d / "recipe.yaml" for d in here if (d / "recipe.yaml").is_file()]
+    recorded = config.get("recipe")
+    if not found and isinstance(recorded, str) and Path(recorded).is_file():
+        found.append(Path(recorded))
+    return found[0] if found else None
+
+
+def recipe_task_names(recipe: str | Path) -> list[str]:
+    """The task names of a recipe, read from its YAML alone (no data file is opened)."""
+    try:
+        raw = read_yaml(recipe)
+    except UserError:
+        return []
+    entries = (raw.get("data") or {}).get("datasets") if isinstance(raw.get("data"), dict) else None
+    return [str(d.get("name") or default_name(str(d.get("path", "")), d.get("subset")))
+            for d in entries or [] if isinstance(d, dict)]
 
 
 def _target_dtype(dtype: str | None, config: dict[str, Any]) -> str:
@@ -295,19 +307,14 @@ def _target_dtype(dtype: str | None, config: dict[str, Any]) -> str:
     return DTYPE_NAMES[name]
 
 
-def _base_of(config: dict[str, Any], base: str | None, adapter_dir: Path) -> str:
+def base_of(config: dict[str, Any], base: str | None, adapter_dir: Path) -> str:
     base = base or recorded_base(config, adapter_dir, option="--base")
     if not base:
         raise UserError("the adapter does not record its base model", "pass --base with the hub id or folder")
     return str(base)
 
 
-def _portable(base: str) -> str:
-    """A local base as an absolute path, so the exported adapter works from any folder."""
-    return os.path.abspath(base) if Path(base).expanduser().is_dir() else base
-
-
-def _check_output(output: str | Path, overwrite: bool, inputs: list[Path]) -> None:
+def check_output(output: str | Path, overwrite: bool, inputs: list[Path]) -> None:
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is a file, not a folder",

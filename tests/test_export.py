@@ -2,8 +2,9 @@
 
 Every method × router on/off: the merged folder loads with plain transformers and the PEFT export
 loads with `peft.PeftModel`, both giving the adapter model's logits; softmax routers are refused
-before anything loads or is written. Then bf16, sharding, tied heads, Conv1D (GPT-2), the
-tokenizer, corrupt input, interrupted writes, inspect, and (once wired) the CLI.
+before anything loads or is written, the refusal naming --task (tests/test_fold.py folds them).
+Then bf16, sharding, tied heads, Conv1D (GPT-2), the tokenizer, corrupt input, interrupted
+writes, inspect, and (once wired) the CLI.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def test_merge_matches_adapter_or_refuses(case, tmp_path, tiny_model_dir):
     if not case["mergeable"]:
         with pytest.raises(UserError, match="softmax router") as e:
             merge_to_folder(case["dir"], out)
-        assert "adapter.router=off" in e.value.fix
+        assert "adapter.router=off" in e.value.fix and "--task NAME" in e.value.fix
+        assert "--recipe" in e.value.fix  # no run folder around it: no recipe names the tasks
         assert nothing_written(out)
         return
     merge_to_folder(case["dir"], out)
@@ -102,6 +104,7 @@ def test_merge_matches_adapter_or_refuses(case, tmp_path, tiny_model_dir):
             "tokenizer_config.json", "chat_template.jinja"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
     assert not [n for n in names if n.startswith("rlora_")]
+    assert "library_name: transformers" in (out / "README.md").read_text()  # its model card
     merged = load(out)  # plain transformers, nothing of rlora
     diff = maxdiff(logits(merged), case["ref"])
     print(f"{case['id']}: merged fp32 max |Δlogit| = {diff:.2e}")
@@ -138,6 +141,7 @@ def test_peft_export_round_trip_or_refuses(case, tmp_path, tiny_model_dir):
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (rank, 176)
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, rank)
     assert adapter_info(case["dir"])["peft_rank"] == rank  # inspect predicts what export writes
+    assert "library_name: peft" in (out / "README.md").read_text()  # its model card
     peft_model = PeftModel.from_pretrained(load(tiny_model_dir), out).eval()  # untouched base
     diff = maxdiff(logits(peft_model), case["ref"])
     print(f"{case['id']}: PEFT rank {rank} max |Δlogit| = {diff:.2e}")
@@ -154,9 +158,10 @@ def test_router_refusal_happens_before_any_load(case, tmp_path, monkeypatch):
     monkeypatch.setattr("rlora_cli.export.load_model", boom)
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", boom)
     for fmt in ("peft", "merged"):
-        with pytest.raises(UserError, match="softmax router"):
+        with pytest.raises(UserError, match="softmax router") as e:
             export_adapter(case["dir"], tmp_path / fmt, format=fmt)
         assert nothing_written(tmp_path / fmt)
+        assert ("--per-task" in e.value.fix) is (fmt == "peft")
 
 
 def test_inspect_adapter_fields(case):

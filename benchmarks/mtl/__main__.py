@@ -1,5 +1,5 @@
 """python -m benchmarks.mtl --tasks-dir DIR --methods lora,rlora,... --seeds 0,1,2 [--model PATH]
-[--out DIR] [--smoke]: see benchmarks/mtl/__init__.py."""
+[--out DIR] [--smoke] [--fold]: see benchmarks/mtl/__init__.py."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="output folder (default runs/mtl, runs/mtl-smoke with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, two tiny tasks, a few steps")
     ap.add_argument("--overwrite", action="store_true", help="delete OUT first (default: keep finished runs)")
+    ap.add_argument("--fold", action="store_true",
+                    help="router variants: also score each task with the router fixed to its fold")
     ap.add_argument("--r", type=int, default=d.r, help="rank per head")
     ap.add_argument("--heads", type=int, default=d.num_heads, help="heads (multilora: parallel LoRAs)")
     ap.add_argument("--alpha", type=float, default=d.lora_alpha, help="lora_alpha (scaling = alpha / r)")
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = settings_from(args)
         run_benchmark(args.tasks_dir, settings, args.out or ("runs/mtl-smoke" if args.smoke else "runs/mtl"),
-                      smoke=args.smoke, methods_given=args.methods is not None, overwrite=args.overwrite)
+                      smoke=args.smoke, methods_given=args.methods is not None, overwrite=args.overwrite,
+                      fold=args.fold)
     except UserError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

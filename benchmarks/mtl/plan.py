@@ -34,6 +34,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 SMOKE_METHODS = ("lora", "rlora")
 
 
+def routed(method: str) -> bool:
+    """A variant with a softmax router: `--fold` scores its per-task folds too."""
+    keys = VARIANTS[method][0]
+    return keys["type"] in ("hydralora", "rlora") and keys.get("router", "softmax") == "softmax"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a run of the benchmark fixes; saved in results.json."""

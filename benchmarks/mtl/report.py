@@ -1,6 +1,7 @@
 """The benchmark's results: mean ± sample std over seeds per task and on average, the markdown
 table, and the plots (accuracy per method; head similarity rlora vs hydralora and ΔW spectra
-multilora vs lora, drawn by `rlora_cli.report.analyze`)."""
+multilora vs lora, drawn by `rlora_cli.report.analyze`). A router variant scored with `--fold`
+gets a second row, "<variant> (folded)": the router fixed to each task's fold."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def summarize(settings: Settings, tasks: dict[str, Any], base: dict[int, dict[st
             "wall_s": _stats([r["wall_s"] for r in mine]),
             "train_s": _stats([r["train_s"] for r in mine]),
         }
+        folded = [r for r in mine if "folded" in r]
+        if folded:
+            methods[f"{m} (folded)"] = _folded(methods[m], folded, names)
     base_runs = list(base.values())
     return {
         "settings": settings.to_dict(), "lora_matched_r": matched_r,
@@ -40,6 +44,18 @@ def summarize(settings: Settings, tasks: dict[str, Any], base: dict[int, dict[st
         "base": {"tasks": {t: _stats([b["tasks"][t]["accuracy"] for b in base_runs]) for t in names},
                  "average": _stats([b["mean_accuracy"] for b in base_runs])},
         "methods": methods, "runs": runs,
+    }
+
+
+def _folded(routed: dict[str, Any], runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """The row of a router variant with its router fixed per task (one static LoRA per task)."""
+    return {
+        "description": "the same adapters, the router fixed to each task's fold (one static LoRA per task)",
+        "trainable_parameters": routed["trainable_parameters"],
+        "seeds": [r["seed"] for r in runs],
+        "tasks": {t: _stats([r["folded"]["tasks"].get(t, {}).get("accuracy") for r in runs]) for t in names},
+        "average": _stats([r["folded"]["mean_accuracy"] for r in runs]),
+        "wall_s": _stats([]), "train_s": _stats([]),
     }
 
 

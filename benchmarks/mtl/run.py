@@ -5,7 +5,8 @@ exact match for free-form). Finished runs are kept: run it again to continue aft
 
     OUT/settings.json                  what was run
     OUT/recipes/<variant>-seed<s>.yaml one recipe per run (train any of them alone with rlora train)
-    OUT/runs/<variant>-seed<s>/        the run directory; + result.json and eval.json (results shape)
+    OUT/runs/<variant>-seed<s>/        the run directory; + result.json and eval.json (results shape);
+                                       --fold: result.json's "folded" and folded.json (results shape)
     OUT/base/seed<s>.json              the base model on seed s's held-out split (results shape)
     OUT/analysis/<variant>.json        rlora analyze of the first seed's adapter
     OUT/results.json, OUT/results.md   per task and average: mean ± std over seeds, parameters, time
@@ -27,8 +28,9 @@ from . import plan, report
 
 def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: str | Path, *,
                   smoke: bool = False, methods_given: bool = True, overwrite: bool = False,
-                  console: Any = None) -> dict[str, Any]:
-    """Run every (variant, seed) and write the results; returns the results.json object."""
+                  fold: bool = False, console: Any = None) -> dict[str, Any]:
+    """Run every (variant, seed) and write the results; returns the results.json object. `fold`:
+    router variants are also scored per task with the router fixed to the task's fold."""
     from rich.console import Console
 
     from . import smoke as smoke_mod
@@ -67,6 +69,9 @@ def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: st
             for s in settings.seeds}
     runs = [train_and_score(m, s, recipes[(m, s)], out / "runs" / f"{m}-seed{s}", settings, console)
             for s in settings.seeds for m in settings.methods]
+    if fold:
+        runs = [score_folded(run, recipes[(run["method"], run["seed"])], settings, console)
+                if plan.routed(run["method"]) else run for run in runs]
     analyses = analyze_first_seed(runs, out / "analysis", console)
     results = report.summarize(settings, tasks, base, runs, counts, matched_r)
     _write_json(out / "results.json", results)
@@ -128,6 +133,33 @@ def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, se
               "mean_accuracy": _mean([r["accuracy"] for r in tasks.values()])}
     _write_json(result_path, result)
     return result
+
+
+def score_folded(run: dict[str, Any], recipe_path: Path, settings: plan.Settings,
+                 console: Any) -> dict[str, Any]:
+    """A router variant's run, scored again per task with the router fixed to the task's fold
+    (its held-out rows' mean mixture); adds run["folded"] and caches it in result.json."""
+    if "folded" in run:
+        return run
+    from rlora_cli.checkpoint import read_adapter_config
+    from rlora_cli.eval.recipe_tasks import prepare_recipe
+    from rlora_cli.eval.run import score_folds
+    from rlora_cli.fold import plan_folds
+    from rlora_cli.model import load_with_adapter
+
+    start = time.perf_counter()
+    adapter = Path(run["run_dir"]) / "adapter"
+    folds = plan_folds(adapter, read_adapter_config(adapter), None, recipe=recipe_path)
+    lm, tokenizer, _ = load_with_adapter(None, str(adapter), dtype=settings.dtype)
+    tasks, infos = score_folds(folds, prepare_recipe(str(recipe_path), None), lm, tokenizer,
+                               settings.eval_batch_size, console)
+    _results_file(Path(run["run_dir"]) / "folded.json", settings.model, str(adapter),
+                  time.perf_counter() - start, tasks)
+    run = {**run, "folded": {"tasks": {t: {"accuracy": r["accuracy"], "n": r["n"]} for t, r in tasks.items()},
+                             "mean_accuracy": _mean([r["accuracy"] for r in tasks.values()]),
+                             "folds": infos}}
+    _write_json(Path(run["run_dir"]) / "result.json", run)
+    return run
 
 
 def _score(lm: Any, tokenizer: Any, recipe_path: Path, settings: plan.Settings,

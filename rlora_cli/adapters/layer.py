@@ -10,6 +10,11 @@ computed as one GEMM into rank space and one GEMM out of it:
 
 Nothing of size T×n×d_out is ever built. Every adapter tensor is named `rlora_*`, so freezing,
 saving and counting are one name test. The base module is wrapped, never edited.
+
+A softmax router makes ΔW depend on each token. Fixing the gate to one head mixture ω̄ (a task's
+mean routing weights) makes it static again: `fixed_mixture` replaces the softmax in forward, and
+`static_factors(mixture)` folds the same ω̄ into B' = s·Σ_i ω̄_i·B_i (rank r: A is shared), with
+R-LoRA's compensation block appended as for every other gate.
 """
 
 from __future__ import annotations
@@ -103,6 +108,9 @@ class MultiHeadLoRA(nn.Module):
             self.register_buffer("rlora_B0", torch.empty(d_out, r, **kw))
         if init:
             self.reset_parameters()
+        # A head mixture [n] used instead of the softmax router (a task's fold). A plain attribute,
+        # never a parameter or buffer: it is no part of the saved adapter, and `.to()` leaves it alone.
+        self.fixed_mixture: Tensor | None = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -173,7 +181,9 @@ class MultiHeadLoRA(nn.Module):
         if spec.gate == "scalar":
             h = h * self.rlora_gate.to(h.dtype).view(1, n, 1)
         elif spec.gate == "router":
-            h = h * router_weights(rest[:, :n]).to(h.dtype).unsqueeze(-1)
+            weights = router_weights(rest[:, :n]) if self.fixed_mixture is None else \
+                self.fixed_mixture.to(h.device).view(1, n)  # the same mixture for every token
+            h = h * weights.to(h.dtype).unsqueeze(-1)
         z = h.reshape(-1, n * r)
         if not spec.compensate:
             return z, self.rlora_B
@@ -183,25 +193,34 @@ class MultiHeadLoRA(nn.Module):
         return torch.cat([z, rest[:, -r:].to(z.dtype) * -c], 1), torch.cat([self.rlora_B, self.rlora_B0], 1)
 
     def router_weights(self, x: Tensor) -> Tensor:
-        """ω(x) [.., n] for inputs x [.., d_in] (analysis and tests; forward fuses this GEMM)."""
+        """ω(x) [.., n] for inputs x [.., d_in] (analysis and tests; forward fuses this GEMM);
+        the fixed mixture for every token while one is set."""
+        n = self.spec.num_heads
         if self.spec.gate != "router":
-            return torch.full((*x.shape[:-1], self.spec.num_heads), 1.0 / self.spec.num_heads,
-                              dtype=torch.float32, device=x.device)
+            return torch.full((*x.shape[:-1], n), 1.0 / n, dtype=torch.float32, device=x.device)
+        if self.fixed_mixture is not None:
+            w = self.fixed_mixture.to(x.device, torch.promote_types(self.fixed_mixture.dtype, torch.float32))
+            return w.expand(*x.shape[:-1], n)
         return router_weights(x.to(self.rlora_router.dtype) @ self.rlora_router.t())
 
-    def static_factors(self) -> tuple[Tensor, Tensor]:
+    def static_factors(self, mixture: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B', A') with ΔW = B'·A' equal to the eval-mode delta, in float32 (or wider).
 
-        The one formula for ΔW: merge, export and analysis all call it. MultiLoRA becomes a plain
-        LoRA of rank n·r with the gates folded into B; a uniform router gives B̄ = mean B_i; the
-        R-LoRA compensation is one more rank-r block [B̄ | −B0]·[A; A0].
+        The one formula for ΔW: merge, export, folding and analysis all call it. MultiLoRA becomes a
+        plain LoRA of rank n·r with the gates folded into B; a uniform router gives B̄ = mean B_i;
+        a softmax router needs a fixed head mixture ω̄ [n] (`mixture`, else `fixed_mixture`) and
+        gives B̄ = Σ_i ω̄_i·B_i; the R-LoRA compensation is one more rank-r block [B̄ | −B0]·[A; A0].
         """
         spec, n, r = self.spec, self.spec.num_heads, self.spec.r
-        if spec.gate == "router":
+        if spec.gate != "router" and mixture is not None:
+            raise ValueError(f"a head mixture replaces a softmax router; this layer's gate is {spec.gate}")
+        mixture = self.fixed_mixture if mixture is None else mixture
+        if spec.gate == "router" and mixture is None:
             raise UserError(
                 "a softmax router makes ΔW depend on each token, so this adapter cannot be folded "
-                "into one weight matrix",
-                "evaluate the adapter directly, or train with adapter.router=off to make it mergeable")
+                "into one weight matrix without a fixed head mixture",
+                "fold it for one task (rlora merge/export --task NAME), or train with adapter.router=off "
+                "to make it mergeable")
         dt = torch.promote_types(self.rlora_A.dtype, torch.float32)
         A = self.rlora_A.detach().to(dt)
         B = self.rlora_B.detach().to(dt) * spec.scaling
@@ -209,14 +228,16 @@ class MultiHeadLoRA(nn.Module):
             B = B * self.rlora_gate.detach().to(dt).repeat_interleave(r)
         elif spec.gate == "uniform":
             B = B.view(self.out_features, n, r).mean(1)
+        elif spec.gate == "router":
+            B = (B.view(self.out_features, n, r) * _checked_mixture(mixture, n).to(B).view(1, n, 1)).sum(1)
         if spec.compensate:
             A = torch.cat([A, self.rlora_A0.to(dt)])
             B = torch.cat([B, -spec.scaling * self.rlora_B0.to(dt)], dim=1)
         return B, A
 
-    def delta_weight(self) -> Tensor:
-        """ΔW [d_out, d_in] in float32 (or wider); raises for a softmax router."""
-        B, A = self.static_factors()
+    def delta_weight(self, mixture: Tensor | None = None) -> Tensor:
+        """ΔW [d_out, d_in] in float32 (or wider); a softmax router needs a fixed mixture."""
+        B, A = self.static_factors(mixture)
         return B @ A
 
     def extra_repr(self) -> str:
@@ -224,6 +245,14 @@ class MultiHeadLoRA(nn.Module):
         return (f"r={s.r}, heads={s.num_heads}, gate={s.gate}, scaling={s.scaling:g}, "
                 f"input_dropout={s.input_dropout}, head_dropout={s.head_dropout}, "
                 f"init={s.init}, compensate={s.compensate}")
+
+
+def _checked_mixture(mixture: Tensor, n: int) -> Tensor:
+    """A detached head mixture of shape [n] with finite values (a wrong one is a caller's bug)."""
+    mixture = torch.as_tensor(mixture).detach()
+    if mixture.shape != (n,) or not torch.isfinite(mixture).all():
+        raise ValueError(f"a head mixture must be {n} finite weights, got shape {tuple(mixture.shape)}")
+    return mixture
 
 
 def router_weights(logits: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ A results file is one JSON object (`results_dict`): a header (task, model, adapt
 rlora version, wall time), the overall accuracy over every scored example, the mean of the
 per-task accuracies, then `tasks: {name: {accuracy, n, ...}}` with loss, perplexity or F1 where a
 task has them. `comparison` is the per-task B − A of two files, on each task's own metric;
-`compare` is the command: it renders that through `report/eval.py`.
+`compare` is the command: it renders that through `report/eval.py`. With `--compare-routed` a
+results file also holds `routed_vs_folded` (`routed_vs_folded`): per task the routed and the
+folded metric, folded − routed, and the fold (its rows, tokens, mixture and entropy).
 """
 
 from __future__ import annotations
@@ -38,6 +40,24 @@ def results_dict(task: str, model: str | None, adapter: str | None, shots: int |
         "mean_accuracy": sum(v["accuracy"] for v in scored.values()) / len(scored) if scored else None,
         "tasks": tasks,
     }
+
+
+def routed_vs_folded(routed: dict[str, dict[str, Any]], folded: dict[str, dict[str, Any]],
+                     folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{tasks: {name: {metric, routed, folded, delta = folded − routed, fold}}, mean_accuracy}: each
+    task on its own metric, the router either routing per token or fixed to the task's fold."""
+    tasks = {}
+    for name, fold in folds.items():
+        r, f = routed.get(name, {}), folded.get(name, {})
+        metric = next((m for m in METRICS if _num(r.get(m)) is not None), "accuracy")
+        d = delta(r.get(metric), f.get(metric))
+        tasks[name] = {"metric": metric, "n": f.get("n"), "routed": d["a"], "folded": d["b"],
+                       "delta": d["delta"], "fold": fold}
+    scored = [v for v in tasks.values() if v["metric"] == "accuracy" and v["delta"] is not None]
+    means = [sum(v[k] for v in scored) / len(scored) if scored else None for k in ("routed", "folded")]
+    mean = delta(*means)  # over the accuracy-scored tasks
+    return {"tasks": tasks,
+            "mean_accuracy": {"routed": mean["a"], "folded": mean["b"], "delta": mean["delta"]}}
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

@@ -10,7 +10,9 @@ loaded), then the model (`model.load_with_adapter`: base + adapter, or a merged 
 every task with `scoring.py`, renders the table (`report/eval.py`) and writes the results file
 (`results.results_dict`). MMLU data lives in `benchmarks.py`, BIG-bench files in
 `data/bigbench.py`, the recipe task in `recipe_tasks.py`, the lm-eval backend in `lm_eval.py`;
-`rlora eval compare` is `results.compare`.
+`rlora eval compare` is `results.compare`. `--compare-routed` (a routed adapter, --task recipe)
+scores each task again with the router fixed to that task's fold (`fold.py`: the mixture its
+merge or PEFT export would hold) and reports routed vs folded (`results.routed_vs_folded`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.adapters import AdapterConfig
+from rlora_cli.checkpoint import read_adapter_config
 from rlora_cli.config import canonical_dtype
 from rlora_cli.data.bigbench import (
     bigbench_choices,
@@ -32,11 +36,18 @@ from rlora_cli.errors import UserError
 from rlora_cli.eval import lm_eval
 from rlora_cli.eval.benchmarks import LETTERS, load_mmlu, mmlu_prompt
 from rlora_cli.eval.recipe_tasks import prepare_recipe, run_recipe
-from rlora_cli.eval.results import results_dict
+from rlora_cli.eval.results import results_dict, routed_vs_folded
 from rlora_cli.eval.scoring import decode, loglikelihoods, task_record
 from rlora_cli.files import atomic_write_text, check_output_file
+from rlora_cli.fold import FoldPlan, measure_folds, plan_folds, set_mixtures
 from rlora_cli.model import load_with_adapter
-from rlora_cli.report.eval import print_results, print_warnings, print_written, progress
+from rlora_cli.report.eval import (
+    print_results,
+    print_routed_vs_folded,
+    print_warnings,
+    print_written,
+    progress,
+)
 from rlora_cli.runs import adapter_dir
 
 TASKS = ("mmlu", "bbh", "recipe")
@@ -47,7 +58,8 @@ def evaluate(task: str, *, model: str | None = None, adapter: str | None = None,
              data: str | None = None, shots: int | None = None, limit: int | None = None,
              subjects: list[str] | None = None, recipe: str | None = None, batch_size: int = 8,
              backend: str = "rlora", dtype: str = "auto", output: str | None = None,
-             trust_remote_code: bool = False, console: Any = None) -> dict[str, Any]:
+             trust_remote_code: bool = False, compare_routed: bool = False,
+             console: Any = None) -> dict[str, Any]:
     """Run one evaluation and return the results dict (also written to `output` when given).
 
     The table, warnings and progress go to `console`; without one nothing is printed."""
@@ -63,7 +75,8 @@ def evaluate(task: str, *, model: str | None = None, adapter: str | None = None,
         lm_eval.require_lm_eval()
         prepared: dict[str, Any] = {}
     else:
-        prepared = _prepare(task, data, shots, limit, subjects, recipe)
+        prepared = _prepare(task, data, shots, limit, subjects, recipe, adapter)
+    folds = _plan_compare(task, backend, adapter, recipe) if compare_routed else None
     lm, tokenizer, info = load_with_adapter(model, adapter, dtype=dtype, default=prepared.get("model"),
                                             trust_remote_code=trust_remote_code)
     print_warnings(info.warnings, console)
@@ -73,13 +86,42 @@ def evaluate(task: str, *, model: str | None = None, adapter: str | None = None,
                                                           batch_size=batch_size))
     else:
         tasks = _run(task, prepared, lm, tokenizer, batch_size, console)
+    folded = score_folds(folds, prepared, lm, tokenizer, batch_size, console) if folds else None
     results = results_dict(task, info.base, adapter, default_shots(task, shots, backend), limit,
                            time.perf_counter() - start, tasks)
     print_results(results, console)
+    if folded is not None:
+        results["routed_vs_folded"] = routed_vs_folded(tasks, *folded)
+        print_routed_vs_folded(results["routed_vs_folded"], console)
     if output:
         atomic_write_text(output, json.dumps(results, indent=2) + "\n")
         print_written("results", output, console)
     return results
+
+
+def _plan_compare(task: str, backend: str, adapter: str | None, recipe: str | None) -> FoldPlan:
+    """--compare-routed: the rows of every task's fold, read before the model loads."""
+    config = read_adapter_config(adapter) if adapter else None
+    if task != "recipe" or backend != "rlora" or config is None \
+            or not AdapterConfig.from_dict(config["adapter"]).has_router:
+        raise UserError("--compare-routed compares a routed adapter with its per-task folds",
+                        "use it with --task recipe and --adapter of a hydralora/rlora run (router: softmax)")
+    return plan_folds(Path(adapter), config, None, recipe=recipe)  # type: ignore[arg-type]
+
+
+def score_folds(plan: FoldPlan, prepared: dict[str, Any], lm: Any, tokenizer: Any, batch_size: int,
+                 console: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """({task: its held-out record with the router fixed to the task's fold}, {task: fold info})."""
+    folds = measure_folds(lm, tokenizer, plan, batch_size=batch_size, console=console)
+    scored = {}
+    for name, fold in folds.items():
+        set_mixtures(lm, fold)
+        try:
+            one = {**prepared, "val": {name: prepared["val"].get(name, [])}}
+            scored.update(run_recipe(lm, tokenizer, one, batch_size=batch_size, console=console))
+        finally:
+            set_mixtures(lm, None)
+    return scored, {name: fold.info() for name, fold in folds.items()}
 
 
 def default_shots(task: str, shots: int | None, backend: str = "rlora") -> int | None:
@@ -111,8 +153,9 @@ def _check_args(task: str, backend: str, shots: int | None, limit: int | None, b
 
 
 def _prepare(task: str, data: str | None, shots: int | None, limit: int | None,
-             subjects: list[str] | None, recipe: str | None) -> dict[str, Any]:
-    """Load and check the task's data before any model is loaded."""
+             subjects: list[str] | None, recipe: str | None, adapter: str | None = None) -> dict[str, Any]:
+    """Load and check the task's data before any model is loaded (recipe tasks render in the
+    templates saved with `adapter`, when one is given)."""
     n_shots = default_shots(task, shots) or 0
     if task == "mmlu":
         return {"mmlu": load_mmlu(data, subjects, n_shots), "shots": n_shots, "limit": limit}
@@ -124,7 +167,7 @@ def _prepare(task: str, data: str | None, shots: int | None, limit: int | None,
                 raise UserError(f"--shots {n_shots} leaves no example of task {name} to score "
                                 f"({len(t['examples'])} examples)", "lower --shots")
         return {"bbh": tasks, "shots": n_shots, "limit": limit}
-    return prepare_recipe(recipe, limit)  # type: ignore[arg-type]
+    return prepare_recipe(recipe, limit, adapter)  # type: ignore[arg-type]
 
 
 def _run(task: str, prepared: dict[str, Any], model: Any, tokenizer: Any, batch_size: int,

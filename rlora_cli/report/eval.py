@@ -3,6 +3,7 @@ load warnings, and progress that stays silent without a console.
 
     print_results(results, console)             # one row per task, then overall and mean
     print_comparison(comparison, console)       # B − A per task
+    print_routed_vs_folded(routed, console)     # --compare-routed: folded − routed per task
     plot_comparison(comparison, "delta.png", "A: base", "B: tuned")
 
 Every function takes the data `eval/results.py` (or `model.load_with_adapter`) returned; text
@@ -68,6 +69,8 @@ def _signed(x: float | None) -> str:
 
 def print_results(results: dict[str, Any], console: Any) -> None:
     """A rich table: one row per task, then the overall and the mean accuracy."""
+    if console is None:
+        return
     extras = [k for k in ("f1", "loss", "perplexity") if any(k in v for v in results["tasks"].values())]
     table = Table(title=escape(f"{results['task']}: {results['model']}"
                                + (f" + {results['adapter']}" if results["adapter"] else "")))
@@ -85,6 +88,8 @@ def print_results(results: dict[str, Any], console: Any) -> None:
 def print_comparison(comparison: dict[str, Any], console: Any) -> None:
     """The B − A table of `results.comparison`: one row per task on its metric (↓: lower is
     better), then the overall and the mean accuracy."""
+    if console is None:
+        return
     table = Table(title=escape(f"B − A   (A = {comparison['a']}, B = {comparison['b']})"))
     for col in ("task", "metric", "A", "B", "Δ"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
@@ -96,6 +101,26 @@ def print_comparison(comparison: dict[str, Any], console: Any) -> None:
         row = comparison[name]
         table.add_row("overall" if name == "accuracy" else "mean over tasks", "accuracy",
                       _fmt(row["a"]), _fmt(row["b"]), _signed(row["delta"]))
+    console.print(table)
+
+
+def print_routed_vs_folded(comparison: dict[str, Any], console: Any) -> None:
+    """`results.routed_vs_folded` as a table: per task the metric with the router routing per
+    token and fixed to the task's fold (what its merge or PEFT export computes), and the cost."""
+    if console is None:
+        return
+    table = Table(title="routed vs folded (the router fixed to each task's fold; Δ = folded − routed)")
+    for col in ("task", "metric", "routed", "folded", "Δ", "fold mixture"):
+        table.add_column(col, justify="left" if col in ("task", "metric", "fold mixture") else "right")
+    for name, row in comparison["tasks"].items():
+        metric = row["metric"] + (" ↓" if row["metric"] in LOWER_IS_BETTER else "")
+        mixture = "[" + ", ".join(f"{w:.3f}" for w in row["fold"]["mixture"]) + "]"
+        table.add_row(escape(name), metric, _fmt(row["routed"]), _fmt(row["folded"]), _signed(row["delta"]),
+                      mixture)
+    table.add_section()
+    mean = comparison["mean_accuracy"]
+    table.add_row("mean over tasks", "accuracy", _fmt(mean["routed"]), _fmt(mean["folded"]),
+                  _signed(mean["delta"]), "")
     console.print(table)
 
 

@@ -208,3 +208,55 @@ def test_bad_adapter_config_is_one_clear_error(bad, key):
     with pytest.raises(UserError) as e:
         AdapterConfig(**bad)
     assert key in e.value.message and "\n" not in e.value.problem
+
+
+# ------------------------------------------------------------------ a fixed head mixture (per-task folds)
+
+ROUTED = [c for c in CASES if c["type"] in ("hydralora", "rlora") and c.get("router") != "off"]
+
+
+def fold_reference(layer: MultiHeadLoRA, mixture: torch.Tensor) -> torch.Tensor:
+    """ΔW of the fixed mixture in float64, head by head: s·Σ_i w_i·B_i·A (− s·B0·A0)."""
+    spec, r, s = layer.spec, layer.spec.r, layer.spec.scaling
+    delta = sum(s * mixture[i] * layer.rlora_B[:, i * r:(i + 1) * r] @ layer.rlora_A
+                for i in range(spec.num_heads))
+    if spec.compensate:
+        delta = delta - s * layer.rlora_B0 @ layer.rlora_A0
+    return delta.detach()
+
+
+@pytest.mark.parametrize("case", ROUTED, ids=case_id)
+def test_static_factors_of_a_mixture_match_the_float64_formula_and_the_fixed_layer(case):
+    layer = make_layer(case).eval()
+    mixture = torch.softmax(torch.randn(3, dtype=torch.float64), 0)
+    B, A = layer.static_factors(mixture)
+    rank = 2 * 4 if layer.spec.compensate else 4  # A is shared: one rank-r head, plus R-LoRA's block
+    assert B.shape == (D_OUT, rank) and A.shape == (rank, D_IN)
+    torch.testing.assert_close(B @ A, fold_reference(layer, mixture), rtol=1e-12, atol=1e-12)
+    # the layer with its router replaced by the same fixed weights computes exactly that ΔW
+    x = torch.randn(T, D_IN, dtype=torch.float64)
+    routed = layer(x)
+    layer.fixed_mixture = mixture
+    torch.testing.assert_close(layer(x) - layer.base(x), x @ (B @ A).t(), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(layer.delta_weight(), B @ A)  # no argument: the fixed mixture
+    torch.testing.assert_close(layer.router_weights(x), mixture.expand(T, 3))
+    assert not torch.allclose(layer(x), routed)  # the fixed mixture really replaced the router
+    assert not any("fixed" in k for k in layer.state_dict())  # never part of the saved adapter
+    layer.fixed_mixture = None
+    torch.testing.assert_close(layer(x), routed, rtol=0, atol=0)
+
+
+def test_a_router_without_a_mixture_still_raises_and_a_static_gate_takes_none():
+    from rlora_cli.errors import UserError
+
+    with pytest.raises(UserError, match="softmax router") as e:
+        make_layer(dict(type="rlora")).static_factors()
+    assert "--task" in e.value.fix and "adapter.router=off" in e.value.fix
+    with pytest.raises(ValueError, match="head mixture"):
+        make_layer(dict(type="hydralora", router="off")).static_factors(torch.ones(3) / 3)
+    with pytest.raises(ValueError, match="3 finite weights"):
+        make_layer(dict(type="hydralora")).static_factors(torch.ones(2) / 2)
+    # the uniform mixture folds a softmax router to what router: off computes from the same heads
+    routed, off = make_layer(dict(type="rlora")), make_layer(dict(type="rlora", router="off"))
+    uniform = torch.ones(3, dtype=torch.float64) / 3
+    torch.testing.assert_close(routed.delta_weight(uniform), off.delta_weight())

@@ -46,9 +46,24 @@ def test_smoke_runs_and_writes_its_table(tmp_path):
     assert json.loads((out / "base" / "seed0.json").read_text())["tasks"]["colors"]["n"] == 4
     for png in ("accuracy.png", "head_similarity.png", "spectra.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
-    # finished runs are kept: a second call trains nothing and gives the same results
-    again = run_benchmark(None, plan.Settings(), out, smoke=True, methods_given=False)
-    assert again["runs"] == results["runs"]
+    assert "(folded)" not in table and not any("folded" in run for run in results["runs"])
+    # finished runs are kept: a second call trains nothing and gives the same results; --fold adds
+    # rlora's per-task folds (lora has no router) to the kept run, as a row of their own
+    again = run_benchmark(None, plan.Settings(), out, smoke=True, methods_given=False, fold=True)
+    assert [{k: v for k, v in r.items() if k != "folded"} for r in again["runs"]] == results["runs"]
+    folded = again["runs"][1]["folded"]
+    assert "folded" not in again["runs"][0] and set(folded["tasks"]) == {"colors", "sizes"}
+    assert folded["tasks"]["sizes"]["n"] == 4 and 0.0 <= folded["tasks"]["colors"]["accuracy"] <= 1.0
+    for task, fold in folded["folds"].items():
+        assert fold["source"].startswith("the held-out split of") and sum(fold["mixture"]) == pytest.approx(1)
+    run_dir = out / "runs" / "rlora-seed0"
+    assert json.loads((run_dir / "result.json").read_text())["folded"] == folded
+    assert set(json.loads((run_dir / "folded.json").read_text())["tasks"]) == {"colors", "sizes"}
+    row = again["methods"]["rlora (folded)"]
+    assert row["tasks"]["colors"]["mean"] == folded["tasks"]["colors"]["accuracy"]
+    assert row["trainable_parameters"] == methods["rlora"]["trainable_parameters"]
+    assert "| rlora (folded) |" in (out / "results.md").read_text()
+    assert list(again["methods"]) == ["lora", "rlora", "rlora (folded)"]
 
 
 def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
