@@ -7,8 +7,8 @@ An adapter directory holds `rlora_config.json` (format version, method, every la
 wrapped module names, the base model, its dtype, whether it needs its repository's own code, and
 any metadata such as prompt templates) and `rlora_adapter.safetensors` (the `rlora_*` tensors,
 R-LoRA's A0/B0 included, refused on load when not finite), plus the tokenizer files when one is
-given. Everything is written through `files.atomic_dir`, so a crash never leaves a half-written
-directory behind.
+given and the model card `README.md` when a card writer is (card.py). Everything is written
+through `files.atomic_dir`, so a crash never leaves a half-written directory behind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import safetensors.torch
 import torch
@@ -35,6 +35,7 @@ from rlora_cli.files import atomic_dir
 FORMAT_VERSION = 1
 CONFIG_FILE = "rlora_config.json"
 WEIGHTS_FILE = "rlora_adapter.safetensors"
+CARD_FILE = "README.md"  # the Hugging Face model card, written by card.py's functions
 
 
 def base_model_id(model: nn.Module) -> str | None:
@@ -72,13 +73,15 @@ def uses_remote_code(model: nn.Module, tokenizer: Any = None) -> bool:
 def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = None,
                  metadata: dict[str, Any] | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None,
-                 trust_remote_code: bool | None = None) -> Path:
+                 trust_remote_code: bool | None = None, card: Callable[[Path], str] | None = None) -> Path:
     """Write the adapter of `model` to `directory` atomically; returns the directory.
 
     `state_dict` (optional) is a full state dict to take the tensors from, for models whose own
     parameters are sharded (FSDP gathers a full one on the main process). `trust_remote_code`
     records that the base needs its repository's code (default: whether the loaded classes
-    came from it); commands that load the base then ask for --trust-remote-code.
+    came from it); commands that load the base then ask for --trust-remote-code. `card` (optional)
+    turns the written folder into its README.md text (card.py); it is called on the temporary
+    folder, so the card lands in the same rename as the weights it describes.
     """
     model = _uncompiled(model)
     layers = adapter_layers(model)
@@ -109,6 +112,8 @@ def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = No
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card(tmp))
     return Path(directory)
 
 

@@ -1,7 +1,8 @@
 """A run folder as its readers see it: the adapter it holds, its checkpoints, its metrics.
 
     inspect_dir("runs/mixed")             # {"kind": "run", "checkpoints": [...], "adapter": {...}}
-    adapter_info("runs/mixed/adapter")    # method, options, targets, counts, mergeability
+    adapter_info("runs/mixed/adapter")    # method, options, targets, counts, mergeability, card
+    run_folder("runs/mixed/checkpoint-40/adapter")   # runs/mixed: the run an adapter folder is in
 
 `rlora train` writes the folder (train/rundir.py); eval, generate, analyze, export and inspect
 read it through these functions, so the folder's layout is spelled in two places only. Nothing
@@ -15,13 +16,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rlora_cli.adapters import AdapterConfig, layer_spec
-from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from rlora_cli.checkpoint import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from rlora_cli.errors import UserError
 
 CHECKPOINT_PREFIX = "checkpoint-"  # OUT/checkpoint-<step>/, written by train/rundir.py
 STATE_FILE = "trainer_state.json"  # in each complete checkpoint
 
+RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "mixture.json", "run_info.json")  # written by train/loop.py
 FROZEN = ("rlora_A0", "rlora_B0")  # R-LoRA's saved initial factors: in the file, never trained
 _KNOWN_KEYS = {"format_version", "rlora_version", "method", "adapter", "layer", "modules", "base_model",
                "base_model_hub_id", "base_dtype", "trust_remote_code"}
@@ -33,6 +37,17 @@ def adapter_dir(path: str) -> str:
     if not (p / CONFIG_FILE).exists() and (p / "adapter" / CONFIG_FILE).is_file():
         return str(p / "adapter")
     return path
+
+
+def run_folder(adapter: str | Path) -> Path | None:
+    """The run folder an adapter folder belongs to: RUN for RUN/adapter (when RUN holds a run's
+    files) and for RUN/checkpoint-N/adapter; None for an adapter folder standing alone."""
+    d = Path(adapter)
+    if checkpoint_step(d.parent) is not None:
+        return d.parent.parent
+    if d.name == "adapter" and any((d.parent / f).is_file() for f in RUN_MARKERS):
+        return d.parent
+    return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -66,7 +81,7 @@ def inspect_dir(path: str | Path) -> dict[str, Any]:
     if not any(markers):
         raise UserError(f"{p} holds neither an rlora adapter nor a training run",
                         "give a folder with rlora_config.json, or the OUT folder of rlora train")
-    with_adapter = [c for c in checkpoints if (c / CONFIG_FILE).is_file()]
+    with_adapter = [a for a in map(checkpoint_adapter, checkpoints) if a is not None]
     source = p / "adapter" if (p / "adapter" / CONFIG_FILE).is_file() else (with_adapter or [None])[-1]
     return {
         "kind": "run",
@@ -74,7 +89,8 @@ def inspect_dir(path: str | Path) -> dict[str, Any]:
         "recipe": str(p / "recipe.yaml") if (p / "recipe.yaml").is_file() else None,
         "run_info": _json_or_none(p / "run_info.json"),
         "metrics": _metrics_summary(p / "metrics.jsonl"),
-        "checkpoints": [{"step": checkpoint_step(c), "path": str(c), "adapter": (c / CONFIG_FILE).is_file(),
+        "checkpoints": [{"step": checkpoint_step(c), "path": str(c),
+                         "adapter": checkpoint_adapter(c) is not None,
                          "training_state": (c / STATE_FILE).is_file()} for c in checkpoints],
         "final_adapter": (p / "adapter" / CONFIG_FILE).is_file(),
         "adapter": adapter_info(source) if source is not None else None,
@@ -118,7 +134,39 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
         "peft_rank": spec.a_heads * spec.r + (spec.r if spec.compensate else 0) if cfg.mergeable else None,
         "tokenizer": (d / "tokenizer_config.json").is_file(),
         "metadata": sorted(set(config) - _KNOWN_KEYS),
+        "card": read_card(d),
     }
+
+
+def checkpoint_adapter(checkpoint: Path) -> Path | None:
+    """A checkpoint's adapter folder: checkpoint-N/adapter as training writes it, or the
+    checkpoint folder itself when the adapter was copied there; None when it has none."""
+    for d in (checkpoint / "adapter", checkpoint):
+        if (d / CONFIG_FILE).is_file():
+            return d
+    return None
+
+
+def read_card(directory: Path) -> dict[str, Any] | None:
+    """The folder's model card (README.md): {path, front_matter, body}; None without one. Front
+    matter that is not YAML is left in the body (front_matter None): a card never fails inspect."""
+    path = Path(directory) / CARD_FILE
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    front, body = None, text
+    head, sep, rest = text.partition("\n---\n") if text.startswith("---\n") else ("", "", "")
+    if sep:
+        try:
+            front = yaml.safe_load(head.removeprefix("---\n"))
+        except yaml.YAMLError:
+            front = None
+        if isinstance(front, dict):  # a hand-edited card may hold dates: JSON types for --json
+            front, body = json.loads(json.dumps(front, default=str)), rest.lstrip("\n")
+        else:
+            front = None
+    return {"path": str(path), "front_matter": front, "body": body}
 
 
 def _metrics_summary(path: Path) -> dict[str, Any] | None:

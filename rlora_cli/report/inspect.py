@@ -1,13 +1,16 @@
-"""`rlora inspect` rendered: a panel per run and per adapter from `runs.inspect_dir`'s dict.
+"""`rlora inspect` rendered: a panel per run and per adapter from `runs.inspect_dir`'s dict, then
+the adapter's model card (its README.md: the front matter as a grid, the Markdown rendered).
 
-Every value prints literally (paths, module names go through `escape`); `--json` skips this and
-prints the dict itself.
+Every value prints literally (paths, module names go through `escape`; Markdown is not rich
+markup); `--json` skips this and prints the dict itself.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Group
+from rich.markdown import Markdown
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
@@ -21,6 +24,17 @@ def render_inspect(info: dict[str, Any], console: Any) -> None:
             return
         info = info["adapter"]
     console.print(Panel(_grid(_adapter_rows(info)), title=escape(f"adapter {info['path']}"), expand=False))
+    if info.get("card"):
+        render_card(info["card"], console)
+
+
+def render_card(card: dict[str, Any], console: Any) -> None:
+    """A model card ({path, front_matter, body} from runs.read_card) in a panel of its own."""
+    front = card["front_matter"] or {}
+    rows = [(key, ", ".join(map(str, value)) if isinstance(value, list) else value)
+            for key, value in front.items()]
+    parts = [_grid(rows), ""] if rows else []
+    console.print(Panel(Group(*parts, Markdown(card["body"])), title=escape(f"model card {card['path']}")))
 
 
 def _grid(rows: list[tuple[str, Any]]) -> Table:

@@ -34,6 +34,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from accelerate.utils import load as load_state_file  # what load_state reads checkpoints with
 from safetensors.torch import load_file
 
+from rlora_cli.card import training_card
 from rlora_cli.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from rlora_cli.errors import UserError, first_line
 from rlora_cli.recipe.load import resume_conflicts
@@ -294,7 +295,8 @@ def checkpoint_damage(ckpt: Path) -> str | None:
 
 def save_checkpoint(accelerator: Any, model: Any, out: Path, state: Any, tokenizer: Any,
                     meta: dict[str, Any], limit: int) -> Path:
-    """OUT/checkpoint-<step>: adapter + Accelerate state + trainer_state.json, renamed into place."""
+    """OUT/checkpoint-<step>: adapter (with its model card) + Accelerate state + trainer_state.json,
+    renamed into place."""
     final = out / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = out / f".{final.name}.tmp"  # same name on every process: they all write into it
     accelerator.wait_for_everyone()
@@ -306,7 +308,7 @@ def save_checkpoint(accelerator: Any, model: Any, out: Path, state: Any, tokeniz
         full = full_state(accelerator, model)
         if accelerator.is_main_process:
             save_adapter(accelerator.unwrap_model(model), tmp / "adapter", tokenizer=tokenizer, metadata=meta,
-                         state_dict=full)
+                         state_dict=full, card=training_card(out, state))
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
             if final.exists():
                 shutil.rmtree(final)
