@@ -58,6 +58,13 @@ err = Console(stderr=True)
 # The commands that load a base model share this flag; off unless the user says so.
 TRUST_HELP = ("Run the base model's own code from its repository (needed when it was trained with "
               "model.trust_remote_code: true; only for repositories you trust).")
+# merge and export fold a routed (hydralora/rlora) adapter per task with these.
+FOLD_TASK = typer.Option(None, "--task", help="Routed adapters: fold the router for this task of the "
+                         "run's recipe (its mean head mixture over the task's rows).")
+FOLD_DATA = typer.Option(None, "--data", help="--task: measure the routing on this file's rows (the task's "
+                         "source format) instead of the recipe's held-out or training rows.")
+FOLD_RECIPE = typer.Option(None, "--recipe", help="--task: the recipe the adapter was trained from "
+                           "(default: the run's recipe.yaml).")
 
 
 def _version(value: bool) -> None:
@@ -142,6 +149,8 @@ def eval_cmd(
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + "."),
     output: Optional[str] = typer.Option(None, "--output", help="Write the results JSON here."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    compare_routed: bool = typer.Option(False, "--compare-routed", help="--task recipe, routed adapters: "
+                                        "also score each task with the router fixed to its fold (= merged)."),
 ) -> None:
     """Score a model (+ adapter) on MMLU, BIG-bench tasks, the recipe's held-out tasks, or lm-eval."""
     if ctx.invoked_subcommand is not None:
@@ -154,7 +163,7 @@ def eval_cmd(
     evaluate(task, model=model, adapter=adapter, data=data, shots=shots, limit=limit,
              subjects=[s.strip() for s in subjects.split(",") if s.strip()] if subjects else None,
              recipe=recipe, batch_size=batch_size, backend=backend, dtype=dtype, output=output,
-             trust_remote_code=trust_remote_code, console=Console())
+             trust_remote_code=trust_remote_code, compare_routed=compare_routed, console=Console())
 
 
 @eval_app.command("compare", cls=_Command)
@@ -181,12 +190,19 @@ def merge_cmd(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    task: Optional[str] = FOLD_TASK, data: Optional[Path] = FOLD_DATA, recipe: Optional[Path] = FOLD_RECIPE,
 ) -> None:
     """Fold the adapter into its base model: a plain Hugging Face folder (no rlora needed to load it)."""
+    kw = dict(base=base, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size,
+              trust_remote_code=trust_remote_code, console=err)
+    if task is not None or data is not None or recipe is not None:
+        from rlora_cli.fold import merge_task
+
+        merge_task(adapter, output, task=task, data=data, recipe=recipe, **kw)
+        return
     from rlora_cli.export import merge_to_folder
 
-    merge_to_folder(adapter, output, base=base, dtype=dtype, overwrite=overwrite,
-                    max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, console=err)
+    merge_to_folder(adapter, output, **kw)
 
 
 @app.command("export", cls=_Command)
@@ -204,12 +220,22 @@ def export_cmd(
         help="--format merged only: largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    task: Optional[str] = FOLD_TASK,
+    per_task: bool = typer.Option(False, "--per-task", help="Routed adapters, --format peft: one folded PEFT "
+                                  "LoRA per task in OUTPUT/<task>/, OUTPUT/tasks.json, a vllm serve line."),
+    data: Optional[Path] = FOLD_DATA, recipe: Optional[Path] = FOLD_RECIPE,
 ) -> None:
     """Export the adapter as a PEFT LoRA (prints its rank) or as a merged model."""
+    kw = dict(format=format, base=base, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size,
+              trust_remote_code=trust_remote_code, console=err)
+    if task is not None or per_task or data is not None or recipe is not None:
+        from rlora_cli.fold import export_folded
+
+        export_folded(adapter, output, task=task, per_task=per_task, data=data, recipe=recipe, **kw)
+        return
     from rlora_cli.export import export_adapter
 
-    export_adapter(adapter, output, format=format, base=base, dtype=dtype, overwrite=overwrite,
-                   max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, console=err)
+    export_adapter(adapter, output, **kw)
 
 
 @app.command("inspect", cls=_Command)
@@ -252,6 +278,22 @@ def analyze_cmd(
             trust_remote_code=trust_remote_code, console=Console())
 
 
+@app.command("init", cls=_Command)
+def init_cmd(
+    output: Path = typer.Argument(..., help="The recipe to write (OUT.yaml); example data: OUT_data/."),
+    method: str = typer.Option("rlora", "--method", help="lora | multilora | hydralora | rlora."),
+    model: Optional[str] = typer.Option(None, "--model",
+        help="Base model hub id or folder (default: HuggingFaceTB/SmolLM2-135M-Instruct)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT.yaml and OUT_data/."),
+) -> None:
+    """Write a commented starter recipe and a small example source of each data kind."""
+    from rlora_cli.starter import write_starter
+
+    written = write_starter(output, method=method, model=model, overwrite=overwrite)
+    err.print(Text.assemble("wrote ", str(written), " and ", f"{written.stem}_data/",
+                            "; train it: rlora train ", str(written)), highlight=False, soft_wrap=True)
+
+
 @app.command("generate", cls=_Command)
 def generate_cmd(
     prompt: Optional[str] = typer.Argument(None, help="The prompt (or --file for many)."),
@@ -264,9 +306,11 @@ def generate_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o",
         help='JSONL to write: each input line plus "completion".'),
     kind: str = typer.Option("instruction", "--kind",
-        help="instruction | knowledge | nlu | chat | raw (no template); a line's own \"kind\" wins."),
+        help="instruction | knowledge | nlu | chat | completion | text | raw (no template); "
+             "a line's own \"kind\" wins."),
     template: Optional[str] = typer.Option(None, "--template",
-        help="default | chat (default: the one the adapter was trained with)."),
+        help="default | chat | llama3 | qwen | mistral | gemma | alpaca (default: the one the adapter "
+             "was trained with)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per prompt."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),

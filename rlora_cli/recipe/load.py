@@ -1,23 +1,26 @@
 """Loading a recipe: YAML, dotted overrides, adapter presets and file checks, then typed sections.
 
     recipe = load_recipe("recipes/demo.yaml", ["train.learning_rate=1e-4"])
+    recipe = load_recipe({"model": {...}, "data": {...}})     # a dict of the YAML's shape
+    recipe = load_recipe(Recipe(...), ["adapter.r=16"])        # a Recipe built in code
 
-Loading reads the YAML, applies dotted `KEY=VALUE` overrides (values parsed as YAML), starts the
-adapter from its preset in `configs/adapters/<type>.yaml`, then reports every problem in one
-`UserError`, each with its YAML path. The sections themselves, their defaults and their range
-checks are in `rlora_cli/config/`; each section checks itself when built, and `construct`
-merges what it finds into the one report.
+Loading reads the YAML (or takes the dict, or the Recipe's dict form), applies dotted
+`KEY=VALUE` overrides (values parsed as YAML), starts the adapter from its preset in
+`configs/adapters/<type>.yaml`, then reports every problem in one `UserError`, each with its YAML
+path. The sections themselves, their defaults and their range checks are in `rlora_cli/config/`;
+each section checks itself when built, and `construct` merges what it finds into the one report.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
-from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
@@ -47,15 +50,53 @@ ADAPTER_CAPS = {"r": 65536, "num_heads": 256}
 RESUMABLE = ("train.max_steps", "train.num_epochs", "output.")
 
 
-def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
-    """Read, override, resolve and validate a recipe; one UserError lists every problem."""
-    raw = read_yaml(path)
+# What a recipe may be given as: a YAML file, a dict of the YAML's shape, or a Recipe built in code.
+RecipeSource = Union[str, Path, dict, Recipe]
+# What a run's adapter records as its recipe when there is no file (rlora_config.json "recipe").
+IN_CODE = "<python>"
+
+
+def load_recipe(source: RecipeSource, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read, override, resolve and validate a recipe; one UserError lists every problem.
+
+    `source` is a YAML path, a dict of the YAML's shape or a Recipe built in code. A dict, and a
+    Recipe's dict form, go through the YAML's checks with the same one-line errors; so a Recipe
+    gets its data files checked, its tasks named and the overrides validated as a file would.
+    Without output.dir a file's run goes to runs/<file name>, the others' to runs/<adapter type>."""
     problems: list[str] = []
-    raw = apply_overrides(raw, overrides, problems)
-    recipe = _build_recipe(raw, problems, default_dir=f"runs/{Path(path).stem}")
+    raw = apply_overrides(_raw_recipe(source), overrides, problems)
+    default_dir = f"runs/{Path(source).stem}" if isinstance(source, (str, Path)) else None
+    recipe = _build_recipe(raw, problems, default_dir=default_dir)
     collect(problems, FIX)
     assert recipe is not None
     return recipe
+
+
+def recipe_label(source: RecipeSource) -> str:
+    """How a run names its recipe in the adapter's rlora_config.json: the path, or IN_CODE."""
+    return str(source) if isinstance(source, (str, Path)) else IN_CODE
+
+
+def _raw_recipe(source: Any) -> dict[str, Any]:
+    if isinstance(source, (str, Path)):
+        return read_yaml(source)
+    if isinstance(source, (dict, Recipe)):
+        return _from_python(source)
+    raise UserError(f"the recipe must be a YAML path, a dict or a Recipe, got {type(source).__name__}",
+                    "pass e.g. \"recipes/demo.yaml\", {\"model\": {...}, \"data\": {...}} or "
+                    "rlora_cli.Recipe(...)")
+
+
+def _from_python(value: Any) -> Any:
+    """A Python recipe as YAML would read it: sections built in code become dicts, tuples lists,
+    paths strings (so RUN/recipe.yaml is the same whichever way the recipe came)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _from_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_from_python(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -63,11 +104,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.y*ml"))  # a run folder holds its recipe.yaml
-        example = f", e.g. {path / inside[0]}" if inside else " (see recipes/)"
+        example = f", e.g. {path / inside[0]}" if inside else f" (examples: {_shown(recipes_dir())})"
         raise UserError(f"{path}: is a directory, not a recipe file",
                         "give the recipe YAML file itself" + example)
     if not path.is_file():
-        raise UserError(f"{path}: no such recipe file", "give the path of a recipe YAML (see recipes/)")
+        raise UserError(f"{path}: no such recipe file",
+                        f"give the path of a recipe YAML (examples: {_shown(recipes_dir())})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
@@ -85,6 +127,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: a recipe must be a mapping of sections, got a {type(raw).__name__}",
                         "start with keys such as model:, adapter:, data:, train: (see recipes/demo.yaml)")
     return raw
+
+
+def _shown(folder: Path) -> str:
+    """A shipped folder as a user would type it: relative when under the working directory."""
+    try:
+        return f"{folder.relative_to(Path.cwd())}/"
+    except ValueError:
+        return f"{folder}/"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: tuple[str, ...] | list[str],
@@ -137,7 +187,7 @@ def _list_index(items: list, part: str) -> int | None:
     return names.index(part) if part in names else None
 
 
-def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) -> Recipe | None:
+def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str | None) -> Recipe | None:
     before = len(problems)
     problems += unknown_key_problems(raw, ["seed", "model", "adapter", "data", "train", "output"], "")
     for section in ("model", "data"):
@@ -156,6 +206,7 @@ def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str) ->
     if len(problems) > before:
         return None
     output = parts.get("output", OutputConfig())
+    default_dir = default_dir or f"runs/{parts['adapter'].type}"
     parts["output"] = dataclasses.replace(output, dir=output.dir or default_dir)
     return Recipe(seed=seed.seed, **parts)
 
@@ -256,18 +307,31 @@ def build_adapter(raw: Any, problems: list[str]) -> AdapterConfig | None:
 
 def adapter_preset(method: str) -> dict[str, Any]:
     """The preset of a method, as written in configs/adapters/<method>.yaml."""
-    # A Traversable takes one part per joinpath.
-    text = configs_dir().joinpath("adapters").joinpath(f"{method}.yaml").read_text()
+    text = (configs_dir() / "adapters" / f"{method}.yaml").read_text()
     return yaml.safe_load(text) or {}
 
 
-def configs_dir() -> Any:
-    """The shipped configs: the checkout's configs/ when running from source, else the installed
-    package data (rlora_cli.configs)."""
-    checkout = Path(rlora_cli.__file__).parent.parent / "configs"
-    if checkout.is_dir():
-        return checkout
-    return files("rlora_cli.configs")
+def configs_dir() -> Path:
+    """The shipped configs (adapter presets, accelerate configs)."""
+    return shipped_dir("configs")
+
+
+def recipes_dir() -> Path:
+    """The shipped example recipes (their data paths are the checkout's: data/demo/...)."""
+    return shipped_dir("recipes")
+
+
+def shipped_dir(name: str) -> Path:
+    """A folder shipped with rlora, `configs` or `recipes`: the checkout's when running from
+    source, else the installed package data (rlora_cli.configs, rlora_cli.recipes; pyproject)."""
+    root = Path(rlora_cli.__file__).parent.parent
+    if (root / "pyproject.toml").is_file() and (root / name).is_dir():
+        return root / name
+    spec = find_spec(f"rlora_cli.{name}")  # a folder of data files: a namespace package
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"rlora's {name}/ folder is missing from this installation",
+                        "reinstall rlora (pip install --force-reinstall rlora)")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

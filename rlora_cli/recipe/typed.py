@@ -23,7 +23,7 @@ from rlora_cli.adapters.methods import AdapterConfig
 # Other tools' names -> (rlora key, the tool that uses the name). Users arrive with configs from
 # these tools; naming the rlora key saves them a trip to the docs.
 ALIASES: dict[str, tuple[str, str | None]] = {
-    "lora_r": ("adapter.r", "PEFT/axolotl"),
+    "lora_r": ("adapter.r", "axolotl"),  # PEFT says r, as rlora does
     "lora_rank": ("adapter.r", "LLaMA-Factory"),
     "rank": ("adapter.r", None),
     "alpha": ("adapter.lora_alpha", None),

@@ -200,9 +200,10 @@ def test_weight_must_be_positive(tmp_path, data_file, weight):
 def test_unknown_kind_and_template(tmp_path, data_file):
     problems = problems_of(tmp_path, minimal(data_file, kind="summary"))
     assert problems == ["data.datasets[0].kind: unknown value 'summary'; "
-                        "choose one of instruction, nlu, knowledge, chat"]
-    problems = problems_of(tmp_path, minimal(data_file, template="alpaca"))
-    assert problems == ["data.datasets[0].template: unknown value 'alpaca'; choose one of default, chat"]
+                        "choose one of instruction, nlu, knowledge, chat, completion, text"]
+    problems = problems_of(tmp_path, minimal(data_file, template="vicuna"))
+    assert problems == ["data.datasets[0].template: unknown value 'vicuna'; "
+                        "choose one of default, chat, llama3, qwen, mistral, gemma, alpaca"]
 
 
 def test_nlu_labels(tmp_path, data_file):
