@@ -305,6 +305,8 @@ def save_checkpoint(accelerator: Any, model: Any, out: Path, state: Any, tokeniz
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp / "state"))
+        # save_state has no barrier: every process's RNG file must be in tmp before it is renamed.
+        accelerator.wait_for_everyone()
         full = full_state(accelerator, model)
         if accelerator.is_main_process:
             save_adapter(accelerator.unwrap_model(model), tmp / "adapter", tokenizer=tokenizer, metadata=meta,
