@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -26,6 +27,7 @@ import torch
 
 from rlora_cli.checkpoint import load_adapter_weights
 from rlora_cli.data.packing import collate
+from rlora_cli.errors import UserError
 from rlora_cli.runs import STATE_FILE
 
 
@@ -36,6 +38,7 @@ class TrainerState:
     batch_in_epoch: int = 0  # micro-batches of this epoch consumed by completed steps
     tokens: int = 0          # trained (label) tokens seen, all processes
     total_steps: int = 0
+    processes: int | None = None  # that trained it (None: a checkpoint older than this field)
 
     @classmethod
     def read(cls, checkpoint: Path, total: int) -> "TrainerState":
@@ -46,9 +49,16 @@ class TrainerState:
 def restore(checkpoint: Path, accelerator: Any, model: Any, total: int) -> TrainerState:
     """Load a checkpoint into the prepared model and Accelerate's state (optimizer, schedule);
     returns its counters."""
+    state = TrainerState.read(checkpoint, total)
+    if state.processes not in (None, accelerator.num_processes):
+        # Each process counts its own place in the epoch: another count would skip or repeat rows.
+        raise UserError(f"{checkpoint} was written by {state.processes} process(es), and this run has "
+                        f"{accelerator.num_processes}",
+                        f"resume with the same number (accelerate launch --num_processes {state.processes}), "
+                        "or start over with --overwrite")
     load_adapter_weights(accelerator.unwrap_model(model), checkpoint / "adapter")
     accelerator.load_state(str(checkpoint / "state"))
-    return TrainerState.read(checkpoint, total)
+    return dataclasses.replace(state, processes=accelerator.num_processes)
 
 
 def schedule(n_rows: int, world: int, train: Any) -> tuple[int, int, int]:

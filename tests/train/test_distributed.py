@@ -37,6 +37,7 @@ from conftest import REPO
 
 from rlora_cli.adapters import adapter_state
 from rlora_cli.checkpoint import load_adapter
+from rlora_cli.errors import UserError
 from rlora_cli.model import load_model
 from rlora_cli.testing import adapter_tensors, metrics, write_recipe
 from rlora_cli.train.loop import train
@@ -231,3 +232,16 @@ def test_resume_auto_on_two_processes_continues_the_run_exactly(runs):
     a, b = adapter_tensors(two), adapter_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, 5)]
+
+
+def test_resume_with_another_process_count_is_refused(runs, tmp_path):
+    """Each process counts its own place in the epoch, so a checkpoint of two processes resumed by
+    one would skip or repeat rows: refused with one line, and the run folder is left as it was."""
+    copy = tmp_path / "two"
+    shutil.copytree(runs["two"], copy)
+    recipe = runs["two"] / "recipe.yaml"
+    with pytest.raises(UserError) as e:
+        train(recipe, output=copy, resume="auto")
+    assert "was written by 2 process(es), and this run has 1" in e.value.problem
+    assert "--num_processes 2" in e.value.fix
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in runs["two"].iterdir())
