@@ -28,7 +28,7 @@ from torch import nn
 
 from rlora_cli import __version__
 from rlora_cli.adapters import AdapterConfig, adapter_layers, adapter_state, inject_adapters
-from rlora_cli.adapters.inject import remove_adapters
+from rlora_cli.adapters.inject import base_dtype, remove_adapters
 from rlora_cli.errors import UserError
 from rlora_cli.files import atomic_dir
 
@@ -97,7 +97,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *, tokenizer: Any = No
         "layer": asdict(first.spec),
         "modules": list(layers),
         **base_record(base_model_id(model)),
-        "base_dtype": str(first.base.weight.dtype).removeprefix("torch."),
+        "base_dtype": str(base_dtype(model)).removeprefix("torch."),  # a quantized base's compute dtype
         "trust_remote_code": (uses_remote_code(model, tokenizer) if trust_remote_code is None
                               else trust_remote_code),
         **(metadata or {}),

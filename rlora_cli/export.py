@@ -45,8 +45,9 @@ from rlora_cli.checkpoint import (
 from rlora_cli.config import DTYPE_NAMES
 from rlora_cli.errors import UserError, first_line
 from rlora_cli.files import atomic_dir, check_output_dir
-from rlora_cli.model import load_model, meta_model
+from rlora_cli.model import load_model, meta_model, recorded_quantization
 from rlora_cli.peft_format import make_peft_config, peft_targets, peft_tensors, write_peft
+from rlora_cli.quant import dequantized_base
 from rlora_cli.recipe.load import default_name, read_yaml
 from rlora_cli.runs import CHECKPOINT_PREFIX, read_safetensors_header
 from rlora_cli.runs import adapter_dir as find_adapter_dir
@@ -111,9 +112,16 @@ def run_merge(job: MergeJob, *, max_shard_size: str | int = DEFAULT_SHARD, conso
     mixture of every routed layer and returns what the model card says about the fold."""
     _say(console, f"loading {escape(job.base)} and the {job.cfg.type} adapter from "
                   f"{escape(str(job.adapter_dir))}")
+    quantization = recorded_quantization(job.config, f"{job.adapter_dir}/rlora_config.json")
     try:
-        model, _ = load_model(job.base, dtype=_load_dtype(job.base, job.target, job.trust_remote_code),
-                              trust_remote_code=job.trust_remote_code, device=device)
+        if quantization is not None:  # the weights the adapter trained against: W' = dequant(W_q)
+            _say(console, f"dequantizing the {quantization.bits}-bit base into {job.target}: "
+                          "merged W = dequant(W_q) + ΔW, as the adapter trained")
+            model = dequantized_base(job.base, quantization, job.target,
+                                     trust_remote_code=job.trust_remote_code, device=device)
+        else:
+            model, _ = load_model(job.base, dtype=_load_dtype(job.base, job.target, job.trust_remote_code),
+                                  trust_remote_code=job.trust_remote_code, device=device)
     except UserError as e:
         raise UserError(e.problem, f"{e.fix}; or name the base model with --base") from None
     load_adapter(model, job.adapter_dir)

@@ -4,22 +4,28 @@
     model, tokenizer, info = load_with_adapter(None, "runs/mixed/adapter")   # the adapter's own base
 
 `load_model` is the one way rlora loads a causal LM: a hub id or a local folder, with a clear
-error when it cannot be had (offline, typo, gated). `load_with_adapter` is what eval, generate and
-analyze load: a base (given, else the one the adapter records, else a default) with the adapter
-applied; it prints nothing and returns what it found worth saying in `LoadInfo.warnings`.
+error when it cannot be had (offline, typo, gated), quantized by bitsandbytes when the recipe's
+`model.quantization` asks (QLoRA; `rlora_cli/quant.py` dequantizes it again for merging).
+`load_with_adapter` is what eval, generate and analyze load: a base (given, else the one the
+adapter records, else a default) with the adapter applied, quantized as it was in training; it
+prints nothing and returns what it found worth saying in `LoadInfo.warnings`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib.metadata
+import importlib.util
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from packaging.version import Version
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from rlora_cli.checkpoint import check_remote_code, load_adapter, read_adapter_config, recorded_base
 from rlora_cli.config import canonical_dtype
+from rlora_cli.config.model import QuantizationConfig
 from rlora_cli.errors import UserError, first_line
 
 
@@ -46,19 +52,78 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = "sdpa", device: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for a hub id or a local folder; UserError with a fix when it fails."""
+               attn_implementation: str | None = "sdpa", device: Any = None,
+               quantization: QuantizationConfig | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a hub id or a local folder; UserError with a fix when it fails.
+    With `quantization` the Linear layers load quantized by bitsandbytes (not the LM head, which
+    transformers keeps as loaded), straight onto `device` (default: CUDA when there is one)."""
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        # A quantized model cannot be moved after loading: bitsandbytes quantizes as it places.
+        place = device if device is not None else default_device()
+        kwargs["quantization_config"] = bnb_config(quantization, cpu=torch.device(place).type == "cpu")
+        kwargs["device_map"] = {"": place}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from None
-    if device is not None:
+    except (ImportError, RuntimeError) as e:  # bitsandbytes without a backend for this device
+        if quantization is None or isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise UserError(f"model.quantization: bitsandbytes cannot quantize here: {first_line(e)}",
+                        "run on a CUDA GPU (or update bitsandbytes), or drop model.quantization") from None
+    if device is not None and quantization is None:
         model.to(device)
     return model, tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# bitsandbytes' CPU backend runs the 4-bit forward and backward (nf4 and fp4) from 0.47 on;
+# 0.45 fails its first 4-bit forward on the CPU, 0.46 refuses fp4 there.
+CPU_BITSANDBYTES = "0.47"
+
+
+def bnb_config(q: QuantizationConfig, *, cpu: bool = False) -> BitsAndBytesConfig:
+    """transformers' BitsAndBytesConfig for the recipe's `model.quantization` (as PEFT and
+    LLaMA-Factory users write it); UserError when bitsandbytes is not installed, or is too old to
+    run on the CPU when `cpu`."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("model.quantization needs bitsandbytes, which is not installed",
+                        "pip install 'rlora[qlora]' (or drop model.quantization)")
+    installed = importlib.metadata.version("bitsandbytes")
+    if cpu and Version(installed) < Version(CPU_BITSANDBYTES):
+        raise UserError(f"model.quantization on the CPU needs bitsandbytes >= {CPU_BITSANDBYTES} "
+                        f"(installed: {installed})", "pip install -U bitsandbytes, or train on a CUDA GPU")
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=resolve_dtype(q.compute_dtype,
+                                                                   "model.quantization.compute_dtype"))
+
+
+def recorded_quantization(config: dict[str, Any],
+                          where: str = "rlora_config.json") -> QuantizationConfig | None:
+    """The quantization an adapter trained over (its config's `quantization` record), or None."""
+    record = config.get("quantization")
+    if record is None:
+        return None
+    try:
+        return QuantizationConfig(**record)
+    except (TypeError, UserError) as e:
+        raise UserError(f"{where}: unreadable quantization record {record!r} ({first_line(e)})",
+                        "save the adapter again with rlora") from None
+
+
+def quantization_record(q: QuantizationConfig | None) -> dict[str, Any]:
+    """What an adapter records about its base's quantization: {"quantization": {...} or None}."""
+    return {"quantization": asdict(q) if q is not None else None}
 
 
 def meta_model(name_or_path: str, *, fix: str, trust_remote_code: bool = False) -> Any:
@@ -108,7 +173,9 @@ def load_with_adapter(model: str | None, adapter: str | None, *, dtype: str = "a
         info.warnings.append(f"adapter {adapter} was trained on {recorded}, applying it to {model}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else None
-    lm, tokenizer = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    # Over the base quantized as in training: the adapter learned against its dequantized weights.
+    lm, tokenizer = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
+                               quantization=recorded_quantization(config, f"{adapter}/rlora_config.json"))
     if adapter:
         load_adapter(lm, adapter)  # UserError on a shape mismatch: the adapter is for another base
         if (Path(adapter) / "tokenizer_config.json").is_file():

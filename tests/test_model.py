@@ -16,8 +16,16 @@ from transformers import LlamaForCausalLM
 
 from rlora_cli.adapters import AdapterConfig, inject_adapters
 from rlora_cli.checkpoint import read_adapter_config, save_adapter
+from rlora_cli.config.model import QuantizationConfig
 from rlora_cli.errors import UserError
-from rlora_cli.model import _load_error, load_model, load_with_adapter, resolve_dtype
+from rlora_cli.model import (
+    _load_error,
+    load_model,
+    load_with_adapter,
+    quantization_record,
+    recorded_quantization,
+    resolve_dtype,
+)
 from rlora_cli.report.eval import print_warnings
 from rlora_cli.testing import build_tiny_model
 
@@ -92,6 +100,21 @@ def test_adapter_saved_from_a_relative_base_loads_from_any_folder(tiny_model_dir
     load_with_adapter(str(project / ".models-moved" / "tiny"), str(project / "runs" / "demo" / "adapter"),
                       dtype="float32")
 
+
+
+# ------------------------------------------------------------------------------- quantized bases
+
+
+def test_an_adapter_records_the_quantization_it_trained_over(adapter_dir):
+    """The record is what load_with_adapter loads the base with (tests/test_quant.py runs it)."""
+    assert recorded_quantization(read_adapter_config(adapter_dir[0])) is None  # trained unquantized
+    for q in (QuantizationConfig(), QuantizationConfig(bits=8), QuantizationConfig(type="fp4")):
+        assert recorded_quantization(quantization_record(q)) == q
+    assert quantization_record(None) == {"quantization": None}
+    for bad in ({"bits": 3}, "nf4", {"bits": 4, "group": 64}):
+        with pytest.raises(UserError, match="A/rlora_config.json: unreadable quantization record") as e:
+            recorded_quantization({"quantization": bad}, "A/rlora_config.json")
+        assert "save the adapter again" in e.value.fix
 
 
 # ------------------------------------------------------------------------------- custom code

@@ -3,6 +3,10 @@
 `inject_adapters` wraps the matched Linear/Conv1D modules in `MultiHeadLoRA` and freezes
 everything that is not an `rlora_*` tensor; `merge_adapters` folds static-gate adapters back into
 the base weights and unwraps, leaving a plain Hugging Face model.
+
+A quantized base (bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear, so they are found
+like any Linear) stores its weight as integers: its adapters default to float32, as over a
+half-precision base, and it must be dequantized (`rlora_cli/quant.py`) before a merge.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from .methods import AdapterConfig, layer_spec
 
 def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A base whose weight is stored as integers (bitsandbytes' 4-bit and 8-bit Linears)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and not weight.is_floating_point()
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:
@@ -68,7 +78,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, modules: Iterable[s
 
     `modules` names the exact modules to wrap (loading a saved adapter); otherwise
     `cfg.target_modules` picks them. With `init=False` the adapter tensors are left empty for a
-    loader to fill, so loading never draws random numbers.
+    loader to fill, so loading never draws random numbers. `dtype` is the adapter tensors' dtype;
+    by default fp32 over a half-precision or quantized base, else the base weight's.
     """
     if adapter_layers(model):
         raise UserError("this model already has rlora adapters",
@@ -89,7 +100,9 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, modules: Iterable[s
     for name in names:
         parent, child = _parent(model, name)
         base = getattr(parent, child)
-        layer = MultiHeadLoRA(base, spec, init=init, dtype=dtype)
+        # A quantized weight's dtype is its storage (uint8, int8): the adapter trains in float32.
+        own = dtype or (torch.float32 if is_quantized(base) else None)
+        layer = MultiHeadLoRA(base, spec, init=init, dtype=own)
         setattr(parent, child, layer.train(base.training))  # a new module would default to train mode
     for pname, p in model.named_parameters():
         p.requires_grad_(PREFIX in pname)
@@ -111,6 +124,17 @@ def adapter_layers(model: nn.Module) -> dict[str, MultiHeadLoRA]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MultiHeadLoRA)}
 
 
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the adapted base computes in, as an adapter records it: the first wrapped
+    weight's, or over a quantized base the dtype of the weights left unquantized, which is the
+    dtype the quantized ones were loaded in and dequantize to."""
+    weight = next(iter(adapter_layers(model).values())).base.weight
+    if weight.is_floating_point():
+        return weight.dtype
+    return next(p.dtype for name, p in model.named_parameters()
+                if p.is_floating_point() and PREFIX not in name.rsplit(".", 1)[-1])
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's own tensors (trainable ones and R-LoRA's A0/B0), keyed by full name."""
     return {k: v for k, v in model.state_dict().items() if PREFIX in k.rsplit(".", 1)[-1]}
@@ -130,6 +154,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     routers, whose ΔW depends on the input, before anything is changed.
     """
     layers = adapter_layers(model)
+    quantized = [name for name, layer in layers.items() if is_quantized(layer.base)]
+    if quantized:  # W + ΔW written into integer storage would be garbage
+        raise UserError(f"{quantized[0]} is quantized; ΔW cannot be added to its integer weights",
+                        "dequantize the base first (rlora_cli.quant.dequantize_model; rlora merge does)")
     deltas = {name: layer.delta_weight() for name, layer in layers.items()}  # raises first
     for name, layer in layers.items():
         delta = deltas[name]

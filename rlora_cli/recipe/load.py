@@ -37,6 +37,7 @@ from rlora_cli.config import (
     TrainConfig,
     compile_problems,
 )
+from rlora_cli.config.model import QuantizationConfig
 from rlora_cli.data.sources import check_source
 from rlora_cli.data.textfiles import not_utf8
 from rlora_cli.errors import UserError, collect, first_line
@@ -173,7 +174,9 @@ def _set_path(node: Any, parts: list[str], value: Any) -> str | None:
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:  # absent, or `quantization: null` as --print-config writes it
+                    node[part] = {}
+                node = node[part]
         else:
             return f"{'.'.join(parts[:depth])} is a {type(node).__name__}, not a section"
     return None
@@ -196,7 +199,9 @@ def _build_recipe(raw: dict[str, Any], problems: list[str], default_dir: str | N
                                                        else "give data: {datasets: [...]}"))
     parts: dict[str, Any] = {"adapter": build_adapter(raw.get("adapter", {}), problems),
                              "data": _build_data(raw["data"], problems) if "data" in raw else None}
-    for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("output", OutputConfig)):
+    if "model" in raw:
+        parts["model"] = _build_model(raw["model"], problems)
+    for name, cls in (("train", TrainConfig), ("output", OutputConfig)):
         if name in raw:
             parts[name] = _checked(cls, raw[name], name, problems)
     seed = _checked(_Seed, {"seed": raw.get("seed", 0)}, "", problems)
@@ -242,6 +247,14 @@ def construct(cls: type, values: dict[str, Any], where: str, problems: list[str]
         moved = [where + p[len(home):] if p.startswith(home) else p for p in e.problems]
         problems += [p for p in moved if not about(p, where, ignore)]
         return None
+
+
+def _build_model(raw: Any, problems: list[str]) -> ModelConfig | None:
+    """The model section; a `quantization:` mapping in it is built as a section of its own."""
+    quantization = raw.get("quantization") if isinstance(raw, dict) else None
+    given = ({"quantization": _checked(QuantizationConfig, quantization, "model.quantization", problems)}
+             if isinstance(quantization, dict) else None)
+    return _checked(ModelConfig, raw, "model", problems, given=given)
 
 
 def _build_data(raw: Any, problems: list[str]) -> DataConfig | None:
@@ -350,7 +363,15 @@ def _plain(value: Any) -> Any:
 def recipe_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted keys (data.datasets[1].weight) whose values differ between two recipe dicts."""
     fa, fb = flatten(a), flatten(b)
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, _MISSING) != fb.get(k, _MISSING))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, _MISSING) != fb.get(k, _MISSING)
+                  and not _added_field(k, fa, fb))
+
+
+def _added_field(key: str, fa: dict[str, Any], fb: dict[str, Any]) -> bool:
+    """Only one side has `key` but both have its section: a field added since the other side was
+    written (a run resumed under a newer rlora), not a change; a source only one side lists is."""
+    section = key.rsplit(".", 1)[0] + "."
+    return (key in fa) != (key in fb) and all(any(k.startswith(section) for k in f) for f in (fa, fb))
 
 
 def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, Union
 
 from rlora_cli import config
 from rlora_cli.adapters.methods import AdapterConfig
+from rlora_cli.config.model import QuantizationConfig
 
 # Other tools' names -> (rlora key, the tool that uses the name). Users arrive with configs from
 # these tools; naming the rlora key saves them a trip to the docs.
@@ -42,6 +43,14 @@ ALIASES: dict[str, tuple[str, str | None]] = {
     "model_name_or_path": ("model.name_or_path", "transformers/LLaMA-Factory"),
     "base_model": ("model.name_or_path", "axolotl"),
     "torch_dtype": ("model.dtype", "transformers"),
+    "load_in_4bit": ("model.quantization.bits: 4", "axolotl/transformers"),
+    "load_in_8bit": ("model.quantization.bits: 8", "axolotl/transformers"),
+    "quantization_bit": ("model.quantization.bits", "LLaMA-Factory"),
+    "quantization_type": ("model.quantization.type", "LLaMA-Factory"),
+    "double_quantization": ("model.quantization.double_quant", "LLaMA-Factory"),
+    "bnb_4bit_quant_type": ("model.quantization.type", "transformers"),
+    "bnb_4bit_use_double_quant": ("model.quantization.double_quant", "transformers"),
+    "bnb_4bit_compute_dtype": ("model.quantization.compute_dtype", "transformers"),
     "per_device_train_batch_size": ("train.micro_batch_size", "the transformers Trainer"),
     "batch_size": ("train.micro_batch_size", None),
     "num_train_epochs": ("train.num_epochs", "the transformers Trainer"),
@@ -111,6 +120,7 @@ def _unknown(key: str, known: list[str], where: str) -> str:
 
 def _home_of(key: str) -> str | None:
     homes = {"": ["seed"], "model": config.ModelConfig, "adapter": AdapterConfig,
+             "model.quantization": QuantizationConfig,
              "data": config.DataConfig, "data.datasets[]": config.DatasetConfig,
              "train": config.TrainConfig, "output": config.OutputConfig}
     for home, cls in homes.items():
@@ -246,6 +256,8 @@ def describe(hint: Any) -> str:
         return f"a list of {describe(args[0]).removeprefix('a ')}s"
     if origin is dict:
         return "a mapping of names to column names"
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 

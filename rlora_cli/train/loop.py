@@ -36,13 +36,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from rlora_cli.adapters import inject_adapters, parameter_counts
+from rlora_cli.card import training_card
 from rlora_cli.checkpoint import save_adapter
 from rlora_cli.data.mixture import write_mixture
 from rlora_cli.data.pipeline import prepare
 from rlora_cli.errors import UserError
 from rlora_cli.files import atomic_write_text
-from rlora_cli.model import load_model, load_tokenizer
-from rlora_cli.recipe.load import load_recipe, recipe_to_dict
+from rlora_cli.model import load_model, load_tokenizer, quantization_record
+from rlora_cli.recipe.load import RecipeSource, load_recipe, recipe_label, recipe_to_dict
 from rlora_cli.report import train as report
 from rlora_cli.train.kernels import Kernels, apply_kernels, compile_model
 from rlora_cli.train.loss import LossReads, label_tokens, step_values, token_losses
@@ -64,12 +65,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the CLI exits 1 and the last good checkpoint is kept."""
 
 
-def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: str | Path | None = None,
+def train(source: RecipeSource, overrides: tuple[str, ...] = (), *, output: str | Path | None = None,
           resume: str = "never", overwrite: bool = False, console: Any = None) -> Path:
-    """Train the recipe's adapter; returns the run directory. Raises UserError for bad input,
-    OutputWriteError (exit 1) when OUT cannot be written, and SystemExit(143) after SIGTERM, which
-    saves a checkpoint as Ctrl-C does. OUT is locked for the run (rundir.RunDir)."""
-    recipe = load_recipe(recipe_path, overrides)
+    """Train the recipe's adapter; returns the run directory. `source`: a recipe YAML path, a dict
+    of its shape or a Recipe (load_recipe). Raises UserError for bad input, OutputWriteError
+    (exit 1) when OUT cannot be written, and SystemExit(143) after SIGTERM, which saves a
+    checkpoint as Ctrl-C does. OUT is locked for the run (rundir.RunDir)."""
+    recipe = load_recipe(source, overrides)
     out = Path(output or recipe.output.dir)
     accelerator = Accelerator(mixed_precision=mixed_precision(recipe.train.precision),
                               log_with=None if recipe.output.log_with == "none" else recipe.output.log_with,
@@ -79,7 +81,7 @@ def train(recipe_path: str | Path, overrides: tuple[str, ...] = (), *, output: s
                         f"pip install {recipe.output.log_with}, or set output.log_with: none")
     try:
         with sigterm_as_interrupt(), RunDir(out, accelerator.is_main_process) as folder:
-            run = setup(recipe, str(recipe_path), out, folder, accelerator, resume, overwrite, console)
+            run = setup(recipe, recipe_label(source), out, folder, accelerator, resume, overwrite, console)
             fit(run)
             finish(run)
     except Terminated:
@@ -164,7 +166,7 @@ def setup(recipe: Any, recipe_path: str, out: Path, folder: RunDir, accelerator:
     # training forward starts a new generation of them (cudagraph_mark_step_begin in fit).
     graphs = t.compile and t.compile_mode == "reduce-overhead" and cuda
     model, optimizer, scheduler, reads = _setup_optimizer(recipe, accelerator, model, total, graphs)
-    state = TrainerState(total_steps=total)
+    state = TrainerState(total_steps=total, processes=world)
     if plan.start is not None:
         state = restore(plan.start, accelerator, model, total)
         report.print_resuming(console, plan.start, state.step, total)
@@ -182,18 +184,27 @@ def setup(recipe: Any, recipe_path: str, out: Path, folder: RunDir, accelerator:
                clock=SaveClock(recipe.output.save_minutes, main),
                window=LogWindow(len(data.tasks), accelerator.device, every=recipe.output.logging_steps),
                progress=report.TrainProgress(console, total, state.step, main),
-               meta={"templates": data.templates, "recipe": recipe_path})
+               meta={"templates": data.templates, "recipe": recipe_path,
+                     **quantization_record(recipe.model.quantization)})
 
 
 def _setup_model(recipe: Any, accelerator: Any) -> tuple[Any, Kernels, str]:
     """The base model with its adapters, fused kernels and compiled blocks; (model, kernels, compile note)."""
-    t = recipe.train
+    t, quantization = recipe.train, recipe.model.quantization
+    if quantization is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("model.quantization: FSDP cannot shard bitsandbytes' quantized weights",
+                        "train a quantized base on one GPU or with DDP (accelerate launch without the "
+                        "FSDP config), or drop model.quantization")
+    # A quantized base is placed as it loads (bitsandbytes quantizes on the device): each process's own.
     model, _ = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype,
                           trust_remote_code=recipe.model.trust_remote_code,
-                          attn_implementation=recipe.model.attn_implementation)
+                          attn_implementation=recipe.model.attn_implementation, quantization=quantization,
+                          device=accelerator.device if quantization is not None else None)
     adapter_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(t.adapter_dtype)
-    inject_adapters(model, recipe.adapter, dtype=adapter_dtype)
+    inject_adapters(model, recipe.adapter, dtype=adapter_dtype)  # auto: fp32 over a quantized base
     if t.gradient_checkpointing:
+        # All a quantized base needs too: norms compute in fp32 inside, so PEFT's k-bit cast of
+        # every unquantized weight (norms, embeddings, LM head) to fp32 would only cost memory.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # so checkpointed blocks see inputs that need grad
     kern = apply_kernels(model, t.kernels, accelerator.device, compiled=t.compile,
@@ -206,7 +217,7 @@ def _setup_optimizer(recipe: Any, accelerator: Any, model: Any, total: int,
                      graphs: bool) -> tuple[Any, Any, Any, LossReads]:
     """AdamW and its schedule, through accelerator.prepare; (model, optimizer, scheduler, reads)."""
     fused = _fused_optimizer(accelerator)
-    optimizer, scheduler = adamw(model, recipe.train, total, fused=fused)
+    optimizer, scheduler = adamw(model, recipe.train, total, fused=fused, adapter=recipe.adapter)
     # The fp16 grad scaler drives a fused optimizer's skip flag itself: no deferred read then.
     reads = LossReads(optimizer, defer=fused and accelerator.scaler is None)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -368,7 +379,7 @@ def finish(run: Run) -> None:
     if run.accelerator.is_main_process:
         adapter, plots = run.out / "adapter", run.out / "plots"
         save_adapter(run.accelerator.unwrap_model(run.model), adapter, tokenizer=run.tokenizer,
-                     metadata=run.meta, state_dict=full)
+                     metadata=run.meta, state_dict=full, card=training_card(run.out, run.state))
         written = report.plot_losses(run.log.rows(), plots)
         report.print_done(run.console, run.state.step, adapter, plots if written else None)
     run.accelerator.end_training()

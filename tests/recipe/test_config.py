@@ -355,6 +355,20 @@ def test_round_trip_and_diff(tmp_path, data_file):
     assert recipe_diff(resolved, resolved) == []
 
 
+def test_a_field_added_since_a_run_was_written_is_not_a_change(tmp_path, data_file):
+    """A run written before model.quantization or adapter.gate_lr_ratio existed resumes; a source
+    only one side lists, or a changed value, still conflicts."""
+    new = recipe_to_dict(load_recipe(write(tmp_path, minimal(data_file))))
+    old = yaml.safe_load(yaml.safe_dump(new))
+    del old["model"]["quantization"], old["adapter"]["gate_lr_ratio"]
+    assert resume_conflicts(old, new) == []
+    new["data"]["datasets"].append(dict(new["data"]["datasets"][0], name="more"))
+    old["seed"] = 1
+    conflicts = resume_conflicts(old, new)
+    assert conflicts[-1] == "seed" and conflicts[:-1]
+    assert all(k.startswith("data.datasets[1].") for k in conflicts[:-1])
+
+
 def test_shipped_recipes_validate(monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name files relative to the repository root
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
