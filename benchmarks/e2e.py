@@ -205,7 +205,7 @@ def train_one(recipe: str, run_dir: str, overrides: list[str]) -> None:
 
     import torch
 
-    from rlora_cli.train.loop import train
+    from rlora_cli.training.loop import train
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -270,7 +270,7 @@ def replay(recipe_path: Path, overrides: list[str]) -> list[Step]:
     from rlora_cli.data.pipeline import prepare
     from rlora_cli.model import load_tokenizer
     from rlora_cli.recipe.load import load_recipe
-    from rlora_cli.train.state import EpochSampler
+    from rlora_cli.training.state import EpochSampler
 
     datasets.disable_progress_bars()
     recipe = load_recipe(recipe_path, overrides)

@@ -120,7 +120,7 @@ def worker(argv: list[str]) -> None:
 
     import torch
 
-    from rlora_cli.train.loop import train
+    from rlora_cli.training.loop import train
 
     recipe, run_dir, resume, *overrides = argv
     train(recipe, tuple(overrides), output=run_dir, resume=resume, overwrite=resume == "never")

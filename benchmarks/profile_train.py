@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    import rlora_cli.train.loop as train_mod
+    import rlora_cli.training.loop as train_mod
     from benchmarks.common import busy_ms, cuda_kernels, write_json
 
     out = Path(args.out)

@@ -40,7 +40,7 @@ from benchmarks.layer_bench import ReferenceRLoRA
 from benchmarks.shapes import config
 from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters, parameter_counts
 from rlora_cli.config import COMPILE_MODES
-from rlora_cli.train.kernels import compile_model
+from rlora_cli.training.kernels import compile_model
 
 log = logging.getLogger("step_bench")
 

@@ -1,7 +1,7 @@
 """rlora: multi-task fine-tuning of causal LMs with multi-head low-rank adapters.
 
 The Python API (heavy imports happen on first use, so `rlora --help` stays fast):
-`train_adapter` (a recipe's run, as `rlora train` does it; returns a `TrainResult`), the recipe
+`train` (a recipe's run, as `rlora train` does it; returns a `TrainResult`), the recipe
 and its sections built in code (`Recipe`, `ModelConfig`, `AdapterConfig`, `DataConfig`,
 `DatasetConfig`, `TrainConfig`, `OutputConfig`) or read with `load_recipe`, `inject_adapters`,
 `save_adapter`, `load_adapter`, `merge_adapters`, `AdapterCheckpointCallback` (a transformers
@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "train_adapter": "rlora_cli.api",
+    "train": "rlora_cli.api",
     "TrainResult": "rlora_cli.api",
     "Recipe": "rlora_cli.config",
     "ModelConfig": "rlora_cli.config",
@@ -34,7 +34,7 @@ _API = {
     "AdapterCheckpointCallback": "rlora_cli.callback",
     "write_starter": "rlora_cli.starter",
     "UserError": "rlora_cli.errors",
-    "TrainingDiverged": "rlora_cli.train.loop",
+    "TrainingDiverged": "rlora_cli.training.loop",
 }
 
 __all__ = [*_API, "__version__"]

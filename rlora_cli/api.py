@@ -1,15 +1,15 @@
-"""Training from Python: `train_adapter` runs a recipe as `rlora train` does and returns what it made.
+"""Training from Python: `train` runs a recipe as `rlora train` does and returns what it made.
 
-    from rlora_cli import train_adapter
-    result = train_adapter("recipes/demo.yaml", ["train.max_steps=20"], output="runs/demo")
+    from rlora_cli import train
+    result = train("recipes/demo.yaml", ["train.max_steps=20"], output="runs/demo")
     result.adapter_dir, result.metrics["loss"], result.metrics["eval_loss"]["reviews"]
 
 The recipe is a YAML path, a dict of the YAML's shape, or a `Recipe` built in code (load_recipe
 checks all three alike). The run folder is the CLI's, file for file. Nothing is printed unless a
 console is passed: `rich.console.Console()` shows the CLI's banner, progress and summary.
 
-(The name is not `train`: that is the `rlora_cli.train` package, which Python binds to
-`rlora_cli.train` as soon as any of its modules is imported.)
+(The name is not `train`: that is the `rlora_cli.training` package, which Python binds to
+`rlora_cli.training` as soon as any of its modules is imported.)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from rlora_cli.recipe.load import RecipeSource
 from rlora_cli.runs import read_metrics
-from rlora_cli.train.loop import train
+from rlora_cli.training.loop import train as run_training
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class TrainResult:
     grad_norm, throughput) and `eval_loss`: the last held-out loss per task ({} without any)."""
 
 
-def train_adapter(recipe: RecipeSource, overrides: tuple[str, ...] | list[str] = (), *,
+def train(recipe: RecipeSource, overrides: tuple[str, ...] | list[str] = (), *,
                   output: str | Path | None = None, resume: str = "never", overwrite: bool = False,
                   console: Any = None) -> TrainResult:
     """Train the recipe's adapter, as `rlora train RECIPE [OVERRIDES] --output OUT` does.
@@ -55,7 +55,7 @@ def train_adapter(recipe: RecipeSource, overrides: tuple[str, ...] | list[str] =
     Raises UserError (the message the CLI prints) for bad input, and TrainingDiverged when the
     loss becomes NaN or infinite (the last good checkpoint is kept)."""
     with nullcontext() if console is not None else _library_bars_off():
-        run_dir = train(recipe, tuple(overrides), output=output, resume=resume, overwrite=overwrite,
+        run_dir = run_training(recipe, tuple(overrides), output=output, resume=resume, overwrite=overwrite,
                         console=console if console is not None else Console(quiet=True))
     return TrainResult(run_dir=run_dir, adapter_dir=run_dir / "adapter",
                        metrics=final_metrics(read_metrics(run_dir / "metrics.jsonl")))

@@ -103,12 +103,12 @@ def train(
         _print_config(recipe, overrides or [], output)
         return
     if dry_run:
-        from rlora_cli.train.preview import dry_run as preview
+        from rlora_cli.training.preview import dry_run as preview
 
         preview(recipe, tuple(overrides or ()), Console())
         return
-    from rlora_cli.train.loop import TrainingDiverged
-    from rlora_cli.train.loop import train as run_training
+    from rlora_cli.training.loop import TrainingDiverged
+    from rlora_cli.training.loop import train as run_training
 
     try:
         run_training(recipe, tuple(overrides or ()), output=output, resume=resume, overwrite=overwrite)

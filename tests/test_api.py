@@ -1,4 +1,4 @@
-"""Training from Python (rlora_cli.train_adapter): a recipe file, a dict and a Recipe built in code
+"""Training from Python (rlora_cli.train): a recipe file, a dict and a Recipe built in code
 train the same adapter, silently, and bad input is the CLI's one-line UserError."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rlora_cli import (
     TrainConfig,
     UserError,
     load_recipe,
-    train_adapter,
+    train,
 )
 from rlora_cli.cli import main
 from rlora_cli.testing import adapter_tensors, metrics, write_recipe
@@ -53,7 +53,7 @@ def test_a_file_a_dict_and_a_recipe_in_code_train_the_same_adapter_silently(tmp_
     assert built == load_recipe(path) == load_recipe(as_dict)  # the three inputs are one recipe
     capfd.readouterr()
 
-    results = {name: train_adapter(source, output=tmp_path / name)
+    results = {name: train(source, output=tmp_path / name)
                for name, source in (("file", path), ("dict", as_dict), ("code", built))}
 
     out, err = capfd.readouterr()
@@ -89,7 +89,7 @@ def test_a_bad_dict_key_is_the_clis_error(tmp_path, tiny_model_dir, capfd):
     raw = yaml.safe_load(open(path))
     raw["train"]["lr"] = 1e-3
     with pytest.raises(UserError) as caught:
-        train_adapter(raw, output=tmp_path / "run")
+        train(raw, output=tmp_path / "run")
     assert caught.value.message.startswith("train.lr: unknown key; rlora calls it `train.learning_rate`")
     assert not (tmp_path / "run").exists()
 
@@ -116,4 +116,4 @@ def test_without_output_dir_a_python_recipe_runs_in_runs_method(tmp_path, tiny_m
 def test_the_public_names_resolve_lazily():
     for name in rlora_cli.__all__:
         assert getattr(rlora_cli, name) is not None, name
-    assert rlora_cli.train_adapter is train_adapter and rlora_cli.Recipe is Recipe
+    assert rlora_cli.train is train and rlora_cli.Recipe is Recipe

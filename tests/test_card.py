@@ -19,7 +19,7 @@ from rlora_cli.cli import main
 from rlora_cli.eval.results import results_dict
 from rlora_cli.runs import adapter_info, inspect_dir, read_metrics
 from rlora_cli.testing import write_recipe
-from rlora_cli.train.loop import train
+from rlora_cli.training.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def test_merge_adapters_refuses_a_quantized_base(bnb, tiny_model_dir):
 
 def test_rlora_train_in_4bit_with_gradient_checkpointing(bnb, learnable, tmp_path):
     """Needs recipe/load.py to build `model.quantization` from a mapping (an override here)."""
-    from rlora_cli.train.loop import train
+    from rlora_cli.training.loop import train
 
     recipe = write_recipe(tmp_path, learnable, output={"save_steps": 0, "eval_steps": 0},
                           train={"max_steps": 4, "gradient_accumulation_steps": 1})

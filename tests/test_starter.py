@@ -8,7 +8,7 @@ import yaml
 
 import rlora_cli.starter as starter
 from rlora_cli.adapters import METHODS, AdapterConfig
-from rlora_cli.api import train_adapter
+from rlora_cli.api import train
 from rlora_cli.config import KINDS
 from rlora_cli.errors import UserError
 from rlora_cli.recipe.load import adapter_preset, load_recipe
@@ -27,7 +27,7 @@ def test_the_starter_loads_from_any_folder_and_trains_as_written(tmp_path, tiny_
     assert recipe.adapter == AdapterConfig(**adapter_preset("rlora"))
     assert recipe.model.name_or_path == str(tiny_model_dir) and recipe.output.dir == "runs/mine"
 
-    result = train_adapter(out, ["train.max_steps=2"], output=tmp_path / "run")
+    result = train(out, ["train.max_steps=2"], output=tmp_path / "run")
     assert result.metrics["step"] == 2
     assert set(result.metrics["eval_loss"]) == {d.name for d in recipe.data.datasets}
 

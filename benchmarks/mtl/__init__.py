@@ -8,7 +8,7 @@ mixture of BIG-bench tasks and scored on each task's held-out examples, over sev
     python -m benchmarks.mtl ... --fold                  # + router variants folded per task
 
 `plan.py` says what runs (variants, budgets, recipes), `run.py` runs it (train with
-`rlora_cli.train.loop`, score with `rlora_cli.eval.recipe_tasks`), `report.py` writes the table and plots,
+`rlora_cli.training.loop`, score with `rlora_cli.eval.recipe_tasks`), `report.py` writes the table and plots,
 `smoke.py` holds the smoke setting, `fetch_bigbench.py` extracts BIG-bench's task files. With
 `--fold`, each router variant (hydralora, rlora, ...) is scored a second time with the router
 fixed to each task's fold (`rlora_cli.fold`: what `rlora merge --task` would write), in the row

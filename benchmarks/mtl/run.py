@@ -1,5 +1,5 @@
 """The benchmark loop: per seed, score the base model on each task's held-out examples; per
-(variant, seed), train with `rlora_cli.train.loop.train` and score the adapter the same way
+(variant, seed), train with `rlora_cli.training.loop.train` and score the adapter the same way
 (`rlora_cli.eval.recipe_tasks.run_recipe`: highest log-likelihood choice for multiple choice, greedy
 exact match for free-form). Finished runs are kept: run it again to continue after a crash.
 
@@ -115,7 +115,7 @@ def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, se
         console.print(f"[dim]{run_dir.name}: done before, kept[/]")
         return json.loads(result_path.read_text())
     from rlora_cli.model import load_with_adapter
-    from rlora_cli.train.loop import train
+    from rlora_cli.training.loop import train
 
     console.rule(f"{method}, seed {seed}")
     start = time.perf_counter()

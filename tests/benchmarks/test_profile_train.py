@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import rlora_cli.train.loop as train_mod
+import rlora_cli.training.loop as train_mod
 from benchmarks.profile_train import main
 from rlora_cli.testing import write_recipe
 

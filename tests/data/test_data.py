@@ -19,7 +19,7 @@ from rlora_cli.data.pipeline import collate, load_splits, prepare, split_indices
 from rlora_cli.data.templates import choices, gold_index, prompt_and_response
 from rlora_cli.errors import UserError
 from rlora_cli.recipe.load import load_recipe
-from rlora_cli.train.preview import dry_run
+from rlora_cli.training.preview import dry_run
 
 BIGBENCH = BIGBENCH_FIXTURES
 # fixture task -> the answer its first example trains on

@@ -26,7 +26,7 @@ from rlora_cli.generate import build_prompt
 from rlora_cli.recipe.load import load_recipe
 from rlora_cli.runs import adapter_dir as find_adapter_dir
 from rlora_cli.testing import write_kinds_data, write_recipe
-from rlora_cli.train.loop import train
+from rlora_cli.training.loop import train
 
 BIGBENCH = BIGBENCH_FIXTURES
 one_thread = evalkit.one_thread  # a shared fixture

@@ -11,16 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rlora_cli.train.kernels as kernels_mod
-import rlora_cli.train.loop as train_mod
+import rlora_cli.training.kernels as kernels_mod
+import rlora_cli.training.loop as train_mod
 from rlora_cli.cli import main
 from rlora_cli.data.packing import segment_bounds
 from rlora_cli.errors import UserError
 from rlora_cli.model import load_model
 from rlora_cli.recipe.load import load_recipe
 from rlora_cli.testing import metrics, write_recipe
-from rlora_cli.train.kernels import Kernels, apply_kernels, install_fused_loss
-from rlora_cli.train.loop import token_losses, train
+from rlora_cli.training.kernels import Kernels, apply_kernels, install_fused_loss
+from rlora_cli.training.loop import token_losses, train
 
 
 def batch_of(model, seed=0):

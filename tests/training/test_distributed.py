@@ -1,6 +1,6 @@
 """Two training processes on the CPU: `accelerate launch` with the gloo backend, checked with numbers.
 
-    HF_HUB_OFFLINE=1 pytest tests/train/test_distributed.py
+    HF_HUB_OFFLINE=1 pytest tests/training/test_distributed.py
 
 The multi-process paths of train/ (each process's share of the epoch, the step's loss summed over
 processes and divided by the global label-token count, the save_minutes vote riding in the step's
@@ -40,8 +40,8 @@ from rlora_cli.checkpoint import load_adapter
 from rlora_cli.errors import UserError
 from rlora_cli.model import load_model
 from rlora_cli.testing import adapter_tensors, metrics, write_recipe
-from rlora_cli.train.loop import train
-from rlora_cli.train.state import EpochSampler, schedule
+from rlora_cli.training.loop import train
+from rlora_cli.training.state import EpochSampler, schedule
 
 STEPS, GLOBAL_BATCH = 4, 8
 # The step's loss is a sum of float32 token losses over processes (or micro-batches) divided by

@@ -21,14 +21,14 @@ import safetensors.torch
 import torch
 from matplotlib.figure import Figure
 
-import rlora_cli.train.loop as train_mod
-import rlora_cli.train.rundir as rundir
+import rlora_cli.training.loop as train_mod
+import rlora_cli.training.rundir as rundir
 from rlora_cli.cli import main
 from rlora_cli.testing import adapter_tensors, metrics, write_recipe
-from rlora_cli.train.loop import train
-from rlora_cli.train.metrics import MetricsLog
+from rlora_cli.training.loop import train
+from rlora_cli.training.metrics import MetricsLog
 
-LOCK_HOLDER = ("import sys, time; from pathlib import Path; from rlora_cli.train.rundir import RunLock; "
+LOCK_HOLDER = ("import sys, time; from pathlib import Path; from rlora_cli.training.rundir import RunLock; "
                "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)")
 
 
@@ -324,7 +324,7 @@ def test_every_checkpoint_damaged_is_refused(tmp_path, finished):
     assert "--overwrite" in e.value.message
 
 
-SLOW_RUN = ("import sys, time; import rlora_cli.train.loop as t; real = t.token_losses\n"
+SLOW_RUN = ("import sys, time; import rlora_cli.training.loop as t; real = t.token_losses\n"
             "def slow(*a, **k):\n    time.sleep(0.3)\n    return real(*a, **k)\n"
             "t.token_losses = slow\nfrom rlora_cli.cli import main\nmain(sys.argv[1:])\n")
 

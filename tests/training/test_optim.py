@@ -9,7 +9,7 @@ from conftest import load
 
 from rlora_cli.adapters import AdapterConfig, inject_adapters
 from rlora_cli.errors import UserError
-from rlora_cli.train.optim import adamw, param_groups
+from rlora_cli.training.optim import adamw, param_groups
 
 
 class _Train:
@@ -30,7 +30,8 @@ def _model(tiny_model_dir, **adapter):
 ])
 def test_groups_hold_factors_then_mixers_at_their_ratio(tiny_model_dir, adapter, mixer, ratio):
     model, cfg = _model(tiny_model_dir, **adapter)
-    groups = param_groups(model, 0.1, 1e-3, gate_lr_ratio=cfg.gate_lr_ratio, router_lr_ratio=cfg.router_lr_ratio)
+    groups = param_groups(model, 0.1, 1e-3, gate_lr_ratio=cfg.gate_lr_ratio,
+                          router_lr_ratio=cfg.router_lr_ratio)
     names = {id(p): n for n, p in model.named_parameters()}
     factors, mixers = ([names[id(p)] for p in g["params"]] for g in groups)
     assert len(groups) == 2  # always two: a checkpoint's optimizer state is matched group by group
@@ -56,7 +57,8 @@ def test_first_adam_step_moves_gates_by_the_ratio(tiny_model_dir):
 
 @pytest.mark.parametrize("adapter, key", [
     ({"type": "rlora", "gate_lr_ratio": 2.0}, "adapter.gate_lr_ratio: applies to multilora"),
-    ({"type": "rlora", "router": "off", "router_lr_ratio": 2.0}, "adapter.router_lr_ratio: applies to hydralora"),
+    ({"type": "rlora", "router": "off", "router_lr_ratio": 2.0},
+     "adapter.router_lr_ratio: applies to hydralora"),
     ({"type": "multilora", "gate_lr_ratio": 0.0}, "adapter.gate_lr_ratio: must be a finite number > 0"),
     ({"type": "rlora", "router_lr_ratio": float("nan")}, "adapter.router_lr_ratio: must be a finite number"),
 ])

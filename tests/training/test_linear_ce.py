@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rlora_cli.train.linear_ce as linear_ce
-from rlora_cli.train.linear_ce import linear_cross_entropy, torch_chunk
+import rlora_cli.training.linear_ce as linear_ce
+from rlora_cli.training.linear_ce import linear_cross_entropy, torch_chunk
 
 
 def _case(T=37, d=16, V=50, seed=0, dtype=torch.float64):

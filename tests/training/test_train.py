@@ -10,14 +10,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import rlora_cli.train.loop as train_mod
-import rlora_cli.train.rundir as rundir
+import rlora_cli.training.loop as train_mod
+import rlora_cli.training.rundir as rundir
 from rlora_cli.cli import main
 from rlora_cli.errors import UserError
 from rlora_cli.report import train as report
 from rlora_cli.report.train import smooth
 from rlora_cli.testing import adapter_tensors, metrics, write_recipe
-from rlora_cli.train.loop import TrainingDiverged, train
+from rlora_cli.training.loop import TrainingDiverged, train
 
 
 def test_loss_falls_and_the_run_directory_is_complete(tmp_path, learnable_model_dir):

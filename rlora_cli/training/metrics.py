@@ -26,9 +26,9 @@ from rlora_cli.data.packing import IGNORE, collate
 from rlora_cli.files import atomic_write_text
 from rlora_cli.recipe.load import flatten
 from rlora_cli.runs import read_metrics
-from rlora_cli.train.kernels import Kernels
-from rlora_cli.train.loss import token_losses
-from rlora_cli.train.state import TrainerState
+from rlora_cli.training.kernels import Kernels
+from rlora_cli.training.loss import token_losses
+from rlora_cli.training.state import TrainerState
 
 
 class MetricsLog:

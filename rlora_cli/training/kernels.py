@@ -31,7 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rlora_cli.data.packing import IGNORE
 from rlora_cli.errors import UserError
-from rlora_cli.train.linear_ce import linear_cross_entropy
+from rlora_cli.training.linear_ce import linear_cross_entropy
 
 INSTALL_HINT = 'pip install "rlora[gpu]" (liger-kernel)'
 # Config keys that change the logits after the output head; the fused loss would skip them.

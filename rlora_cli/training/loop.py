@@ -45,11 +45,11 @@ from rlora_cli.files import atomic_write_text
 from rlora_cli.model import load_model, load_tokenizer, quantization_record
 from rlora_cli.recipe.load import RecipeSource, load_recipe, recipe_label, recipe_to_dict
 from rlora_cli.report import train as report
-from rlora_cli.train.kernels import Kernels, apply_kernels, compile_model
-from rlora_cli.train.loss import LossReads, label_tokens, step_values, token_losses
-from rlora_cli.train.metrics import LogWindow, MetricsLog, evaluate_loss, run_info, tracker_config
-from rlora_cli.train.optim import adamw, mixed_precision, own_grads, state_hooks
-from rlora_cli.train.rundir import (
+from rlora_cli.training.kernels import Kernels, apply_kernels, compile_model
+from rlora_cli.training.loss import LossReads, label_tokens, step_values, token_losses
+from rlora_cli.training.metrics import LogWindow, MetricsLog, evaluate_loss, run_info, tracker_config
+from rlora_cli.training.optim import adamw, mixed_precision, own_grads, state_hooks
+from rlora_cli.training.rundir import (
     RunDir,
     SaveClock,
     Terminated,
@@ -58,7 +58,7 @@ from rlora_cli.train.rundir import (
     save_checkpoint,
     sigterm_as_interrupt,
 )
-from rlora_cli.train.state import TrainerState, restore, rng_restore, rng_snapshot, schedule, train_loader
+from rlora_cli.training.state import TrainerState, restore, rng_restore, rng_snapshot, schedule, train_loader
 
 
 class TrainingDiverged(RuntimeError):

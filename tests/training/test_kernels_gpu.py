@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rlora_cli.train.kernels as kernels_mod
-import rlora_cli.train.linear_ce as linear_ce
+import rlora_cli.training.kernels as kernels_mod
+import rlora_cli.training.linear_ce as linear_ce
 from rlora_cli.adapters import AdapterConfig, inject_adapters
 from rlora_cli.data.packing import segment_bounds
 from rlora_cli.model import load_model
 from rlora_cli.testing import metrics, write_recipe
-from rlora_cli.train.kernels import apply_kernels, compile_model, packed_attention
-from rlora_cli.train.linear_ce import liger_chunk, linear_cross_entropy, torch_chunk
-from rlora_cli.train.loop import token_losses, train
+from rlora_cli.training.kernels import apply_kernels, compile_model, packed_attention
+from rlora_cli.training.linear_ce import liger_chunk, linear_cross_entropy, torch_chunk
+from rlora_cli.training.loop import token_losses, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
