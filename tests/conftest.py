@@ -111,3 +111,46 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
                 p.add_(torch.randn_like(p) * 0.5)
     return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", tokenizer=tok), model.eval()
 
+
+# ------------------------------------------------------------------------ the command line
+
+
+def run_cli(argv: list[str]) -> int:
+    """`rlora ARGV` in this process; its exit code."""
+    from rlora_cli.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.fixture
+def no_progress_bars():
+    """Data and weight loading draw progress bars on stderr before an error can be found; they
+    are not part of the error, so they are off here and stderr holds the error alone."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    before = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    yield
+    if before[0]:
+        datasets.enable_progress_bars()
+    if before[1]:
+        hf_logging.enable_progress_bar()
+
+
+@pytest.fixture
+def quiet(monkeypatch, tmp_path):
+    """datasets' progress bars share stderr with the error line; a fresh cache per test."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    yield
+    if was_on:
+        datasets.enable_progress_bars()

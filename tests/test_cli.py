@@ -167,23 +167,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def no_progress_bars():
-    """Data and weight loading draw progress bars on stderr before an error can be found; they
-    are not part of the error, so they are off here and stderr holds the error alone."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    before = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    yield
-    if before[0]:
-        datasets.enable_progress_bars()
-    if before[1]:
-        hf_logging.enable_progress_bar()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_exit_2_and_one_line(world, case, capfd, monkeypatch, no_progress_bars):
     _, argv, words, *setup = case

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb  # noqa: E402
+from conftest import perturb, run_cli  # noqa: E402
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -528,53 +528,30 @@ def test_header_reader_matches_safetensors(good_adapter):
         assert all(header[k]["shape"] == list(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-# ---------------------------------------------------------------- CLI (enabled once cli.py has the commands)
+# ---------------------------------------------------------------- CLI
 
 
-def _cli_has(*names: str) -> bool:
-    from rlora_cli.cli import app
-
-    have = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    return set(names) <= have
-
-
-cli = pytest.mark.skipif(not _cli_has("merge", "export", "inspect"),
-                         reason="rlora merge/export/inspect are not wired into cli.py yet")
-
-
-def _run(argv: list[str]) -> int:
-    from rlora_cli.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
-@cli
 def test_cli_merge_export_inspect(good_adapter, tmp_path, capsys):
-    assert _run(["merge", "--adapter", str(good_adapter), "--output", str(tmp_path / "m")]) == 0
+    assert run_cli(["merge", "--adapter", str(good_adapter), "--output", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "config.json").is_file()
-    assert _run(["export", "--adapter", str(good_adapter), "--format", "peft",
+    assert run_cli(["export", "--adapter", str(good_adapter), "--format", "peft",
                  "--output", str(tmp_path / "p")]) == 0
     assert "rank 8" in capsys.readouterr().err
-    assert _run(["export", "--adapter", str(good_adapter), "--format", "merged", "--output",
+    assert run_cli(["export", "--adapter", str(good_adapter), "--format", "merged", "--output",
                  str(tmp_path / "m2"), "--dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "m2" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert _run(["inspect", str(good_adapter), "--json"]) == 0
+    assert run_cli(["inspect", str(good_adapter), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["peft_rank"] == 8
-    assert _run(["inspect", str(good_adapter)]) == 0
+    assert run_cli(["inspect", str(good_adapter)]) == 0
     assert "rank 8" in capsys.readouterr().out
 
 
-@cli
 def test_cli_errors_exit_2_with_one_line(good_adapter, tmp_path, capsys):
     for argv in (["export", "--adapter", str(good_adapter), "--format", "onnx",
                   "--output", str(tmp_path / "x")],
                  ["merge", "--adapter", str(tmp_path / "missing"), "--output", str(tmp_path / "x")],
                  ["merge", "--adapter", str(good_adapter), "--output", str(good_adapter.parent)]):
-        assert _run(argv) == 2
+        assert run_cli(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "—" in err
     assert nothing_written(tmp_path / "x")

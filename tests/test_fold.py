@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import perturb  # noqa: E402
+from conftest import perturb, run_cli  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora_cli.adapters import AdapterConfig, adapter_layers, inject_adapters
@@ -225,36 +225,9 @@ def test_rows_come_from_held_out_else_training_else_data(tiny_model_dir, tmp_pat
 # ---------------------------------------------------------------------------- the command line
 
 
-def _run(argv: list[str]) -> int:
-    from rlora_cli.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 @pytest.fixture(scope="module")
 def rlora_run(tiny_model_dir, tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("cli"), tiny_model_dir, {"type": "rlora"})
-
-
-@pytest.fixture
-def no_progress_bars():
-    """Data and weight loading draw progress bars on stderr before an error can be found; they
-    are not part of the error, so they are off here and stderr holds the error alone."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    before = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    yield
-    if before[0]:
-        datasets.enable_progress_bars()
-    if before[1]:
-        hf_logging.enable_progress_bar()
 
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(rlora_run, tmp_path, capsys, no_progress_bars):
@@ -278,7 +251,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(rlora_run, tmp_path,
                   "--output", str(out)], ["exactly one of --task NAME and --per-task"]),
     }
     for name, (argv, needles) in cases.items():
-        assert _run(argv) == 2, name
+        assert run_cli(argv) == 2, name
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and " — " in err, (name, err)
         for needle in needles:
@@ -288,17 +261,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(rlora_run, tmp_path,
 
 def test_a_static_adapter_given_a_task_is_exported_as_it_is(tiny_model_dir, tmp_path, capsys):
     run = make_run(tmp_path, tiny_model_dir, {"type": "rlora", "router": "off"})
-    assert _run(["export", "--adapter", str(run), "--format", "peft", "--task", "facts",
+    assert run_cli(["export", "--adapter", str(run), "--format", "peft", "--task", "facts",
                  "--output", str(tmp_path / "p")]) == 0
     assert "folding is not needed" in capsys.readouterr().err
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["r"] == 8
-    assert _run(["merge", "--adapter", str(run), "--task", "facts", "--output", str(tmp_path / "m")]) == 0
+    assert run_cli(["merge", "--adapter", str(run), "--task", "facts", "--output", str(tmp_path / "m")]) == 0
     assert "folding is not needed" in capsys.readouterr().err and (tmp_path / "m" / "config.json").is_file()
 
 
 def test_cli_per_task_export_prints_the_vllm_line(rlora_run, tmp_path, capsys):
     out = tmp_path / "peft"
-    assert _run(["export", "--adapter", str(rlora_run), "--format", "peft", "--per-task",
+    assert run_cli(["export", "--adapter", str(rlora_run), "--format", "peft", "--per-task",
                  "--output", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"--lora-modules facts={out.absolute()}/facts reviews={out.absolute()}/reviews" in err

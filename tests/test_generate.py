@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora_cli.generate as generate_module
 from rlora_cli.adapters import AdapterConfig, inject_adapters, merge_adapters
 from rlora_cli.checkpoint import load_adapter, save_adapter
-from rlora_cli.cli import main
 from rlora_cli.data.templates import TEMPLATES, template_info
 from rlora_cli.errors import UserError
 from rlora_cli.export import merge_to_folder
@@ -209,15 +208,6 @@ def test_bad_input_is_one_user_error(tmp_path, adapter, tiny_model_dir):
 
 # ------------------------------------------------------------------ the command line, from anywhere
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_cli_adapter_by_absolute_path_from_another_folder_then_base_moved(tiny_model_dir, tmp_path,
@@ -232,14 +222,14 @@ def test_cli_adapter_by_absolute_path_from_another_folder_then_base_moved(tiny_m
     save_adapter(model, "runs/demo/adapter", tokenizer=AutoTokenizer.from_pretrained(".models/x"))
     monkeypatch.chdir(tmp_path)
     run = str(project / "runs" / "demo")
-    assert _cli(["generate", "--adapter", run, "--max-new-tokens", "2", "--dtype", "fp32", "Hi"]) == 0
+    assert run_cli(["generate", "--adapter", run, "--max-new-tokens", "2", "--dtype", "fp32", "Hi"]) == 0
     assert "Repo id" not in capfd.readouterr().err
     shutil.move(project / ".models", project / "models-elsewhere")
-    assert _cli(["generate", "--adapter", run, "--max-new-tokens", "2", "Hi"]) == 2
+    assert run_cli(["generate", "--adapter", run, "--max-new-tokens", "2", "Hi"]) == 2
     err = capfd.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert f"{project / '.models' / 'x'} no longer exists" in err and "pass --model" in err
-    assert _cli(["generate", "--adapter", run, "--model", str(project / "models-elsewhere" / "x"),
+    assert run_cli(["generate", "--adapter", run, "--model", str(project / "models-elsewhere" / "x"),
                  "--max-new-tokens", "2", "--dtype", "fp32", "Hi"]) == 0
 
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import METHODS, cfg_for, mid, perturb
+from conftest import METHODS, cfg_for, mid, perturb, run_cli
 
 from rlora_cli.adapters import adapter_layers, adapter_state, inject_adapters, merge_adapters
 from rlora_cli.adapters.inject import base_dtype
@@ -268,16 +268,6 @@ def test_missing_bitsandbytes_is_one_user_error(tiny_model_dir, monkeypatch):
     with pytest.raises(UserError, match="needs bitsandbytes") as e:
         load_model(str(tiny_model_dir), quantization=Q4)
     assert e.value.fix.startswith("pip install 'rlora[qlora]'")
-
-
-def run_cli(argv: list[str]) -> int:
-    from rlora_cli.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize("override, key", [

@@ -284,19 +284,6 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.fixture
-def quiet(monkeypatch, tmp_path):
-    """datasets' progress bars share stderr with the error line; a fresh cache per test."""
-    import datasets
-
-    was_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    yield
-    if was_on:
-        datasets.enable_progress_bars()
-
-
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_rows_roles_and_templates_are_one_line(case, tmp_path, tiny_model_dir, capfd, quiet):
     _, kind, extra, rows, expect = case

@@ -178,19 +178,6 @@ def write_recipe(folder: Path, model_dir: Path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def quiet(monkeypatch, tmp_path):
-    """datasets' progress bars share stderr with the error line; a fresh cache per test."""
-    import datasets
-
-    was_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    yield
-    if was_on:
-        datasets.enable_progress_bars()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_model_dir, capfd, quiet):
     write_recipe(tmp_path, tiny_model_dir)
