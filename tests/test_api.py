@@ -117,3 +117,25 @@ def test_the_public_names_resolve_lazily():
     for name in rlora_cli.__all__:
         assert getattr(rlora_cli, name) is not None, name
     assert rlora_cli.train is train and rlora_cli.Recipe is Recipe
+
+
+def test_a_dict_mixing_completion_text_and_chat_trains_and_evaluates(tmp_path, tiny_model_dir, capfd):
+    """recipes/kinds.yaml as a Python dict (on the tiny model): trains, and `evaluate` scores each
+    kind as it should — completion by exact match, F1 and loss; text and chat by loss."""
+    from conftest import REPO
+
+    from rlora_cli.eval.run import evaluate
+
+    doc = yaml.safe_load((REPO / "recipes" / "kinds.yaml").read_text())
+    doc["model"] = {"name_or_path": str(tiny_model_dir), "dtype": "fp32"}
+    doc["data"]["max_length"] = 64
+    for source in doc["data"]["datasets"]:
+        source["path"] = str(REPO / source["path"])
+    doc["train"].update(max_steps=3)
+    result = train(doc, output=tmp_path / "run")
+    assert result.metrics["step"] == 3 and set(result.metrics["eval_loss"]) == {"units", "logs", "sums"}
+    tasks = evaluate("recipe", adapter=str(result.run_dir), dtype="fp32")["tasks"]
+    assert {"accuracy", "f1", "loss", "perplexity"} <= set(tasks["units"]) and tasks["units"]["n"] == 10
+    assert tasks["logs"]["accuracy"] is None and tasks["logs"]["perplexity"] > 1
+    assert tasks["sums"]["loss"] > 0 and tasks["sums"]["n"] == 10
+    assert capfd.readouterr().out == ""
