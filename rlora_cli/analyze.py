@@ -228,6 +228,8 @@ def analyze_layer(layer: MultiHeadLoRA, method: str) -> dict[str, Any]:
                            "singular_values": sv}
     if method in ROUTER_METHODS:
         out["head_singular_values"] = [singular_values(h) for h in heads]
+    if layer.spec.gate == "scalar":  # multilora: zero-init gates that may not have moved
+        out["gate_abs"] = layer.rlora_gate.detach().abs().double().tolist()
     out["effective_rank"] = effective_rank(sv)
     out["top1_energy"] = top1_energy(sv)
     return out

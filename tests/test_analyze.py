@@ -103,6 +103,19 @@ def test_singular_values_are_those_of_the_delta_merge_folds_in(tiny_model_dir, a
         assert m["effective_rank"] == pytest.approx(math.exp(-sum(x * math.log(x) for x in p if x > 0)))
         assert m["top1_energy"] == pytest.approx(got[0] ** 2 / sum(x * x for x in got))
         assert ("head_singular_values" in m) == (name not in ("lora", "multilora"))
+        assert ("gate_abs" in m) == (name == "multilora")
+
+
+def test_multilora_gates_are_reported_as_saved(adapters, tmp_path, capsys):
+    """|gᵢ| per module equals the saved gates, and the summary prints their mean per head."""
+    from rich.console import Console
+
+    config, tensors = saved(adapters["multilora"])
+    a, _ = analyze(adapters["multilora"], output=tmp_path, console=Console(width=200))
+    for module, m in a["modules"].items():
+        assert m["gate_abs"] == tensors[f"{module}.rlora_gate"].double().abs().tolist()
+    means = [sum(col) / len(col) for col in zip(*(m["gate_abs"] for m in a["modules"].values()))]
+    assert " ".join(f"{g:.3g}" for g in means) in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["hydralora", "rlora"])

@@ -28,15 +28,25 @@ def render_analysis(analyses: dict[str, dict[str, Any]], out: Path, plots: list[
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     table = Table(title="rlora analyze (means over modules)")
-    for col in ("adapter", "modules", "head cosine (off-diag)", "effective rank", "top-1 energy"):
+    for col in ("adapter", "modules", "head cosine (off-diag)", "effective rank", "top-1 energy", "|gᵢ|"):
         table.add_column(col, justify="left" if col == "adapter" else "right")
     for label, a in analyses.items():
-        mods = a["modules"].values()
+        mods = list(a["modules"].values())
         keys = ("mean_offdiag_cosine", "effective_rank", "top1_energy")
-        table.add_row(escape(label), str(len(a["modules"])), *(_mean_str([m[k] for m in mods]) for k in keys))
+        table.add_row(escape(label), str(len(mods)), *(_mean_str([m[k] for m in mods]) for k in keys),
+                      _gates_str(mods))
     console.print(table)
     names = ", ".join(p.name for p in plots) or "no plots"
     console.print(f"analysis written to {escape(str(out))} ({names})")
+
+
+def _gates_str(modules: list[dict[str, Any]]) -> str:
+    """MultiLoRA's mean |gᵢ| per head over modules, and the largest: whether its gates moved at all."""
+    gates = [m["gate_abs"] for m in modules if "gate_abs" in m]
+    if not gates:
+        return "-"
+    means = [sum(col) / len(col) for col in zip(*gates)]
+    return " ".join(f"{g:.3g}" for g in means) + f" (max {max(max(g) for g in gates):.3g})"
 
 
 def _mean_str(values: list[float | None]) -> str:
