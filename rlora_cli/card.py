@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
+from rlora_cli.checkpoint import is_repo_id
+from rlora_cli.config.data import looks_local
 from rlora_cli.runs import STATE_FILE, adapter_info, checkpoint_step, read_metrics, run_folder
 
 METHOD_NAMES = {"lora": "LoRA", "multilora": "MultiLoRA", "hydralora": "HydraLoRA", "rlora": "R-LoRA"}
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # local files, never hub ids (data/sources.py)
 RESULT_METRICS = ("accuracy", "f1", "loss", "perplexity")  # eval/results.py's metrics, in its order
 MAX_RESULTS_BYTES = 5_000_000  # a results file is small; larger JSON in the run folder is not one
 HERE = "path/to/this/folder"  # where the card's usage snippets load the folder from
@@ -122,18 +121,12 @@ def _sources(recipe: Any, mixture: Any) -> list[dict[str, Any]]:
 
 
 def _hub_dataset(source: dict[str, Any]) -> str | None:
-    """The source's hub id, or None for a local file or a BIG-bench task (the test data/sources.py
-    reads by: an existing path or a file-like name is local, else it is a hub id)."""
+    """The source's hub id, or None for a local file or a BIG-bench task (read as the data loader
+    reads it: `looks_local` or an existing path is local, else a valid repo id is a hub id)."""
     path = source.get("path")
-    if not isinstance(path, str) or source.get("format") or not path:
+    if not isinstance(path, str) or source.get("format") or not path or looks_local(path):
         return None
-    if path.endswith(DATA_SUFFIXES) or path.startswith((".", "/", "~")) or "\\" in path:
-        return None
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return None
-    return None if Path(path).expanduser().exists() else path
+    return path if is_repo_id(path) and not Path(path).expanduser().exists() else None
 
 
 def _eval_results(run: Path, adapter_dir: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -236,12 +236,13 @@ def recorded_base(config: dict[str, Any], directory: str | Path, *, option: str 
     for root in Path(os.path.abspath(directory)).parents:
         if (root / path / "config.json").is_file():
             return str(root / path)
-    if _is_repo_id(str(name)):
+    if is_repo_id(str(name)):
         return str(name)
     raise _base_gone(f"{name} is not in the working folder nor above the adapter", config, option)
 
 
-def _is_repo_id(name: str) -> bool:
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is a valid hub repository id (`name` or `owner/name`)."""
     try:
         validate_repo_id(name)
     except HFValidationError:

@@ -6,6 +6,7 @@ The data kinds live here because the checks need them; `data/templates.py` rende
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rlora_cli.config.common import choice, validate
 
@@ -29,6 +30,14 @@ KIND_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 FORMATS = ("bigbench",)
+# A source file's suffix -> the `datasets` builder that reads it.
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def looks_local(path: str) -> bool:
+    """A source path that can only mean a local file (hub ids are `name` or `owner/name`)."""
+    return (Path(path).suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or path.count("/") >= 2
+            or "\\" in path)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,20 +25,13 @@ import datasets
 import pyarrow.parquet as pq
 
 from rlora_cli.config import KIND_FIELDS, DatasetConfig
+from rlora_cli.config.data import LOCAL_SUFFIXES, looks_local
 from rlora_cli.data.bigbench import bigbench_rows, load_bigbench
 from rlora_cli.data.rows import kind_features, label_word, normalize_row
 from rlora_cli.data.textfiles import TEXT_ENCODING, UTF8_FIX, first_non_utf8, iter_jsonl, not_utf8
 from rlora_cli.errors import UserError, first_line
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 PEEK_ROWS = 5
-
-
-def looks_local(path: str) -> bool:
-    """A path that can only mean a local file (hub ids are `name` or `owner/name`)."""
-    p = Path(path)
-    return (p.suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or path.count("/") >= 2
-            or "\\" in path)
 
 
 def columns_of(cfg: DatasetConfig) -> dict[str, str]:

@@ -44,9 +44,10 @@ LOCK_FILE = ".lock"
 # What a run writes at the top of OUT besides its checkpoints (cleared when a run is started over).
 RUN_FILES = ("recipe.yaml", "mixture.json", "run_info.json", "metrics.jsonl", "plots", "adapter")
 WRITE_FAULTS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its disk quota", errno.EROFS: "is read-only"}
-# What a killed run can leave in OUT, cleaned at the next start: the files.py writers'
-# .NAME.tmp-XXXX (plots: .NAME.tmp-XXXX.png), a checkpoint's .checkpoint-N.tmp. atomic_dir's
-# .NAME.old-XXXX may be the only copy left (killed between its two renames): it is put back.
+# What a killed run can leave in OUT, cleaned at the next start: the files.py writers' temp files
+# (`.<name>.tmp-<random suffix>`, plots ending in .png) and a checkpoint's `.checkpoint-<step>.tmp`.
+# atomic_dir's `.<name>.old-<8 hex digits>` may be the only copy left (killed between its two
+# renames): it is put back.
 _TEMP = re.compile(r"^\..+\.tmp(-[^/]*)?$")
 _OLD = re.compile(r"^\.(?P<name>.+)\.old-[0-9a-f]{8}$")
 
