@@ -45,8 +45,8 @@ class TrainResult:
 
 
 def train(recipe: RecipeSource, overrides: tuple[str, ...] | list[str] = (), *,
-                  output: str | Path | None = None, resume: str = "never", overwrite: bool = False,
-                  console: Any = None) -> TrainResult:
+          output: str | Path | None = None, resume: str = "never", overwrite: bool = False,
+          console: Any = None) -> TrainResult:
     """Train the recipe's adapter, as `rlora train RECIPE [OVERRIDES] --output OUT` does.
 
     `overrides`: dotted KEY=VALUE strings, as on the command line. `output`: the run folder
@@ -56,7 +56,7 @@ def train(recipe: RecipeSource, overrides: tuple[str, ...] | list[str] = (), *,
     loss becomes NaN or infinite (the last good checkpoint is kept)."""
     with nullcontext() if console is not None else _library_bars_off():
         run_dir = run_training(recipe, tuple(overrides), output=output, resume=resume, overwrite=overwrite,
-                        console=console if console is not None else Console(quiet=True))
+                               console=console if console is not None else Console(quiet=True))
     return TrainResult(run_dir=run_dir, adapter_dir=run_dir / "adapter",
                        metrics=final_metrics(read_metrics(run_dir / "metrics.jsonl")))
 

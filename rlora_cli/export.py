@@ -96,11 +96,8 @@ def plan_merge(adapter_dir: str | Path, output: str | Path, *, base: str | None 
     adapter_dir, config, cfg = read_adapter(adapter_dir)
     if not routed:
         require_static(adapter_dir, config, cfg, "merge")
-    check_remote_code(config, adapter_dir, trust_remote_code)
-    read_safetensors_header(adapter_dir / WEIGHTS_FILE)  # a corrupt file fails now, not after a long load
     target = _target_dtype(dtype, config)
-    base = base_of(config, base, adapter_dir)
-    check_output(output, overwrite, [adapter_dir, Path(base)])
+    base = check_export(adapter_dir, config, base, output, overwrite, trust_remote_code, base_is_input=True)
     return MergeJob(adapter_dir, config, cfg, Path(output), base, target, trust_remote_code)
 
 
@@ -217,10 +214,7 @@ def export_peft(adapter_dir: str | Path, output: str | Path, *, base: str | None
     """
     adapter_dir, config, cfg = read_adapter(adapter_dir)
     require_static(adapter_dir, config, cfg, "export --format peft")
-    check_remote_code(config, adapter_dir, trust_remote_code)
-    read_safetensors_header(adapter_dir / WEIGHTS_FILE)
-    base = base_of(config, base, adapter_dir)
-    check_output(output, overwrite, [adapter_dir])
+    base = check_export(adapter_dir, config, base, output, overwrite, trust_remote_code)
     layers, targets = _adapter_on_meta_base(adapter_dir, config, cfg, base, trust_remote_code)
     tensors, rank = peft_tensors(layers)
     peft_config = make_peft_config(base, rank, cfg.scaling, targets, layers)
@@ -313,6 +307,16 @@ def _target_dtype(dtype: str | None, config: dict[str, Any]) -> str:
     if name not in DTYPE_NAMES:
         raise UserError(f"{where}: unknown dtype {name!r}", _DTYPE_FIX)
     return DTYPE_NAMES[name]
+
+
+def check_export(adapter_dir: Path, config: dict[str, Any], base: str | None, output: str | Path,
+                 overwrite: bool, trust_remote_code: bool, *, base_is_input: bool = False) -> str:
+    """What every merge and export checks before any weights load; returns the base to use."""
+    check_remote_code(config, adapter_dir, trust_remote_code)
+    read_safetensors_header(adapter_dir / WEIGHTS_FILE)  # a corrupt file fails now, not after a long load
+    base = base_of(config, base, adapter_dir)
+    check_output(output, overwrite, [adapter_dir, *([Path(base)] if base_is_input else [])])
+    return base
 
 
 def base_of(config: dict[str, Any], base: str | None, adapter_dir: Path) -> str:

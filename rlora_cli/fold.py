@@ -29,15 +29,13 @@ from typing import Any
 import torch
 
 from rlora_cli.adapters import adapter_layers
-from rlora_cli.checkpoint import WEIGHTS_FILE, check_remote_code
 from rlora_cli.data.pipeline import load_splits, to_example
 from rlora_cli.data.sources import load_source
 from rlora_cli.errors import UserError
 from rlora_cli.export import (
     DEFAULT_SHARD,
     FORMATS,
-    base_of,
-    check_output,
+    check_export,
     export_peft,
     plan_merge,
     read_adapter,
@@ -52,7 +50,6 @@ from rlora_cli.recipe.load import default_name, load_recipe, read_yaml
 from rlora_cli.report.eval import progress
 from rlora_cli.report.fold import print_fold, print_folds, print_not_needed, print_vllm
 from rlora_cli.routing import Usage, entropy, measure_usage
-from rlora_cli.runs import read_safetensors_header
 
 MANIFEST = "tasks.json"
 # vLLM accepts these --max-lora-rank values only (vllm/config/lora.py, MaxLoRARanks).
@@ -152,10 +149,7 @@ def export_task(adapter: str | Path, output: str | Path, *, task: str | None = N
         print_not_needed(cfg.type, console)
         return export_peft(adapter_dir, output, base=base, overwrite=overwrite,
                            trust_remote_code=trust_remote_code, console=console)
-    check_remote_code(config, adapter_dir, trust_remote_code)
-    read_safetensors_header(adapter_dir / WEIGHTS_FILE)
-    base = base_of(config, base, adapter_dir)
-    check_output(output, overwrite, [adapter_dir])
+    base = check_export(adapter_dir, config, base, output, overwrite, trust_remote_code)
     plan = plan_folds(adapter_dir, config, None if per_task else [task], data=data, recipe=recipe)
     model, tokenizer, _ = load_with_adapter(base, str(adapter_dir), trust_remote_code=trust_remote_code)
     folds = measure_folds(model, tokenizer, plan, batch_size=batch_size, console=console)
@@ -289,7 +283,7 @@ def set_mixtures(model: Any, fold: Fold | None) -> None:
 def vllm_serve(base: str, folders: dict[str, Path], rank: int,
                head_vocab: int | None = None) -> tuple[str | None, str | None]:
     """(`vllm serve` line, None), or (None, why vLLM cannot load these adapters)."""
-    max_rank = next((r for r in VLLM_RANKS if r >= rank), None)
+    max_rank = vllm_rank(rank)
     if max_rank is None:
         return None, (f"the folded adapters have rank {rank} and vLLM's --max-lora-rank is at most "
                       f"{VLLM_RANKS[-1]}; train with a smaller adapter.r (a fold of R-LoRA has rank 2·r)")
@@ -300,6 +294,11 @@ def vllm_serve(base: str, folders: dict[str, Path], rank: int,
     modules = [shlex.quote(f"{task}={Path(path).absolute()}") for task, path in folders.items()]
     return (f"vllm serve {shlex.quote(portable(base))} --enable-lora --lora-modules {' '.join(modules)} "
             f"--max-lora-rank {max_rank} --max-loras {len(folders)}"), None
+
+
+def vllm_rank(rank: int) -> int | None:
+    """The smallest --max-lora-rank vLLM accepts that holds `rank` (None: past its largest)."""
+    return next((r for r in VLLM_RANKS if r >= rank), None)
 
 
 def _adapted_head_vocab(model: Any) -> int | None:
@@ -322,7 +321,7 @@ def _manifest(adapter_dir: Path, base: str, method: str, folds: dict[str, Fold],
               rank: int) -> dict[str, Any]:
     """OUT/tasks.json: where each task's LoRA is, and the fold it holds."""
     return {"adapter": str(adapter_dir.absolute()), "base_model": portable(base), "method": method,
-            "rank": rank, "vllm_max_lora_rank": next((r for r in VLLM_RANKS if r >= rank), None),
+            "rank": rank, "vllm_max_lora_rank": vllm_rank(rank),
             "tasks": {t: {"folder": folders.get(t), **f.info(), "rank": rank, "per_module": f.per_module}
                       for t, f in folds.items()}}
 

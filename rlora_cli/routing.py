@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rlora_cli.adapters import MultiHeadLoRA, adapter_layers
-from rlora_cli.data.packing import pad_batch
+from rlora_cli.data.packing import pad_batch, pad_id
 from rlora_cli.data.pipeline import tokenize_example
 from rlora_cli.errors import UserError
 
@@ -80,7 +80,7 @@ def measure_usage(model: nn.Module, tokenizer: Any, examples: dict[str, list], *
                    for ex in rows]
             for name, m in layers.items():
                 sums[name] = torch.zeros(m.spec.num_heads, dtype=torch.float64, device=m.rlora_A.device)
-            tokens = _forward_batches(model, ids, _pad_id(tokenizer), batch_size, mask, progress)
+            tokens = _forward_batches(model, ids, pad_id(tokenizer), batch_size, mask, progress)
             if tokens:
                 means = {name: (s / tokens).tolist() for name, s in sums.items()}
                 result[task] = Usage(means, len(rows), tokens)
@@ -105,10 +105,6 @@ def _forward_batches(model: nn.Module, ids: list[list[int]], pad: int, batch_siz
         if progress is not None:
             progress(len(batch))
     return tokens
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def entropy(weights: list[float]) -> float:

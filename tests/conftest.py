@@ -154,3 +154,16 @@ def quiet(monkeypatch, tmp_path):
     yield
     if was_on:
         datasets.enable_progress_bars()
+
+
+def bos_tokenizer(model_dir):
+    """The tiny tokenizer made to put a BOS (<|im_start|>) in front of every text, as Llama's does."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                       special_tokens=[("<|im_start|>", bos)])
+    tok.bos_token = "<|im_start|>"
+    return tok

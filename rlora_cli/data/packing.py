@@ -91,6 +91,11 @@ def collate(rows: list[dict[str, Any]], pad_id: int, packing: bool,
     return out
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id padding is written with: the tokenizer's pad token, else its EOS (padding is masked)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad_batch(sequences: list[list[int]], pad_id: int, *, side: str = "right",
               labels: list[list[int]] | None = None, ignore: int = IGNORE) -> dict[str, Any]:
     """Pad token lists to the longest one: long tensors [B, T] input_ids, attention_mask (1 on

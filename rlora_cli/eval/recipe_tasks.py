@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Any
 
 from rlora_cli.checkpoint import read_adapter_config
+from rlora_cli.data.packing import pad_id
 from rlora_cli.data.pipeline import encode_pieces, load_splits
 from rlora_cli.data.templates import (
     Example,
@@ -89,7 +90,7 @@ def run_recipe(model: Any, tokenizer: Any, prepared: dict[str, Any], *, batch_si
         texts = decode(model, tokenizer, [prompt_text(ex, tokenizer, template[t]) for t, ex in gen],
                        until_newline=True, batch_size=batch_size, progress=advance)
         completions = _complete(model, tokenizer, comp, template, batch_size, advance)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         losses = label_losses(model, [(e.input_ids, e.labels) for _, e in rows], pad_id=pad,
                               batch_size=batch_size, progress=advance)
 

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import StoppingCriteriaList, TextStreamer
 
-from rlora_cli.data.packing import IGNORE, pad_batch
+from rlora_cli.data.packing import IGNORE, pad_batch, pad_id
 from rlora_cli.data.pipeline import special_prefix
 
 Progress = Callable[[int], None]
@@ -98,10 +98,6 @@ def _rows(tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]], limit: 
     return rows
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _fallback_token(tokenizer)
-
-
 def _batches(items: Sequence[Any], batch_size: int, key: Callable[[Any], int]) -> list[list[Any]]:
     """Items in batches of `batch_size`, longest first, so each batch holds similar lengths."""
     ordered = sorted(items, key=key, reverse=True)
@@ -131,7 +127,7 @@ def loglikelihoods(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Seq
     rows = _rows(tokenizer, requests, limit)
     out: list[list[Score | None]] = [[None] * len(c) for _, c in requests]
     left = [len(c) for _, c in requests]
-    pad, device = _pad_id(tokenizer), _model_device(model)
+    pad, device = pad_id(tokenizer), _model_device(model)
     keep_ok = _accepts(model, "logits_to_keep")
     for batch in _batches(rows, batch_size, key=lambda r: len(r.ids)):
         # right padding: real tokens keep positions 0..L-1
@@ -205,7 +201,7 @@ def decode(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens
         torch.manual_seed(seed)
     encoded = _encode_prompts(tokenizer, prompts, max_length(model, tokenizer) - max_new_tokens)
     eos = stop_ids(model, tokenizer)
-    settings = _settings(max_new_tokens, temperature, top_p, pad=_pad_id(tokenizer), eos=eos)
+    settings = _settings(max_new_tokens, temperature, top_p, pad=pad_id(tokenizer), eos=eos)
     out: list[str] = [""] * len(prompts)
     device = _model_device(model)
     for chunk in _batches(range(len(prompts)), 1 if stream else batch_size, key=lambda k: len(encoded[k])):

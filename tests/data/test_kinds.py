@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import bos_tokenizer
 import yaml
 
 from rlora_cli.cli import main
@@ -29,16 +30,8 @@ def tok(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def bos_tok(tiny_model_dir):
-    """The tiny tokenizer made to put a BOS (<|im_start|>) in front of every text, as Llama's does."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    bos = tok.convert_tokens_to_ids("<|im_start|>")
-    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
-                                                       special_tokens=[("<|im_start|>", bos)])
-    tok.bos_token = "<|im_start|>"
-    return tok
+    """The tiny tokenizer with a BOS in front of every text, as Llama's."""
+    return bos_tokenizer(tiny_model_dir)
 
 
 def ids(tok, text):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import bos_tokenizer
 
 from rlora_cli.data.pipeline import encode, tokenize_example
 from rlora_cli.data.templates import (
@@ -185,14 +186,8 @@ def test_truncation_keeps_the_response(tok):
 
 
 def test_bos_once_for_tokenizers_that_add_one(tiny_model_dir):
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    bos = tok.convert_tokens_to_ids("<|im_start|>")
-    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
-                                                       special_tokens=[("<|im_start|>", bos)])
-    tok.bos_token = "<|im_start|>"
+    tok = bos_tokenizer(tiny_model_dir)
+    bos = tok.bos_token_id
     assert tok("a")["input_ids"][0] == bos
     e = tokenize_example(NLU, tok)
     prompt, response = prompt_and_response(NLU)
