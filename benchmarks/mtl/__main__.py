@@ -1,5 +1,6 @@
 """python -m benchmarks.mtl --tasks-dir DIR --methods lora,rlora,... --seeds 0,1,2 [--model PATH]
-[--out DIR] [--smoke] [--fold]: see benchmarks/mtl/__init__.py."""
+[--out DIR] [--smoke] [--fold] [--budgets 150,300,...] [--shard i/k] [--collect]: see
+benchmarks/mtl/__init__.py."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--overwrite", action="store_true", help="delete OUT first (default: keep finished runs)")
     ap.add_argument("--fold", action="store_true",
                     help="router variants: also score each task with the router fixed to its fold")
+    ap.add_argument("--budgets", default="",
+                    help="learning curves: comma-separated step budgets; one constant-schedule run to the "
+                         "largest, every budget's checkpoint scored (router variants also folded)")
+    ap.add_argument("--shard", default="",
+                    help="i/k: only every k-th (variant, seed) from the i-th, for k processes on one GPU; "
+                         "no report (--collect writes it)")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: write OUT's report from the result files already there")
     ap.add_argument("--r", type=int, default=d.r, help="rank per head")
     ap.add_argument("--heads", type=int, default=d.num_heads, help="heads (multilora: parallel LoRAs)")
     ap.add_argument("--alpha", type=float, default=d.lora_alpha, help="lora_alpha (scaling = alpha / r)")
@@ -50,6 +59,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     targets = split(args.targets)
     if not split(args.seeds) or not all(s.lstrip("-").isdigit() for s in split(args.seeds)):
         raise UserError(f"--seeds: {args.seeds!r} is not a list of integers", "write e.g. --seeds 0,1,2")
+    budgets = split(args.budgets)
+    if not all(b.isdigit() and int(b) > 0 for b in budgets):
+        raise UserError(f"--budgets: {args.budgets!r} is not a list of positive step counts",
+                        "write e.g. --budgets 150,300,600,1200")
+    if budgets and args.max_steps != -1:
+        raise UserError("--max-steps and --budgets both set the number of steps",
+                        "give --budgets alone: the run trains to the largest budget")
     return Settings(
         model=args.model, methods=split(args.methods) if args.methods else tuple(VARIANTS),
         seeds=tuple(int(s) for s in split(args.seeds)), tasks=split(args.tasks), r=args.r,
@@ -58,7 +74,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_train=args.max_train, max_length=args.max_length, num_epochs=args.epochs,
         max_steps=args.max_steps, micro_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
-        eval_batch_size=args.eval_batch_size)
+        eval_batch_size=args.eval_batch_size, budgets=tuple(sorted({int(b) for b in budgets})))
+
+
+def shard_from(text: str) -> tuple[int, int] | None:
+    """--shard i/k as (i, k), 1 <= i <= k; None without --shard."""
+    from rlora_cli.errors import UserError
+
+    if not text:
+        return None
+    i, _, k = text.partition("/")
+    if not (i.isdigit() and k.isdigit() and 1 <= int(i) <= int(k)):
+        raise UserError(f"--shard: {text!r} is not i/k with 1 <= i <= k", "write e.g. --shard 3/12")
+    return int(i), int(k)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,13 +98,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from rlora_cli.errors import UserError
 
-    from .run import run_benchmark
+    from .run import collect, run_benchmark
 
+    if args.smoke:
+        import torch
+
+        torch.set_num_threads(1)  # the tiny model gains nothing from threads, and loses a lot on busy cores
+    out = args.out or ("runs/mtl-smoke" if args.smoke else "runs/mtl")
     try:
+        if args.collect:
+            collect(out, console=Console())
+            return
         settings = settings_from(args)
-        run_benchmark(args.tasks_dir, settings, args.out or ("runs/mtl-smoke" if args.smoke else "runs/mtl"),
-                      smoke=args.smoke, methods_given=args.methods is not None, overwrite=args.overwrite,
-                      fold=args.fold)
+        run_benchmark(args.tasks_dir, settings, out, smoke=args.smoke, methods_given=args.methods is not None,
+                      overwrite=args.overwrite, fold=args.fold, shard=shard_from(args.shard))
     except UserError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

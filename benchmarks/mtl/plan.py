@@ -3,12 +3,22 @@ and one recipe per (variant, seed).
 
 Variants (`VARIANTS`): the four methods, R-LoRA's ablations (HydraLoRA + multi-head random init,
 HydraLoRA + multi-head dropout; both switches together are exactly `rlora`), rlora with the
-router off (uniform 1/n, mergeable), and `lora-matched`: a LoRA whose rank is the integer that
-brings its trainable count closest to rlora's.
+router off (uniform 1/n, mergeable), `lora-matched`: a LoRA whose rank is the integer that
+brings its trainable count closest to rlora's, and two router variants of rlora: the router at
+ten times the adapters' learning rate (`rlora-router-lr`), and a mutual-information
+task-balancing loss on the router (`rlora-mi`, adapter.router_aux_weight).
+
+Step budgets: without `Settings.budgets` a run trains `max_steps` on a cosine schedule (round 1).
+With budgets (learning curves) it trains once to the largest budget on a constant schedule after
+the warm-up and saves a checkpoint at every multiple of the budgets' gcd: with the learning rate
+flat after warm-up, checkpoint-N is the adapter a run stopped at N would have been (no schedule
+decaying toward a horizon the shorter budgets never had), so one run gives every budget. The
+warm-up is warmup_ratio of the largest budget (36 steps of 1200), the same for every budget.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
               "R-LoRA: random init + multi-head dropout"),
     "rlora-router-off": ({"type": "rlora", "random_init": True, "head_dropout": True, "router": "off"},
                          "R-LoRA with uniform 1/n heads"),
+    "rlora-router-lr": ({"type": "rlora", "random_init": True, "head_dropout": True, "router_lr_ratio": 10},
+                        "R-LoRA, the router at 10x the learning rate"),
+    "rlora-mi": ({"type": "rlora", "random_init": True, "head_dropout": True, "router_aux_weight": 0.05},
+                 "R-LoRA + mutual-information task-balancing router loss (weight 0.05)"),
 }
 SMOKE_METHODS = ("lora", "rlora")
 
@@ -68,6 +82,9 @@ class Settings:
     dtype: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 16
+    budgets: tuple[int, ...] = ()
+    """Step budgets of the learning curves (ascending): one run to the largest, each budget's
+    checkpoint scored; empty = one budget of max_steps on a cosine schedule."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +97,18 @@ def check_methods(methods: tuple[str, ...]) -> None:
     if unknown or not methods:
         raise UserError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}",
                         f"choose from {', '.join(VARIANTS)}")
+
+
+def pairs(settings: Settings, shard: tuple[int, int] | None = None) -> list[tuple[str, int]]:
+    """The (variant, seed) runs, seed by seed; `shard` (i, k): every k-th of them from the i-th
+    (i from 1), so k processes started with the same options share the runs without overlap."""
+    every = [(m, s) for s in settings.seeds for m in settings.methods]
+    return every[shard[0] - 1::shard[1]] if shard else every
+
+
+def checkpoint_every(budgets: tuple[int, ...]) -> int:
+    """Steps between checkpoints: the budgets' gcd, so every budget has its checkpoint."""
+    return math.gcd(*budgets)
 
 
 # ------------------------------------------------------------------------------------ tasks
@@ -132,9 +161,14 @@ def held_out_size(n_examples: int, val_size: int) -> int:
 def trainable_counts(model: str, settings: Settings, methods: tuple[str, ...],
                      matched_r: int) -> dict[str, int]:
     """Trainable parameters of each variant on `model`, counted on a weightless (meta) copy."""
-    return {m: count_trainable(
+    counts = {}
+    for m in methods:
+        try:
+            counts[m] = count_trainable(
                 model, adapter_section(m, settings, lora_r=matched_r if m == "lora-matched" else None))
-            for m in methods}
+        except UserError as e:  # an adapter key this rlora does not have yet (rlora-mi's)
+            raise UserError(f"variant {m}: {e.problem}", f"leave {m} out of --methods; or {e.fix}") from None
+    return counts
 
 
 def count_trainable(model: str, adapter: dict[str, Any]) -> int:
@@ -143,7 +177,7 @@ def count_trainable(model: str, adapter: dict[str, Any]) -> int:
 
     lm = meta_model(model, fix="give --model a local model folder (the GPU machine is offline) "
                                "or a reachable hub id")
-    inject_adapters(lm, AdapterConfig(**adapter))
+    inject_adapters(lm, AdapterConfig.from_dict(adapter))
     return parameter_counts(lm)[0]
 
 
@@ -183,6 +217,15 @@ def recipe(method: str, seed: int, settings: Settings, tasks: dict[str, tuple[Pa
            matched_r: int) -> dict[str, Any]:
     """The recipe (as a YAML mapping) of one variant and seed."""
     lora_r = matched_r if method == "lora-matched" else settings.r
+    budgets = settings.budgets
+    if budgets:  # learning curves: constant after warm-up, a checkpoint at every budget, all kept
+        every = checkpoint_every(budgets)
+        schedule = {"max_steps": max(budgets), "lr_scheduler": "constant"}
+        output = {"save_steps": every, "save_total_limit": 0, "logging_steps": math.gcd(10, every),
+                  "eval_steps": 0}
+    else:
+        schedule = {"max_steps": settings.max_steps, "lr_scheduler": "cosine"}
+        output = {"save_steps": 0, "save_total_limit": 1, "logging_steps": 10, "eval_steps": 0}
     return {
         "seed": seed,
         "model": {"name_or_path": settings.model, "dtype": settings.dtype},
@@ -191,13 +234,13 @@ def recipe(method: str, seed: int, settings: Settings, tasks: dict[str, tuple[Pa
             {"name": name, "path": str(Path(path).resolve()), "format": "bigbench",
              "val_size": held_out_size(n, settings.val_size), "max_samples": settings.max_train}
             for name, (path, n) in tasks.items()]},
-        "train": {"num_epochs": settings.num_epochs, "max_steps": settings.max_steps,
+        "train": {"num_epochs": settings.num_epochs, "max_steps": schedule["max_steps"],
                   "micro_batch_size": settings.micro_batch_size,
                   "gradient_accumulation_steps": settings.gradient_accumulation_steps,
-                  "learning_rate": settings.learning_rate, "lr_scheduler": "cosine",
+                  "learning_rate": settings.learning_rate, "lr_scheduler": schedule["lr_scheduler"],
                   "warmup_ratio": settings.warmup_ratio, "precision": settings.precision,
                   **settings.extra.get("train", {})},
-        "output": {"save_steps": 0, "save_total_limit": 1, "logging_steps": 10, "eval_steps": 0},
+        "output": output,
     }
 
 

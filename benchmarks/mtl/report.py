@@ -1,21 +1,33 @@
 """The benchmark's results: mean ± sample std over seeds per task and on average, the markdown
 table, and the plots (accuracy per method; head similarity rlora vs hydralora and ΔW spectra
 multilora vs lora, drawn by `rlora_cli.report.analyze`). A router variant scored with `--fold`
-gets a second row, "<variant> (folded)": the router fixed to each task's fold."""
+gets a second row, "<variant> (folded)": the router fixed to each task's fold.
+
+    python -m benchmarks.mtl.report OUT_OR_RAW [--out DIR]
+
+rebuilds results.json, results.md and plots/ from a benchmark folder's result files alone (no
+model, no GPU): an OUT of `python -m benchmarks.mtl`, or its committed copy under
+benchmarks/raw/ (whose per-run folders are `by_run/`, since git ignores `runs/`). Budget files
+(`--budgets`) give the learning curves (curves.py, report_curves.py); else the single-budget
+runs' result.json files give the table above. `--out` writes elsewhere (default: into the folder).
+"""
 
 from __future__ import annotations
 
-import statistics
+import argparse
+import dataclasses
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.errors import UserError
+from rlora_cli.files import atomic_write_text
+from rlora_cli.report.common import pyplot, save_png
+
+from . import curves, report_curves
 from .plan import VARIANTS, Settings
-
-
-def _stats(values: list[float | None]) -> dict[str, Any]:
-    values = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+from .stats import spread as _stats
 
 
 def summarize(settings: Settings, tasks: dict[str, Any], base: dict[int, dict[str, Any]],
@@ -108,11 +120,7 @@ def plots(results: dict[str, Any], analyses: dict[str, dict[str, Any]], folder: 
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     """Grouped bars: accuracy per task and on average, one bar per method (base first), ±std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = [*results["tasks"], "average"]
     series = {"base": results["base"], **results["methods"]}
     width = 0.8 / len(series)
@@ -126,7 +134,72 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     ax.set(ylabel="held-out accuracy", ylim=(0, 1.05), title="Accuracy per task (mean ± std over seeds)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
+
+
+# ------------------------------------------------------------------- rebuilding from the files
+
+
+def rebuild(folder: str | Path, dest: str | Path | None = None) -> tuple[dict[str, Any], str]:
+    """results.json, results.md and plots/ of a benchmark folder, from its result files alone,
+    written to `dest` (default: the folder); returns (results, markdown)."""
+    folder = Path(folder)
+    dest = Path(dest) if dest is not None else folder
+    analyses = {p.stem: json.loads(p.read_text()) for p in sorted((folder / "analysis").glob("*.json"))}
+    if curves.budget_files(folder):
+        results = curves.build(folder)
+        text = report_curves.markdown(results)
+        report_curves.plot_curves(results, dest / "plots" / "curves.png")
+        report_curves.plot_router_entropy(results, dest / "plots" / "router_entropy.png")
+        last = results["by_budget"][str(results["budgets"][-1])]  # the existing plots: at the largest budget
+        plots({"tasks": results["tasks"], "base": results["base"], "methods": last["methods"]}, analyses,
+              dest / "plots")
+    else:
+        results = single_budget(folder)
+        text = markdown(results)
+        plots(results, analyses, dest / "plots")
+    atomic_write_text(dest / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(dest / "results.md", text)
+    return results, text
+
+
+def single_budget(folder: Path) -> dict[str, Any]:
+    """The single-budget results (round 1) from settings.json, base/ and each run's result.json."""
+    path = folder / "settings.json"
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    files = sorted(p for name in curves.RESULT_FOLDERS for p in (folder / name).glob("*/result.json"))
+    if saved is None or not files:
+        raise UserError(f"{folder}: no result files (runs/ or by_run/ with budget-<N>.json or result.json, "
+                        "and settings.json)", "give an OUT folder of python -m benchmarks.mtl, or its copy "
+                        "under benchmarks/raw/")
+    fields = set(Settings.__dataclass_fields__) - {"tasks"}  # settings.json's "tasks" says more: a dict
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in saved.items() if k in fields})
+    runs = [json.loads(p.read_text()) for p in files]
+    found = {r["method"] for r in runs}
+    methods = tuple(dict.fromkeys([*(m for m in settings.methods if m in found),
+                                   *(m for m in VARIANTS if m in found)]))
+    base = {int(p.stem.removeprefix("seed")): json.loads(p.read_text())
+            for p in sorted((folder / "base").glob("seed*.json"))}
+    order = {(m, s): i for i, (s, m) in enumerate((s, m) for s in settings.seeds for m in methods)}
+    runs.sort(key=lambda r: order.get((r["method"], r["seed"]), len(order)))
+    return summarize(dataclasses.replace(settings, methods=methods), saved["tasks"], base, runs,
+                     saved.get("planned_trainable", {}), saved["lora_matched_r"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.mtl.report", description=__doc__.splitlines()[0])
+    ap.add_argument("folder", help="a benchmark OUT folder, or its copy under benchmarks/raw/")
+    ap.add_argument("--out", default=None,
+                    help="where results.json, results.md and plots/ go (default: FOLDER)")
+    args = ap.parse_args(argv)
+    try:
+        _, text = rebuild(args.folder, args.out)
+    except UserError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

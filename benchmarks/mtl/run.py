@@ -5,12 +5,23 @@ exact match for free-form). Finished runs are kept: run it again to continue aft
 
     OUT/settings.json                  what was run
     OUT/recipes/<variant>-seed<s>.yaml one recipe per run (train any of them alone with rlora train)
-    OUT/runs/<variant>-seed<s>/        the run directory; + result.json and eval.json (results shape);
-                                       --fold: result.json's "folded" and folded.json (results shape)
     OUT/base/seed<s>.json              the base model on seed s's held-out split (results shape)
-    OUT/analysis/<variant>.json        rlora analyze of the first seed's adapter
+    OUT/analysis/<variant>.json        rlora analyze of the first seed's (last) adapter
     OUT/results.json, OUT/results.md   per task and average: mean ± std over seeds, parameters, time
     OUT/plots/*.png                    accuracy per method, head similarity, ΔW spectra
+
+One budget (no --budgets):
+    OUT/runs/<variant>-seed<s>/        the run directory; + result.json and eval.json (results shape);
+                                       --fold: result.json's "folded" and folded.json (results shape)
+Learning curves (--budgets 150,300,...; budgets.py says how a killed run continues):
+    OUT/train/<variant>-seed<s>/       the run directory, a checkpoint at every budget
+    OUT/runs/<variant>-seed<s>/        budget-<N>.json per budget, metrics.jsonl, run_info.json
+    + results.md's paired bootstrap comparisons and router usage per budget, plots/curves.png and,
+    when the training logs hold router_entropy, plots/router_entropy.png
+
+`--shard i/k` takes every k-th (variant, seed) from the i-th and writes no report, so k processes
+can share one GPU and one OUT; `--collect` trains nothing and writes the report of the result
+files OUT holds (`collect`; `python -m benchmarks.mtl.report` does the same for a copied folder).
 """
 
 from __future__ import annotations
@@ -21,16 +32,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.analyze import analyze_adapter
 from rlora_cli.errors import UserError
 
-from . import plan, report
+from . import budgets, plan, report
 
 
 def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: str | Path, *,
                   smoke: bool = False, methods_given: bool = True, overwrite: bool = False,
-                  fold: bool = False, console: Any = None) -> dict[str, Any]:
+                  fold: bool = False, shard: tuple[int, int] | None = None,
+                  console: Any = None) -> dict[str, Any]:
     """Run every (variant, seed) and write the results; returns the results.json object. `fold`:
-    router variants are also scored per task with the router fixed to the task's fold."""
+    router variants are also scored per task with the router fixed to the task's fold (with
+    budgets, always). `shard` (i, k): only every k-th run from the i-th, and no report; returns
+    {"shard", "runs"} then."""
     from rich.console import Console
 
     from . import smoke as smoke_mod
@@ -64,14 +79,21 @@ def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: st
     recipes = {(m, s): plan.write_recipe(out / "recipes" / f"{m}-seed{s}.yaml",
                                          plan.recipe(m, s, settings, tasks, matched_r))
                for s in settings.seeds for m in settings.methods}
+    mine = plan.pairs(settings, shard)
     base = {s: score_base(recipes[(settings.methods[0], s)], settings, out / "base" / f"seed{s}.json",
                           console)
-            for s in settings.seeds}
+            for s in dict.fromkeys(s for _, s in mine)}
+    if settings.budgets:
+        for m, s in mine:
+            budgets.train_and_score(m, s, recipes[(m, s)], out, settings, console)
+        return _shard_done(shard, mine, console) if shard else collect(out, console)
     runs = [train_and_score(m, s, recipes[(m, s)], out / "runs" / f"{m}-seed{s}", settings, console)
-            for s in settings.seeds for m in settings.methods]
+            for m, s in mine]
     if fold:
         runs = [score_folded(run, recipes[(run["method"], run["seed"])], settings, console)
                 if plan.routed(run["method"]) else run for run in runs]
+    if shard:
+        return _shard_done(shard, mine, console)
     analyses = analyze_first_seed(runs, out / "analysis", console)
     results = report.summarize(settings, tasks, base, runs, counts, matched_r)
     _write_json(out / "results.json", results)
@@ -82,11 +104,41 @@ def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: st
     return results
 
 
+def collect(out: str | Path, console: Any = None) -> dict[str, Any]:
+    """--collect: the report of whatever result files OUT holds (results.json, results.md,
+    plots/), after analysing each variant's first-seed adapter still on disk; returns results.json."""
+    from rich.console import Console
+
+    console = console or Console()
+    out = Path(out)
+    firsts: dict[str, Path] = {}
+    for adapter in sorted((out / "train").glob("*-seed*/adapter"), key=lambda p: _seed_of(p.parent.name)):
+        firsts.setdefault(adapter.parent.name.rsplit("-seed", 1)[0], adapter)
+    for method, adapter in firsts.items():  # learning curves: the adapter of the largest budget
+        _write_json(out / "analysis" / f"{method}.json", analyze_adapter(adapter))
+    results, text = report.rebuild(out)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"[green]done[/]: {out / 'results.md'}, {out / 'results.json'}, plots in {out / 'plots'}")
+    return results
+
+
+def _seed_of(name: str) -> int:
+    tail = name.rsplit("-seed", 1)[-1]
+    return int(tail) if tail.lstrip("-").isdigit() else 0
+
+
+def _shard_done(shard: tuple[int, int], mine: list[tuple[str, int]], console: Any) -> dict[str, Any]:
+    names = [f"{m}-seed{s}" for m, s in mine]
+    console.print(f"[green]shard {shard[0]}/{shard[1]} done[/]: {', '.join(names) or 'nothing to run'}; "
+                  "--collect writes the report", highlight=False)
+    return {"shard": list(shard), "runs": names}
+
+
 def _claim(path: Path, wanted: dict[str, Any]) -> None:
     """Write settings.json, or check that OUT's finished runs were made with these settings
     (methods and seeds may grow: new ones are added to the same benchmark)."""
     if path.is_file():
-        had = json.loads(path.read_text())
+        had = {"budgets": [], **json.loads(path.read_text())}  # written before budgets existed
         differ = sorted(k for k in set(had) | set(wanted)
                         if k not in ("methods", "seeds", "planned_trainable") and had.get(k) != wanted.get(k))
         if differ:
@@ -182,8 +234,6 @@ def _results_file(path: Path, model: str, adapter: str | None, wall_s: float,
 
 def analyze_first_seed(runs: list[dict[str, Any]], folder: Path, console: Any) -> dict[str, dict[str, Any]]:
     """rlora analyze of each variant's first-seed adapter (head similarity and spectra)."""
-    from rlora_cli.analyze import analyze_adapter
-
     analyses: dict[str, dict[str, Any]] = {}
     for run in runs:
         if run["method"] not in analyses:

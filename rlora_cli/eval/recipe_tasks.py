@@ -15,10 +15,14 @@ adapter is scored on exactly what it never trained on. Per example, by what it i
   turn), stripped: exact match and token F1 against the reference; and its loss and perplexity.
 
 With an adapter that saved a named chat format (`template_info`), its prompts use the saved text.
+Each task's record also lists, in the held-out split's order, `correct` (1/0 per example; None
+for a task without an accuracy) and `example_keys` (the first 12 hex digits of the sha1 of each
+prompt), so two adapters' results on the same split can be compared example by example.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import string
@@ -72,45 +76,53 @@ def run_recipe(model: Any, tokenizer: Any, prepared: dict[str, Any], *, batch_si
     reports n = 0."""
     recipe = prepared["recipe"]
     template = prepared.get("templates") or {d.name: d.template for d in recipe.data.datasets}
-    mc, gen, comp = [], [], []  # (task, example[, prompt, candidates]); loss kinds are scored below
+    # (task, index in the held-out split, example[, prompt, candidates]); loss kinds are scored below
+    mc, gen, comp = [], [], []
     for task, examples in prepared["val"].items():
-        for ex in examples:
+        for i, ex in enumerate(examples):
             if ex.kind == "completion":
-                comp.append((task, ex))
+                comp.append((task, i, ex))
             elif ex.kind in LOSS_KINDS:
                 continue
             elif (cands := choices(ex, tokenizer, template[task])) is not None:
-                mc.append((task, ex, prompt_and_response(ex, tokenizer, template[task])[0], cands))
+                mc.append((task, i, ex, prompt_and_response(ex, tokenizer, template[task])[0], cands))
             else:
-                gen.append((task, ex))
+                gen.append((task, i, ex))
     rows = _loss_rows(prepared["val"], tokenizer, template, recipe.data)
     with progress(console, len(mc) + len(gen) + len(comp) + len(rows), "held-out tasks") as advance:
-        mc_scores = loglikelihoods(model, tokenizer, [(prompt, cands) for _, _, prompt, cands in mc],
+        mc_scores = loglikelihoods(model, tokenizer, [(prompt, cands) for *_, prompt, cands in mc],
                                    batch_size=batch_size, progress=advance)
-        texts = decode(model, tokenizer, [prompt_text(ex, tokenizer, template[t]) for t, ex in gen],
+        texts = decode(model, tokenizer, [prompt_text(ex, tokenizer, template[t]) for t, _, ex in gen],
                        until_newline=True, batch_size=batch_size, progress=advance)
         completions = _complete(model, tokenizer, comp, template, batch_size, advance)
         pad = pad_id(tokenizer)
         losses = label_losses(model, [(e.input_ids, e.labels) for _, e in rows], pad_id=pad,
                               batch_size=batch_size, progress=advance)
 
-    correct: dict[str, list[bool]] = {t: [] for t in prepared["val"]}
+    # Filled by position, so each list follows the held-out split's order whichever scorer ran.
+    correct: dict[str, list[bool | None]] = {t: [None] * len(v) for t, v in prepared["val"].items()}
     f1: dict[str, list[float]] = {}
-    for (task, ex, _, _), cand in zip(mc, mc_scores):
-        best = max(range(len(cand)), key=lambda i: (cand[i].logprob, -i))
-        correct[task].append(best == gold_index(ex))
-    answers = [(task, ex.fields.get("targets") or [ex.fields["answer"]]) for task, ex in gen]
-    answers += [(task, [ex.fields["completion"]]) for task, ex in comp]
-    for (task, targets), text in zip(answers, texts + completions):
-        correct[task].append(exact_match(text, targets))
+    for (task, i, ex, _, _), cand in zip(mc, mc_scores):
+        best = max(range(len(cand)), key=lambda k: (cand[k].logprob, -k))
+        correct[task][i] = best == gold_index(ex)
+    answers = [(task, i, ex.fields.get("targets") or [ex.fields["answer"]]) for task, i, ex in gen]
+    answers += [(task, i, [ex.fields["completion"]]) for task, i, ex in comp]
+    for (task, i, targets), text in zip(answers, texts + completions):
+        correct[task][i] = exact_match(text, targets)
         f1.setdefault(task, []).append(max(token_f1(text, t) for t in targets))
     nll: dict[str, list[float]] = {}
     for (task, _), score in zip(rows, losses):
         sums = nll.setdefault(task, [0.0, 0])
         sums[0] -= score.logprob
         sums[1] += score.n_tokens
-    return {task: _record(prepared["val"][task], correct[task], f1.get(task), nll.get(task))
-            for task in prepared["val"]}
+    return {task: _record(examples, correct[task], f1.get(task), nll.get(task),
+                          [example_key(prompt_text(ex, tokenizer, template[task])) for ex in examples])
+            for task, examples in prepared["val"].items()}
+
+
+def example_key(prompt: str) -> str:
+    """A short stable name of a held-out example: the first 12 hex digits of its prompt's sha1."""
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
 
 
 def _loss_rows(val: dict[str, list], tokenizer: Any, template: dict[str, Template],
@@ -122,14 +134,14 @@ def _loss_rows(val: dict[str, list], tokenizer: Any, template: dict[str, Templat
                                    train_on_prompt=data.train_on_prompt)]
 
 
-def _complete(model: Any, tokenizer: Any, comp: list[tuple[str, Any]], template: dict[str, Template],
+def _complete(model: Any, tokenizer: Any, comp: list[tuple[str, int, Any]], template: dict[str, Template],
               batch_size: int, advance: Any) -> list[str]:
-    """The greedy completion of each (task, completion example), in order: one decode per task,
+    """The greedy completion of each (task, index, completion example), in order: one decode per task,
     bounded by that task's longest reference (in tokens, as trained) plus COMPLETION_SLACK, and cut
     at the template's end of turn (a chat format's marker is text when the vocabulary lacks it)."""
     out: dict[int, str] = {}
-    for task in dict.fromkeys(t for t, _ in comp):
-        items = [(i, ex) for i, (t, ex) in enumerate(comp) if t == task]
+    for task in dict.fromkeys(t for t, _, _ in comp):
+        items = [(i, ex) for i, (t, _, ex) in enumerate(comp) if t == task]
         refs = [prompt_and_response(ex, tokenizer, template[task])[1] for _, ex in items]
         longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
         texts = decode(model, tokenizer, [prompt_text(ex, tokenizer, template[task]) for _, ex in items],
@@ -150,10 +162,13 @@ def turn_end(tokenizer: Any, template: Template) -> str:
     return after.replace(eos, "").strip() if eos else after.strip()
 
 
-def _record(examples: list, correct: list[bool], f1: list[float] | None,
-            nll: list[float] | None) -> dict[str, Any]:
+def _record(examples: list, correct: list[bool | None], f1: list[float] | None,
+            nll: list[float] | None, keys: list[str]) -> dict[str, Any]:
     kind = examples[0].kind if examples else None
-    rec = task_record(correct, kind=kind)
+    scored = [c for c in correct if c is not None]  # all of them, or none for the loss kinds
+    rec = task_record(scored, kind=kind)
+    rec["correct"] = [int(c) for c in scored] if scored else None
+    rec["example_keys"] = keys
     if nll is not None:
         rec["n"] = len(examples)
         rec["loss"] = nll[0] / nll[1] if nll[1] else None

@@ -1,24 +1,40 @@
-"""The multi-task benchmark harness: smoke mode end to end, its plans and recipes, the BIG-bench
-extraction, and bad input."""
+"""The multi-task benchmark harness: smoke mode end to end (one budget, and the learning curves
+with a killed run continued), its plans and recipes, the report rebuilt from committed files,
+the BIG-bench extraction, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import BIGBENCH_FIXTURES  # noqa: E402
+from conftest import BIGBENCH_FIXTURES, REPO  # noqa: E402
 
-from benchmarks.mtl import plan
+from benchmarks.mtl import curves, plan, report
 from benchmarks.mtl.__main__ import main
 from benchmarks.mtl.fetch_bigbench import extract, task_path
 from benchmarks.mtl.run import run_benchmark
+from benchmarks.mtl.stats import paired_bootstrap
+from rlora_cli.adapters import AdapterConfig
 from rlora_cli.errors import UserError
 from rlora_cli.recipe.load import load_recipe
 
 BIGBENCH = str(BIGBENCH_FIXTURES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on busy shared cores loses a lot to them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_smoke_runs_and_writes_its_table(tmp_path):
@@ -66,6 +82,104 @@ def test_smoke_runs_and_writes_its_table(tmp_path):
     assert list(again["methods"]) == ["lora", "rlora", "rlora (folded)"]
 
 
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def test_learning_curves_smoke_resume_and_collect(tmp_path):
+    out = tmp_path / "curves"
+    settings = plan.Settings(budgets=(2, 4))
+    results = run_benchmark(None, settings, out, smoke=True, methods_given=False)
+    assert results["budgets"] == [2, 4] and results["variants"] == ["lora", "rlora"]
+    recipe = yaml.safe_load((out / "recipes" / "rlora-seed0.yaml").read_text())
+    assert recipe["train"]["lr_scheduler"] == "constant" and recipe["train"]["max_steps"] == 4
+    base = _json(out / "base" / "seed0.json")["tasks"]
+    for name in ("lora-seed0", "rlora-seed0"):
+        for n in (2, 4):
+            record = _json(out / "runs" / name / f"budget-{n}.json")
+            assert record["budget"] == n and record["train_loss"]["step"] == n
+            made = record["provenance"]
+            assert made["gpu"] == "cpu" and made["finished_at"].endswith("+00:00") and made["versions"]
+            for task, rec in record["tasks"].items():  # every run scored on the base model's examples
+                assert len(rec["correct"]) == rec["n"] == 4 and sum(rec["correct"]) / 4 == rec["accuracy"]
+                assert rec["example_keys"] == base[task]["example_keys"]
+        assert (out / "train" / name / "checkpoint-2" / "adapter").is_dir()
+    folded = _json(out / "runs" / "rlora-seed0" / "budget-4.json")["folded"]
+    assert set(folded["folds"]) == {"colors", "sizes"} and "folded" not in _json(
+        out / "runs" / "lora-seed0" / "budget-4.json")
+    assert [p["tasks"] for p in folded["usage"]["pairwise_l1"]] == [["colors", "sizes"]]
+    records = [_json(f) for f in curves.budget_files(out)]
+    for n in ("2", "4"):
+        summary = results["by_budget"][n]
+        assert [(c["a"], c["b"]) for c in summary["comparisons"]] == [("rlora", "lora"),
+                                                                        ("rlora (folded)", "rlora")]
+        assert list(summary["methods"]) == ["lora", "rlora", "rlora (folded)"]
+        same = [r for r in records if r["budget"] == int(n)]
+        itself = paired_bootstrap(curves.side(same, "rlora"), curves.side(same, "rlora"))
+        assert itself["ci"] == [0.0, 0.0] and itself["resolved"] is False
+        usage = results["router_usage"]["rlora"][n]
+        assert 0 <= usage["fold_entropy"] <= usage["uniform_entropy"] + 1e-9 and usage["heads"] == 2
+    table = (out / "results.md").read_text()
+    for text in ("## 2 steps", "## 4 steps", "| rlora − lora |", "| rlora (folded) − rlora |", "Router usage",
+                 "The ordering is the same at every budget"):
+        assert text in table
+    logged = any("router_entropy" in json.loads(line)
+                 for line in (out / "runs" / "rlora-seed0" / "metrics.jsonl").read_text().splitlines())
+    assert (out / "plots" / "router_entropy.png").is_file() == logged
+    for png in ("curves.png", "accuracy.png", "head_similarity.png", "spectra.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+    # Killed: rlora after its step-2 checkpoint (no budget 4, no checkpoint 4, no final adapter),
+    # lora after training but before budget 4 was scored. The same command again continues both.
+    rlora, lora = out / "train" / "rlora-seed0", out / "train" / "lora-seed0"
+    kept = {p: p.read_bytes() for p in (out / "runs" / "rlora-seed0" / "budget-2.json",
+                                        lora / "metrics.jsonl")}
+    before = {name: _json(out / "runs" / f"{name}-seed0" / "budget-4.json") for name in ("lora", "rlora")}
+    def step2() -> list[str]:
+        return [line for line in (rlora / "metrics.jsonl").read_text().splitlines() if '"step": 2,' in line]
+
+    logged2 = step2()
+    ckpt2 = (rlora / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns
+    shutil.rmtree(rlora / "checkpoint-4")
+    shutil.rmtree(rlora / "adapter")
+    for name in ("lora", "rlora"):
+        (out / "runs" / f"{name}-seed0" / "budget-4.json").unlink()
+    again = run_benchmark(None, settings, out, smoke=True, methods_given=False)
+    assert all(p.read_bytes() == data for p, data in kept.items())  # lora not retrained; budget 2 kept
+    assert (rlora / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == ckpt2
+    # rlora went on from step 2 (its step-2 log row, throughput and all, is the first run's), and
+    # resuming is exact on the CPU: the same loss at step 4 and the same answers
+    assert step2() == logged2
+    for name in ("lora", "rlora"):
+        after = _json(out / "runs" / f"{name}-seed0" / "budget-4.json")
+        assert after["train_loss"]["loss"] == pytest.approx(before[name]["train_loss"]["loss"], rel=1e-5)
+        assert {t: r["correct"] for t, r in after["tasks"].items()} == {
+            t: r["correct"] for t, r in before[name]["tasks"].items()}
+
+    # The committed copy (by_run/, no train/) rebuilds the same report on a machine without a model
+    raw = tmp_path / "raw"
+    shutil.copytree(out / "runs", raw / "by_run", ignore=shutil.ignore_patterns("train"))
+    shutil.copytree(out / "base", raw / "base")
+    shutil.copy(out / "settings.json", raw / "settings.json")
+    rebuilt, _ = report.rebuild(raw, tmp_path / "rebuilt")
+    assert json.loads(json.dumps(rebuilt)) == json.loads(json.dumps(again)) == _json(out / "results.json")
+    assert (tmp_path / "rebuilt" / "results.md").read_text() == (out / "results.md").read_text()
+    # a shard of a finished benchmark trains nothing and writes no report
+    done = run_benchmark(None, settings, out, smoke=True, methods_given=False, shard=(2, 2))
+    assert done == {"shard": [2, 2], "runs": ["rlora-seed0"]}
+
+
+def test_round_one_raw_files_still_report(tmp_path):
+    """The committed single-budget folder rebuilds its committed table from its files alone."""
+    raw = REPO / "benchmarks" / "raw" / "mtl_fold"
+    results, text = report.rebuild(raw, tmp_path)
+    committed = _json(raw / "results.json")
+    for key in ("methods", "base", "tasks", "runs"):
+        assert json.loads(json.dumps(results[key])) == committed[key], key
+    assert text == (raw / "results.md").read_text() == (tmp_path / "results.md").read_text()
+    assert (tmp_path / "plots" / "accuracy.png").is_file()
+
+
 def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
     settings = plan.Settings(model=str(tiny_model_dir), r=4, num_heads=3, target_modules="all-linear",
                              val_size=2)
@@ -76,16 +190,26 @@ def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
                                               "several_correct", "spell_backwards", "table_lookup",
                                               "word_kinds/nouns"}
     r = plan.matched_lora_rank(str(tiny_model_dir), settings)
-    counts = plan.trainable_counts(str(tiny_model_dir), settings, tuple(plan.VARIANTS), r)
+    counts = plan.trainable_counts(str(tiny_model_dir), settings,
+                                   tuple(m for m in plan.VARIANTS if m != "rlora-mi"), r)
     # LoRA's count is linear in r, so the matched rank is the closest to rlora's count
     per_rank = counts["lora"] / settings.r
     assert abs(counts["lora-matched"] - counts["rlora"]) <= per_rank / 2
-    assert counts["hydralora"] == counts["rlora"] == counts["hydralora-ri"] == counts["hydralora-hd"]
+    assert counts["hydralora"] == counts["rlora"] == counts["hydralora-ri"] == counts["hydralora-hd"] \
+        == counts["rlora-router-lr"]
     assert counts["rlora-router-off"] < counts["rlora"]  # no router weights
     assert counts["multilora"] > counts["rlora"] > counts["lora"]
+    # rlora-mi's adapter key only loads where AdapterConfig has it
+    has_mi = "router_aux_weight" in AdapterConfig.__dataclass_fields__
     for method in plan.VARIANTS:
-        path = plan.write_recipe(tmp_path / "recipes" / f"{method}-seed1.yaml",
-                                 plan.recipe(method, 1, settings, tasks, r))
+        section = plan.recipe(method, 1, settings, tasks, r)
+        if method == "rlora-mi":
+            assert section["adapter"]["router_aux_weight"] == 0.05 and plan.routed(method)
+            if not has_mi:
+                with pytest.raises(UserError, match="variant rlora-mi: adapter: unknown key"):
+                    plan.trainable_counts(str(tiny_model_dir), settings, ("rlora-mi",), r)
+                continue
+        path = plan.write_recipe(tmp_path / "recipes" / f"{method}-seed1.yaml", section)
         recipe = load_recipe(path)  # the real validator
         assert recipe.seed == 1 and [d.format for d in recipe.data.datasets] == ["bigbench", "bigbench"]
         assert [d.val_size for d in recipe.data.datasets] == [2, 1]  # val_size 2 of 12; a quarter of 5
@@ -95,6 +219,22 @@ def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
     off = load_recipe(tmp_path / "recipes" / "rlora-router-off-seed1.yaml").adapter
     assert (off.router, off.random_init, off.head_dropout) == ("off", True, True)
     assert load_recipe(tmp_path / "recipes" / "lora-matched-seed1.yaml").adapter.r == r
+    fast = load_recipe(tmp_path / "recipes" / "rlora-router-lr-seed1.yaml").adapter
+    assert (fast.type, fast.router, fast.router_lr_ratio) == ("rlora", "softmax", 10)
+    # learning curves: one constant-schedule run to the largest budget, a checkpoint at each, all kept
+    curve = plan.recipe("rlora", 1, dataclasses.replace(settings, budgets=(150, 300, 600, 1200)), tasks, r)
+    assert curve["train"]["max_steps"] == 1200 and curve["train"]["lr_scheduler"] == "constant"
+    assert curve["output"] == {"save_steps": 150, "save_total_limit": 0, "logging_steps": 10, "eval_steps": 0}
+    assert plan.recipe("rlora", 1, settings, tasks, r)["train"]["lr_scheduler"] == "cosine"
+
+
+def test_shards_split_the_runs_without_overlap():
+    settings = plan.Settings(methods=("lora", "rlora", "hydralora"), seeds=(0, 1))
+    every = plan.pairs(settings)
+    assert every[:4] == [("lora", 0), ("rlora", 0), ("hydralora", 0), ("lora", 1)] and len(every) == 6
+    shards = [plan.pairs(settings, (i, 4)) for i in (1, 2, 3, 4)]
+    assert shards[0] == [("lora", 0), ("rlora", 1)] and shards[3] == [("lora", 1)]
+    assert sorted(p for s in shards for p in s) == sorted(every)
 
 
 def _tarball(path, members):
@@ -148,9 +288,16 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
         plan.find_tasks(BIGBENCH, ("nope",))
     with pytest.raises(UserError, match="unknown method"):
         plan.check_methods(("lora", "dora"))
+    for bad, message in ((["--seeds", "a,b"], "not a list of integers"),
+                         (["--budgets", "100,x"], "not a list of positive step counts"),
+                         (["--budgets", "4", "--max-steps", "4"], "both set the number of steps"),
+                         (["--shard", "3/2"], "is not i/k")):
+        with pytest.raises(SystemExit) as e:
+            main(["--smoke", *bad, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and message in capsys.readouterr().err, bad
     with pytest.raises(SystemExit) as e:
-        main(["--smoke", "--seeds", "a,b", "--out", str(tmp_path / "o")])
-    assert e.value.code == 2
+        main(["--collect", "--out", str(tmp_path / "empty")])
+    assert e.value.code == 2 and "no result files" in capsys.readouterr().err
 
 
 def test_settings_changes_are_refused_in_a_used_out(tmp_path, monkeypatch):

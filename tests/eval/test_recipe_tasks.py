@@ -1,10 +1,12 @@
 """`rlora eval --task recipe`: every kind of held-out task scored against references (choices by
 log-likelihood, free-form and completions by greedy exact match and F1, instruction, chat, text
 and completion by loss as training tokenizes), a run folder standing for its adapter and recipe,
-and a recipe of completion, text and chat sources trained end to end and scored per kind."""
+a recipe of completion, text and chat sources trained end to end and scored per kind, and the
+per-example lists (`correct`, `example_keys`) in the held-out split's order."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -21,7 +23,14 @@ from rlora_cli.data.chat_templates import CHAT_TEMPLATES
 from rlora_cli.data.pipeline import encode_pieces, load_splits, tokenize_example
 from rlora_cli.data.templates import ChatFormat, choices, gold_index, prompt_and_response, prompt_text
 from rlora_cli.eval import run as ev
-from rlora_cli.eval.recipe_tasks import COMPLETION_SLACK, exact_match, prepare_recipe, token_f1, turn_end
+from rlora_cli.eval.recipe_tasks import (
+    COMPLETION_SLACK,
+    exact_match,
+    prepare_recipe,
+    run_recipe,
+    token_f1,
+    turn_end,
+)
 from rlora_cli.generate import build_prompt
 from rlora_cli.recipe.load import load_recipe
 from rlora_cli.runs import adapter_dir as find_adapter_dir
@@ -81,9 +90,17 @@ def test_recipe_eval_reports_every_task_against_references(recipe_path, lm, tmp_
             scores = [reference_loglik(model, tok, prompt, c) for c in choices(ex, tok)]
             hits.append(scores.index(max(scores)) == gold_index(ex))
         assert tasks[task]["accuracy"] == sum(hits) / len(hits), task
+        assert tasks[task]["correct"] == [int(h) for h in hits], task  # per example, in the split's order
     texts = [reference_generate(model, tok, prompt_text(ex, tok)) for ex in val["facts"]]
     answers = [ex.fields["answer"] for ex in val["facts"]]
     assert tasks["facts"]["accuracy"] == sum(t.strip() == a for t, a in zip(texts, answers)) / 3
+    assert tasks["facts"]["correct"] == [int(t.strip() == a) for t, a in zip(texts, answers)]
+    for task, rec in tasks.items():  # a key per held-out example: its prompt's sha1, 12 hex digits
+        keys = [hashlib.sha1(prompt_text(ex, tok).encode()).hexdigest()[:12] for ex in val[task]]
+        assert rec["example_keys"] == keys and len(set(keys)) == len(keys) == rec["n"], task
+        if rec["accuracy"] is not None:
+            assert len(rec["correct"]) == rec["n"] and sum(rec["correct"]) / rec["n"] == rec["accuracy"]
+    assert tasks["ops"]["correct"] is None and tasks["chats"]["correct"] is None  # loss only
     assert tasks["facts"]["f1"] == pytest.approx(sum(token_f1(t, a) for t, a in zip(texts, answers)) / 3)
     for task in ("ops", "chats"):  # loss per trained token, as training tokenizes
         nll = count = 0
@@ -96,6 +113,24 @@ def test_recipe_eval_reports_every_task_against_references(recipe_path, lm, tmp_
         assert tasks[task]["accuracy"] is None and tasks[task]["tokens"] == count
         assert tasks[task]["loss"] == pytest.approx(nll / count, rel=1e-5)
         assert tasks[task]["perplexity"] == pytest.approx(torch.tensor(nll / count).exp().item(), rel=1e-5)
+
+
+def test_per_example_lists_follow_the_split_order(recipe_path, lm):
+    """A task mixing choice and free-form examples lists each example's result at its own place
+    (the two scorers run one after the other), as when each kind is scored alone."""
+    model, tok = lm
+    prepared = prepare_recipe(str(recipe_path), None)
+    alone = run_recipe(model, tok, prepared, batch_size=4)
+    quiz, facts = prepared["val"]["quiz"], prepared["val"]["facts"]
+    order = [("facts", 0), ("quiz", 0), ("quiz", 1), ("facts", 1), ("quiz", 2), ("facts", 2)]
+    mixed = {**prepared, "val": {"mixed": [{"quiz": quiz, "facts": facts}[t][i] for t, i in order]},
+             "templates": {"mixed": "default"}}
+    rec = run_recipe(model, tok, mixed, batch_size=4)["mixed"]
+    assert rec["correct"] == [alone[t]["correct"][i] for t, i in order]
+    by_scorer = alone["quiz"]["correct"][:3] + alone["facts"]["correct"][:3]  # choices first, then free-form
+    assert rec["correct"] != by_scorer  # so the test tells the split's order from the scorers' order
+    assert rec["example_keys"] == [alone[t]["example_keys"][i] for t, i in order]
+    assert rec["n"] == 6 and rec["accuracy"] == sum(rec["correct"]) / 6
 
 
 def test_token_f1_and_exact_match():

@@ -1,0 +1,146 @@
+"""The learning curves rendered: results.md (per budget the accuracy table, the paired bootstrap
+comparisons and the ordering; where the ordering changes; the routers' use of their heads) and
+the plots curves.png (average accuracy against steps) and router_entropy.png (when the training
+logs hold router_entropy). What is shown comes from curves.build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlora_cli.report.common import pyplot, save_png
+
+from .curves import FOLDED
+
+
+def _pct(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "")
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.1f}".replace("-", "−")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole results.md of the learning curves."""
+    budgets, by_budget = results["budgets"], results["by_budget"]
+    lines = [_intro(results), ""]
+    for n in budgets:
+        lines += _budget_section(n, by_budget[str(n)], results)
+    lines += ["## The ordering across budgets", ""]
+    lines += [f"- {n} steps: {' > '.join(by_budget[str(n)]['ordering'])}" for n in budgets]
+    lines.append("")
+    for c in results["ordering_changes"]:
+        lines.append(f"Between {c['from']} and {c['to']} steps the ordering changes: "
+                     f"{' > '.join(c['before'])} becomes {' > '.join(c['after'])}.")
+    if not results["ordering_changes"]:
+        lines.append("The ordering is the same at every budget." if len(budgets) > 1 else
+                     "One budget: no change to see.")
+    lines += ["", *_usage_section(results["router_usage"])]
+    rows = {m: r for b in by_budget.values() for m, r in b["methods"].items() if FOLDED not in m}
+    lines += ["", "Methods: " + "; ".join(f"`{m}` = {r['description']}" for m, r in rows.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _intro(results: dict[str, Any]) -> str:
+    st, budgets = results["settings"], results["budgets"]
+    held_out = ", ".join(f"{t} {v['held_out']}" for t, v in results["tasks"].items())
+    seeds = sorted({s for b in results["by_budget"].values() for r in b["methods"].values()
+                    for s in r["seeds"]})
+    return (f"Learning curves: held-out accuracy (%) at {', '.join(map(str, budgets))} steps, mean ± std "
+            f"over seeds {', '.join(map(str, seeds))}; model {st.get('model', '?')}; r = {st.get('r', '?')}, "
+            f"heads = {st.get('num_heads', '?')}, targets {st.get('target_modules', '?')}. One run per "
+            f"(variant, seed) to {max(budgets)} steps at a constant learning rate after warm-up; each "
+            f"budget is that run's checkpoint. Held-out per task: {held_out}.")
+
+
+def _budget_section(n: int, summary: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    tasks, b = list(results["tasks"]), results["base"]
+    head = ["method", "trainable params", *tasks, "average", "Δ avg vs base", "train loss"]
+    lines = [f"## {n} steps", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+             "| base model (before training) | 0 | " + " | ".join(_pct(b["tasks"][t]) for t in tasks)
+             + f" | {_pct(b['average'])} | | |"]
+    for m, r in summary["methods"].items():
+        avg, base, loss = r["average"]["mean"], b["average"]["mean"], r["train_loss"]["mean"]
+        cells = [m, f"{r['trainable_parameters']:,}", *(_pct(r["tasks"][t]) for t in tasks),
+                 _pct(r["average"]), "-" if avg is None or base is None else _points(avg - base),
+                 "-" if loss is None else f"{loss:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary["comparisons"]:
+        lines += ["", f"Paired differences of the average (A − B, points): bootstrap over each task's "
+                      f"held-out examples within each seed, {summary['comparisons'][0]['replicates']} "
+                      "replicates, 95% percentile interval.", "",
+                  "| comparison | mean diff | 95% CI | resolved | seeds |", "|---|---:|---:|:---:|---|"]
+        for c in summary["comparisons"]:
+            ci = f"[{_points(c['ci'][0])}, {_points(c['ci'][1])}]"
+            lines.append(f"| {c['a']} − {c['b']} | {_points(c['diff'])} | {ci} | "
+                         f"{'yes' if c['resolved'] else 'no'} | {', '.join(map(str, c['seeds']))} |")
+    lines += ["", f"Ordering by average accuracy: {' > '.join(summary['ordering'])}.", ""]
+    return lines
+
+
+def _usage_section(usage: dict[str, Any]) -> list[str]:
+    if not usage:
+        return []
+    lines = ["## Router usage per task (the folds)", "",
+             "Entropy in nats (ln n = uniform over n heads) of each task's fold (its mixture averaged "
+             "over modules) and per module; then the largest L1 distance between two tasks' mixtures, "
+             "per module (0 = the same use of the heads, 2 = disjoint heads). Means over tasks, then "
+             "over seeds.", "",
+             "| variant | steps | fold entropy | per-module entropy | uniform | largest task-pair L1 "
+             "| between |", "|---|---:|---:|---:|---:|---:|---|"]
+    for m, by_budget in usage.items():
+        for n, u in by_budget.items():
+            module = "-" if u["module_entropy"] is None else f"{u['module_entropy']:.3f}"
+            l1 = "-" if u["max_l1"] is None else f"{u['max_l1']:.3f}"
+            pair = " / ".join(u["max_l1_tasks"] or [])
+            lines.append(f"| {m} | {n} | {u['fold_entropy']:.3f} | {module} | {u['uniform_entropy']:.3f} | "
+                         f"{l1} | {pair} |")
+    return lines
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> Path:
+    """Average held-out accuracy against steps (log scale), per variant: mean over seeds, ± std."""
+    plt = pyplot()
+    budgets = results["budgets"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    names = list(dict.fromkeys(m for b in results["by_budget"].values() for m in b["methods"]))
+    for i, name in enumerate(names):
+        points = [(n, results["by_budget"][str(n)]["methods"].get(name)) for n in budgets]
+        points = [(n, r["average"]) for n, r in points if r and r["average"]["mean"] is not None]
+        xs, mean = [n for n, _ in points], [s["mean"] for _, s in points]
+        std = [s["std"] or 0.0 for _, s in points]
+        color = f"C{names.index(name.removesuffix(FOLDED)) % 10}"
+        style = "--" if name.endswith(FOLDED) else "-"
+        ax.plot(xs, mean, style, marker="o", color=color, label=name)
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=color, alpha=0.12)
+    if results["base"]["average"]["mean"] is not None:
+        ax.axhline(results["base"]["average"]["mean"], color="grey", linestyle=":", label="base model")
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(n) for n in budgets])
+    ax.minorticks_off()
+    ax.set(xlabel="optimizer steps", ylabel="average held-out accuracy",
+           title="Learning curves (mean over seeds, ± std)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_router_entropy(results: dict[str, Any], path: Path) -> Path | None:
+    """router_entropy of the training logs against steps, per variant (mean over seeds); None
+    when no log has it."""
+    series = results.get("router_entropy") or {}
+    if not series:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for m, s in series.items():
+        ax.plot(s["steps"], s["entropy"], label=m)
+    ax.set(xlabel="optimizer step", ylabel="router entropy (nats)", title="Router entropy during training")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
