@@ -19,10 +19,13 @@ saved tensors over a weightless base):
 is a one-head view of the same tensors. With `--recipe` (softmax routers only), `router_usage`
 is the mean routing weight of each head over every token of each task's held-out examples as
 training renders them (prompt and response; padding excluded), per module and averaged
-(`routing.router_usage`, which per-task folding uses too).
+(`routing.router_usage`, which per-task folding uses too). For an adapter inside a run folder
+whose metrics.jsonl rows carry the router telemetry of training (training/metrics.py),
+`router_training` lists them: step, router_entropy, task_router_usage (and router_aux).
 
-The plots in OUT (head_cosine, head_similarity, spectra and, with --recipe, router_usage) and the
-printed summary are drawn by report/analyze.py from the returned dicts.
+The plots in OUT (head_cosine, head_similarity, spectra, with --recipe router_usage, and from a
+run's telemetry router_entropy) and the printed summary are drawn by report/analyze.py from the
+returned dicts.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from rlora_cli.recipe.load import load_recipe
 from rlora_cli.report.analyze import render_analysis, write_plots
 from rlora_cli.report.common import progress_bar
 from rlora_cli.routing import router_usage
-from rlora_cli.runs import adapter_dir
+from rlora_cli.runs import adapter_dir, checkpoint_step, read_metrics, run_folder
 
 # ------------------------------------------------------------------------------- the command
 
@@ -67,6 +70,10 @@ def analyze(adapter: str | Path, other: str | Path | None = None, *, recipe: str
     configs = [read_adapter_config(d) for d in dirs]
     _check_options(dirs, configs, recipe, limit, batch_size, trust_remote_code)
     results = [analyze_adapter(d) for d in dirs]
+    for d, result in zip(dirs, results):
+        history = router_training(d)
+        if history:
+            result["router_training"] = history
     notes = []
     if recipe is not None:
         held_out, templates, max_length, default = _held_out(recipe, limit)
@@ -129,6 +136,22 @@ def _usage_for(directory: Path, held_out: dict, templates: dict[str, str], max_l
     total = sum(len(v) for v in held_out.values())
     with progress_bar(console, total, f"router usage: {directory}") as advance:
         return router_usage(model, tokenizer, held_out, progress=advance, **kwargs)
+
+
+ROUTER_KEYS = ("step", "router_entropy", "task_router_usage", "router_aux")
+
+
+def router_training(adapter: Path) -> list[dict[str, Any]]:
+    """The router telemetry logged while the run that holds `adapter` trained, one entry per
+    log line that has it (a checkpoint's: up to its step); empty for an adapter outside a run
+    folder or without a softmax router."""
+    run = run_folder(adapter)
+    path = None if run is None else run / "metrics.jsonl"
+    if path is None or not path.is_file():
+        return []
+    last = checkpoint_step(Path(adapter).parent)
+    return [{k: row[k] for k in ROUTER_KEYS if k in row} for row in read_metrics(path)
+            if "router_entropy" in row and "step" in row and (last is None or row["step"] <= last)]
 
 
 # ------------------------------------------------------------------------- layers from a file

@@ -221,6 +221,8 @@ def _mixing_rows(method: str, o: dict[str, Any]) -> list[tuple[str, Any]]:
     ratio = o.get("router_lr_ratio", 1.0)
     if o["router"] == "softmax" and ratio != 1.0:
         router += f", learning rate × {ratio:g}"
+    if o["router"] == "softmax" and o.get("router_aux_weight"):
+        router += f", task-balancing (mutual-information) loss × {o['router_aux_weight']:g}"
     init = f"{o.get('init')}" + (", random heads (compensated)" if o.get("random_init") else "")
     return [("router", router), ("init", init)]
 

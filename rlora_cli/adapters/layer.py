@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,13 @@ class MultiHeadLoRA(nn.Module):
         # A head mixture [n] used instead of the softmax router (a task's fold). A plain attribute,
         # never a parameter or buffer: it is no part of the saved adapter, and `.to()` leaves it alone.
         self.fixed_mixture: Tensor | None = None
+        # Training telemetry of a softmax router (probe.RouteProbe, shared by the model's routed
+        # layers; None: nothing recorded) and this forward's mutual-information term for it.
+        self.route_probe: Any = None
+        self.route_aux: Tensor | None = None
+        # The fused Triton path (fused.enable sets it): a function returning this layer's output,
+        # or None where it cannot run (then the plain path below runs). A plain attribute.
+        self.fused_forward: Any = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -148,6 +156,8 @@ class MultiHeadLoRA(nn.Module):
             self.rlora_B0.copy_(B.view(d_out, n, r).mean(1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_forward is not None and (out := self.fused_forward(self, x)) is not None:
+            return out
         y = self.base(x)
         lead = y.shape[:-1]
         z, B = self._rank_space(x.reshape(-1, self.in_features))
@@ -183,6 +193,8 @@ class MultiHeadLoRA(nn.Module):
         elif spec.gate == "router":
             weights = router_weights(rest[:, :n]) if self.fixed_mixture is None else \
                 self.fixed_mixture.to(h.device).view(1, n)  # the same mixture for every token
+            if self.route_probe is not None and self.fixed_mixture is None:
+                self.route_probe.observe(self, weights)
             h = h * weights.to(h.dtype).unsqueeze(-1)
         z = h.reshape(-1, n * r)
         if not spec.compensate:

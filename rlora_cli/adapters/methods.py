@@ -57,6 +57,10 @@ class AdapterConfig:
     router_lr_ratio: float = 1.0
     """hydralora/rlora with router: softmax: the router's learning rate over train.learning_rate.
     A zero-init router starts uniform and its gradient is the heads' differences, small at first."""
+    router_aux_weight: float = 0.0
+    """hydralora/rlora with router: softmax: weight of the task-balancing router loss, the negative
+    mutual information between task and head (Mod-Squad, Chen et al. 2023; adapters/probe.py),
+    added to the training loss. 0 (the default) leaves training exactly as without it."""
 
     def __post_init__(self) -> None:
         tm = self.target_modules
@@ -132,6 +136,12 @@ class AdapterConfig:
                 p.append(f"adapter.{key}: must be a finite number > 0, got {value!r}")
             elif value != 1.0 and not has:
                 p.append(f"adapter.{key}: applies to {owner} only; remove it for this {self.type} adapter")
+        w = self.router_aux_weight
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w < math.inf:
+            p.append(f"adapter.router_aux_weight: must be a finite number >= 0, got {w!r}")
+        elif w > 0 and not self.has_router:
+            p.append("adapter.router_aux_weight: the router loss needs a softmax router; set it to 0, "
+                     "or use hydralora or rlora with router: softmax")
         return p
 
     def to_dict(self) -> dict[str, Any]:

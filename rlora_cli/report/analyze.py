@@ -3,8 +3,9 @@
 `analyses` maps a label ("rlora (run)") to one adapter's analysis dict. Files written in OUT:
 head_cosine.png (heatmaps for a few modules spread over depth), head_similarity.png (mean
 off-diagonal cosine per layer, as in R-LoRA's figure), spectra.png (σ_k/σ_1 and effective rank
-per layer) and, when measured, router_usage.png (tasks × heads). With two adapters each plot
-shows both. Every PNG is written atomically (`save_png`).
+per layer), when measured router_usage.png (tasks × heads) and, from a run's training telemetry,
+router_entropy.png (router entropy and each task's head usage vs step). With two adapters each
+plot shows both. Every PNG is written atomically (`save_png`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def write_plots(analyses: dict[str, dict[str, Any]], out: str | Path) -> list[Pa
     written = [plot_head_cosine(analyses, out / "head_cosine.png"),
                plot_head_similarity(analyses, out / "head_similarity.png"),
                plot_spectra(analyses, out / "spectra.png"),
-               plot_router_usage(analyses, out / "router_usage.png")]
+               plot_router_usage(analyses, out / "router_usage.png"),
+               plot_router_training(analyses, out / "router_entropy.png")]
     return [p for p in written if p is not None]
 
 
@@ -193,3 +195,51 @@ def plot_router_usage(analyses: dict[str, dict[str, Any]], path: str | Path) -> 
         ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
         ax.set_title(f"{label}\nmean ω over held-out tokens", fontsize=8)
     return save_png(fig, path)
+
+
+def plot_router_training(analyses: dict[str, dict[str, Any]], path: str | Path) -> Path | None:
+    """From the telemetry logged while training, one row per adapter that has it: the mean
+    router entropy vs step (against ln n, the uniform router's), then one panel per task with the
+    mean routing weight of each head vs step."""
+    usable = {k: a["router_training"] for k, a in analyses.items() if a.get("router_training")}
+    if not usable:
+        return None
+    plt = pyplot()
+    tasks = {label: list(dict.fromkeys(t for r in rows for t in r.get("task_router_usage", {})))
+             for label, rows in usable.items()}
+    cols = 1 + max(len(t) for t in tasks.values())
+    fig, axes = plt.subplots(len(usable), cols, figsize=(3.6 * cols, 3.0 * len(usable)), squeeze=False)
+    for row_axes, (label, rows) in zip(axes, usable.items()):
+        _entropy_panel(row_axes[0], label, rows)
+        for ax, task in zip(row_axes[1:], tasks[label]):
+            _usage_panel(ax, task, rows)
+        for ax in row_axes[1 + len(tasks[label]):]:
+            ax.axis("off")
+    fig.suptitle("Routers while training (metrics.jsonl)", fontsize=10)
+    return save_png(fig, path)
+
+
+def _entropy_panel(ax: Any, label: str, rows: list[dict[str, Any]]) -> None:
+    ax.plot([r["step"] for r in rows], [r["router_entropy"] for r in rows], marker="o", markersize=2)
+    heads = next((len(u) for r in rows for u in r.get("task_router_usage", {}).values()), 0)
+    if heads > 1:
+        ax.axhline(math.log(heads), color="grey", ls="--", lw=0.8, label=f"uniform (ln {heads})")
+        ax.legend(fontsize=7)
+    ax.set(xlabel="step", ylabel="mean entropy of ω (nats)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"{label}\nrouter entropy", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _usage_panel(ax: Any, task: str, rows: list[dict[str, Any]]) -> None:
+    # Not clamped to [0, 1]: early on the heads part by thousandths, which is what there is to see.
+    points = [(r["step"], r["task_router_usage"][task]) for r in rows
+              if task in r.get("task_router_usage", {})]
+    steps = [s for s, _ in points]
+    for head in range(len(points[0][1])):
+        ax.plot(steps, [u[head] for _, u in points], marker="o", markersize=2, label=f"head {head}")
+    ax.set(xlabel="step", ylabel="mean ω over the task's tokens")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"task {task}: head usage", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -9,6 +9,8 @@ adapters, the optimizer, the loader and a checkpoint to resume; `fit` takes the 
 `finish` saves the adapter and the plots. Choices that matter:
 - A step's loss is the sum of its token losses over every micro-batch and process, divided by its
   label tokens (loss.py): a per-batch mean is wrong under prompt masking.
+- Softmax routers report their entropy and per-task head use through a probe (adapters/probe.py)
+  given each micro-batch's task ids; with adapter.router_aux_weight its MI loss joins the step's.
 - Resuming is an index skip into a per-epoch permutation, and the RNG state is snapshotted at
   every step boundary, so an interrupted run resumes bit-identically on the CPU (state.py).
 - SIGTERM (a scheduler, `docker stop`, a spot preemption) is handled as Ctrl-C is: a checkpoint,
@@ -36,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from rlora_cli.adapters import inject_adapters, parameter_counts
+from rlora_cli.adapters.probe import RouteProbe, install_probe
 from rlora_cli.card import training_card
 from rlora_cli.checkpoint import save_adapter
 from rlora_cli.data.mixture import write_mixture
@@ -46,7 +49,7 @@ from rlora_cli.model import load_model, load_tokenizer, quantization_record
 from rlora_cli.recipe.load import RecipeSource, load_recipe, recipe_label, recipe_to_dict
 from rlora_cli.report import train as report
 from rlora_cli.training.kernels import Kernels, apply_kernels, compile_model
-from rlora_cli.training.loss import LossReads, label_tokens, step_values, token_losses
+from rlora_cli.training.loss import LossReads, label_tokens, step_values, token_losses, with_router_aux
 from rlora_cli.training.metrics import LogWindow, MetricsLog, evaluate_loss, run_info, tracker_config
 from rlora_cli.training.optim import adamw, mixed_precision, own_grads, state_hooks
 from rlora_cli.training.rundir import (
@@ -100,6 +103,7 @@ class Run:
     tokenizer: Any
     data: Any
     model: Any
+    probe: RouteProbe | None    # the softmax routers' telemetry and loss (None: no router)
     kern: Kernels
     optimizer: Any              # Accelerate's wrapper (reads holds the torch optimizer inside it)
     scheduler: Any
@@ -152,7 +156,7 @@ def setup(recipe: Any, recipe_path: str, out: Path, folder: RunDir, accelerator:
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     with accelerator.main_process_first():
         data = prepare(recipe, tokenizer, console=console)
-    model, kern, compile_note = _setup_model(recipe, accelerator)
+    model, probe, kern, compile_note = _setup_model(recipe, accelerator, len(data.tasks))
     # The run is sound: from here on what it writes in OUT stays (a failed start left nothing).
     folder.commit(plan)
     if main:
@@ -178,18 +182,20 @@ def setup(recipe: Any, recipe_path: str, out: Path, folder: RunDir, accelerator:
         atomic_write_text(out / "run_info.json", json.dumps(info, indent=2))
         if recipe.output.log_with != "none":
             accelerator.init_trackers("rlora", config=tracker_config(recipe_to_dict(recipe)))
-    return Run(recipe, out, accelerator, console, tokenizer, data, model, kern, optimizer, scheduler, loader,
-               micro_per_epoch, graphs, reads, state,
+    return Run(recipe, out, accelerator, console, tokenizer, data, model, probe, kern, optimizer, scheduler,
+               loader, micro_per_epoch, graphs, reads, state,
                log=MetricsLog(out / "metrics.jsonl", resume_step=state.step) if main else None,
                clock=SaveClock(recipe.output.save_minutes, main),
-               window=LogWindow(len(data.tasks), accelerator.device, every=recipe.output.logging_steps),
+               window=LogWindow(len(data.tasks), accelerator.device, every=recipe.output.logging_steps,
+                                probe=probe),
                progress=report.TrainProgress(console, total, state.step, main),
                meta={"templates": data.templates, "recipe": recipe_path,
                      **quantization_record(recipe.model.quantization)})
 
 
-def _setup_model(recipe: Any, accelerator: Any) -> tuple[Any, Kernels, str]:
-    """The base model with its adapters, fused kernels and compiled blocks; (model, kernels, compile note)."""
+def _setup_model(recipe: Any, accelerator: Any, n_tasks: int) -> tuple[Any, RouteProbe | None, Kernels, str]:
+    """The base model with its adapters, router probe, fused kernels and compiled blocks;
+    (model, probe, kernels, compile note)."""
     t, quantization = recipe.train, recipe.model.quantization
     if quantization is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("model.quantization: FSDP cannot shard bitsandbytes' quantized weights",
@@ -202,6 +208,9 @@ def _setup_model(recipe: Any, accelerator: Any) -> tuple[Any, Kernels, str]:
                           device=accelerator.device if quantization is not None else None)
     adapter_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(t.adapter_dtype)
     inject_adapters(model, recipe.adapter, dtype=adapter_dtype)  # auto: fp32 over a quantized base
+    # Before compiling and DDP: compiled blocks trace the probe's calls as the rest of the layer.
+    probe = install_probe(model, n_tasks, aux_weight=recipe.adapter.router_aux_weight,
+                          device=accelerator.device)
     if t.gradient_checkpointing:
         # All a quantized base needs too: norms compute in fp32 inside, so PEFT's k-bit cast of
         # every unquantized weight (norms, embeddings, LM head) to fp32 would only cost memory.
@@ -210,7 +219,7 @@ def _setup_model(recipe: Any, accelerator: Any) -> tuple[Any, Kernels, str]:
     kern = apply_kernels(model, t.kernels, accelerator.device, compiled=t.compile,
                          packed_length=recipe.data.max_length if recipe.data.packing else None)
     compile_note = compile_model(model, t.compile_mode) if t.compile else "off"
-    return model, kern, compile_note
+    return model, probe, kern, compile_note
 
 
 def _setup_optimizer(recipe: Any, accelerator: Any, model: Any, total: int,
@@ -293,6 +302,8 @@ def _forward_backward(run: Run, micro: list[dict[str, torch.Tensor]]) -> tuple[t
     for i, batch in enumerate(micro):
         run.window.add_inputs(batch)
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        if run.probe is not None:
+            run.probe.start(batch["task_ids"], batch["input_ids"])
         # Gradients are all-reduced once per step, on the last micro-batch.
         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         if run.graphs:
@@ -300,10 +311,12 @@ def _forward_backward(run: Run, micro: list[dict[str, torch.Tensor]]) -> tuple[t
         with sync, accelerator.autocast():
             loss = token_losses(model, batch, fused=run.kern.fused_loss)
             total_loss = loss.sum()
+            aux = None if run.probe is None else run.probe.stop()  # None unless router_aux_weight > 0
+            objective, aux_sum = with_router_aux(total_loss, aux, batch)
             # Σ over processes of (local sum · world / N), averaged by DDP = global sum / N.
-            accelerator.backward(total_loss * world / n_tokens)
+            accelerator.backward(objective * world / n_tokens)
         step_loss += total_loss.detach()
-        run.window.add(loss.detach(), batch)
+        run.window.add(loss.detach(), batch, aux_sum)
     return step_loss, n_tokens
 
 

@@ -1,7 +1,9 @@
 """The loss of a training step, and reading it back without stalling the GPU.
 
     n = label_tokens(micro, accelerator)                  # before the first backward
-    accelerator.backward(token_losses(model, batch).sum() * world / n)
+    total = token_losses(model, batch).sum()
+    objective, aux_sum = with_router_aux(total, probe.stop(), batch)   # + a router loss, if any
+    accelerator.backward(objective * world / n)
     finished = reads.push(step_values(accelerator, step_loss, n, vote), step)
 
 The loss of an optimizer step is the sum of token losses over every micro-batch of the step and
@@ -36,6 +38,22 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="none")
     return loss.view(labels.shape)
+
+
+def with_router_aux(total_loss: torch.Tensor, aux: torch.Tensor | None,
+                    batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the micro-batch's objective, its router term detached, or None): Σ token loss, plus the
+    router's auxiliary loss (adapters/probe.py) counted once per label token of the micro-batch.
+
+    So the aux term takes the LM loss's normalisation unchanged: the step divides the sum over its
+    micro-batches and processes by its label tokens, and the step's aux is the mean of the
+    micro-batches' auxes weighted by their label tokens (each aux is over its micro-batch's
+    non-padding tokens, prompts included). Counted on the device: no host sync. Without a
+    router loss the objective is `total_loss` itself."""
+    if aux is None:
+        return total_loss, None
+    term = aux * (batch["labels"][:, 1:] != IGNORE).sum()
+    return total_loss + term, term.detach()
 
 
 def label_tokens(micro: list[dict[str, torch.Tensor]], accelerator: Any) -> torch.Tensor:

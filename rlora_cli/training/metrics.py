@@ -5,6 +5,12 @@ itself, the held-out loss, OUT/run_info.json and the settings handed to experime
     row = window.maybe_log(state, accelerator, scheduler, grad_norm, tasks)
     log.write(row)                                                     # main process only
 
+With a softmax router (adapters/probe.py) a line also has `router_entropy` (mean H(ω) in nats over
+the routed modules and the window's non-padding tokens), `task_router_usage` ({task: [mean ω per
+head]} over the modules and the task's tokens) and, with adapter.router_aux_weight > 0,
+`router_aux`: the window's auxiliary loss per label token, as `loss` is the LM loss per label
+token, so the objective trained is loss + router_aux.
+
 Rendering them (the progress line, the plots) is report/train.py's.
 """
 
@@ -22,6 +28,7 @@ import torch
 import transformers
 
 from rlora_cli import __version__
+from rlora_cli.adapters.probe import RouteProbe
 from rlora_cli.data.packing import IGNORE, collate
 from rlora_cli.files import atomic_write_text
 from rlora_cli.recipe.load import flatten
@@ -52,16 +59,19 @@ class MetricsLog:
 
 class LogWindow:
     """What a log line reports: the loss over the steps since the last line, per-task loss sums,
-    and token throughput."""
+    token throughput and, with a `probe`, what the routers did (its sums are reset with the window)."""
 
-    def __init__(self, n_tasks: int, device: Any, every: int) -> None:
-        self.n_tasks, self.device, self.every = n_tasks, device, max(every, 1)
+    def __init__(self, n_tasks: int, device: Any, every: int, probe: RouteProbe | None = None) -> None:
+        self.n_tasks, self.device, self.every, self.probe = n_tasks, device, max(every, 1), probe
         self.reset()
 
     def reset(self) -> None:
         # Kept on the device: adding a micro-batch must not wait for the GPU (no host sync).
         self.loss = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
         self.count = torch.zeros(self.n_tasks, dtype=torch.float64, device=self.device)
+        if self.probe is not None:  # Σ aux · label tokens, and the routers' sums
+            self.aux = torch.zeros(1, dtype=torch.float64, device=self.device)
+            self.probe.reset()
         self.step_loss = self.step_tokens = 0.0  # global sums, as LossReads reads them back
         self.inputs = 0  # this process's non-padding input tokens, counted on the host
         self.started = time.perf_counter()
@@ -72,13 +82,18 @@ class LogWindow:
     def add_inputs(self, batch: dict[str, torch.Tensor]) -> None:
         self.inputs += int((batch["task_ids"] != -1).sum())  # a CPU tensor still: no sync
 
-    def add(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+    def add(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor],
+            aux: torch.Tensor | None = None) -> None:
+        """A micro-batch's token losses and, with the router loss on, its aux · label tokens
+        (loss.with_router_aux)."""
         # Every token added, unlabelled ones with weight 0: selecting the labelled ones
         # (token_loss[mask]) would wait for the GPU to count them.
         mask = (batch["labels"][:, 1:] != IGNORE).flatten()
         tasks = _token_tasks(batch)[:, 1:].flatten().clamp_min(0)  # padding's task -1 -> 0, weight 0
         self.loss.index_add_(0, tasks, torch.where(mask, token_loss.flatten().double(), 0.0))
         self.count.index_add_(0, tasks, mask.double())
+        if aux is not None:
+            self.aux += aux.detach().double()
 
     def add_step(self, loss_sum: float, tokens: float) -> None:
         self.step_loss += loss_sum
@@ -90,8 +105,10 @@ class LogWindow:
         if not self.logs_at(state.step, state.total_steps):
             return None
         inputs = torch.tensor([float(self.inputs)], dtype=torch.float64, device=self.device)
-        both = accelerator.reduce(torch.cat([self.loss, self.count, inputs]), reduction="sum").cpu()
-        loss, count, n = both[:self.n_tasks], both[self.n_tasks:-1], float(both[-1])
+        routes = [] if self.probe is None else [self.probe.stats.flatten(), self.aux]
+        # One all-reduce for every sum of the window, the routers' included.
+        both = accelerator.reduce(torch.cat([self.loss, self.count, *routes, inputs]), reduction="sum").cpu()
+        loss, count, n = both[:self.n_tasks], both[self.n_tasks:2 * self.n_tasks], float(both[-1])
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         row = {
             "step": state.step, "epoch": state.epoch,
@@ -103,8 +120,25 @@ class LogWindow:
             "input_tokens_per_s": n / elapsed,
             "task_loss": {tasks[i]: float(loss[i] / count[i]) for i in range(len(tasks)) if count[i] > 0},
         }
+        if self.probe is not None:
+            row.update(router_fields(both[2 * self.n_tasks:-1], self.probe, tasks, self.step_tokens))
         self.reset()
         return row
+
+
+def router_fields(values: torch.Tensor, probe: RouteProbe, tasks: list[str], label_tokens: float
+                  ) -> dict[str, Any]:
+    """router_entropy, task_router_usage (and router_aux) from the reduced [probe.stats | Σ aux]."""
+    stats = values[:-1].view(len(tasks), probe.n_heads + 2)
+    usage, entropy, count = stats[:, :-2], stats[:, -2], stats[:, -1]
+    row: dict[str, Any] = {}
+    if count.sum() > 0:
+        row["router_entropy"] = float(entropy.sum() / count.sum())
+        row["task_router_usage"] = {tasks[i]: (usage[i] / count[i]).tolist()
+                                    for i in range(len(tasks)) if count[i] > 0}
+    if probe.aux_weight > 0:
+        row["router_aux"] = float(values[-1]) / max(label_tokens, 1.0)
+    return row
 
 
 def _token_tasks(batch: dict[str, torch.Tensor]) -> torch.Tensor:
