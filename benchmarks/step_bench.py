@@ -41,7 +41,7 @@ from torch import nn
 from benchmarks.common import busy_ms, cuda_kernels, environment, time_ms, write_json
 from benchmarks.layer_bench import ReferenceRLoRA
 from benchmarks.shapes import config
-from rlora_cli.adapters import AdapterConfig, find_targets, inject_adapters, parameter_counts
+from rlora_cli.adapters import AdapterConfig, find_targets, fused, inject_adapters, parameter_counts
 from rlora_cli.config import COMPILE_MODES
 from rlora_cli.training.kernels import compile_model
 
@@ -71,6 +71,8 @@ class Spec:
     inside compiled blocks the compiler fuses them (Liger's Triton kernels would break the graph)."""
     nodrop: bool = False
     """Adapter dropout 0 instead of 0.05: a diagnostic that shows what the dropout costs."""
+    fused: bool = False
+    """rlora methods: the fused Triton adapter kernels (adapters/fused.py) wherever they run."""
 
     @property
     def fused_ce(self) -> bool:
@@ -97,12 +99,13 @@ class Variant:
 
 def parse_name(name: str) -> Spec:
     kind, *flags = name.split("+")
-    if (kind not in KINDS or not set(flags) <= {"liger", "ce", "compile", "bf16", "nodrop"}
-            or ("bf16" in flags and kind not in (*METHODS, "peft-lora")) or {"liger", "ce"} <= set(flags)):
+    if (kind not in KINDS or not set(flags) <= {"liger", "ce", "compile", "bf16", "nodrop", "fused"}
+            or ("bf16" in flags and kind not in (*METHODS, "peft-lora")) or {"liger", "ce"} <= set(flags)
+            or ("fused" in flags and kind not in METHODS)):
         raise SystemExit(f"unknown variant {name!r}; known: {', '.join(default_names(False, True))}")
     r = 32 if kind == "peft-lora-r32" else 8  # n·r of the 4-head methods, alpha 2r as everywhere
     return Spec("peft-lora" if kind.startswith("peft") else kind, "liger" in flags, "compile" in flags,
-                "bf16" in flags, r, ce="ce" in flags, nodrop="nodrop" in flags)
+                "bf16" in flags, r, ce="ce" in flags, nodrop="nodrop" in flags, fused="fused" in flags)
 
 
 def default_names(smoke: bool, compiled: bool, peft: bool = True) -> list[str]:
@@ -208,6 +211,8 @@ def build_variant(base: nn.Module, spec: Spec, compile_mode: str) -> Variant:
     rope = apply_liger(model) if spec.liger else plain_rope(home)
     with torch.device(base.device):  # adapters (and the reference's modules) are born beside the base
         model = add_adapters(model, spec)
+    if spec.fused:
+        fused.enable(model)
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps, rlora edits
     trainable = [q for q in model.parameters() if q.requires_grad]
     fused_loss = None

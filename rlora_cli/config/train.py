@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from rlora_cli.config.common import choice, validate
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-KERNELS = ("auto", "liger", "none")
+KERNELS = ("auto", "liger", "fused", "none")
 ADAPTER_DTYPES = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -43,7 +43,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     kernels: str = "auto"
-    """auto | liger | none: Liger's fused kernels on CUDA (auto = when installed)."""
+    """auto | liger | fused | none: Liger's fused kernels on CUDA (auto = when installed); fused adds
+    the adapters' Triton kernels (CUDA, eager: not inside train.compile's blocks)."""
     weight_decay: float = 0.0
     """AdamW weight decay; never applied to gates and routers."""
     max_grad_norm: float = field(default=1.0, metadata={"inf": True})

@@ -1,4 +1,9 @@
-"""Optional fused kernels for training: `train.kernels: auto | liger | none`.
+"""Optional fused kernels for training: `train.kernels: auto | liger | fused | none`.
+
+`fused` is `auto` plus the adapters' own Triton path (adapters/fused.py): each adapted Linear's
+base GEMM carries the low-rank delta in its epilogue, and dropout masks are drawn in-kernel. It
+runs eagerly on CUDA; on the CPU, without Triton, or inside compiled blocks the layers keep the
+plain path, and the banner says so.
 
 Packed rows (data.packing) under sdpa attend through a block-diagonal causal mask that
 transformers builds from the position ids; the attention kernel then computes every masked-out
@@ -22,13 +27,14 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from rlora_cli.adapters import fused
 from rlora_cli.data.packing import IGNORE
 from rlora_cli.errors import UserError
 from rlora_cli.training.linear_ce import linear_cross_entropy
@@ -61,6 +67,9 @@ def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = Fal
     """
     if kernels == "none":
         return Kernels("none (train.kernels: none)")
+    if kernels == "fused":  # auto's kernels, and the adapters' own fused Triton path
+        result = apply_kernels(model, "auto", device, compiled=compiled, packed_length=packed_length)
+        return replace(result, note=f"{result.note}; {fused_adapters(model, device, compiled)}")
     varlen_off = None if packed_length is None else packed_attention(model, device, packed_length)
     result = _liger(model, kernels, device, compiled)
     if varlen_off is None:
@@ -69,6 +78,18 @@ def apply_kernels(model: Any, kernels: str, device: Any, *, compiled: bool = Fal
         return Kernels(f"{result.note}; packed rows through the model's own attention ({varlen_off})",
                        result.fused_loss)
     return Kernels(f"{result.note}; packed rows through varlen flash attention", result.fused_loss, True)
+
+
+def fused_adapters(model: Any, device: Any, compiled: bool) -> str:
+    """Switch the adapted layers to the fused Triton path (adapters/fused.py) where it can run;
+    the banner's words for what happened. Layers it cannot serve at a call run the plain path."""
+    if fused.K is None:
+        return "fused adapters off: triton is not installed (plain path)"
+    if getattr(device, "type", str(device)) != "cuda" and not fused.K.INTERPRETED:
+        return "fused adapters off: no CUDA device (plain path)"
+    if compiled:
+        return "fused adapters off: train.compile traces the plain path"
+    return f"fused Triton adapters on {fused.enable(model)} layers"
 
 
 def _liger(model: Any, kernels: str, device: Any, compiled: bool) -> Kernels:

@@ -10,9 +10,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 import rlora_cli.training.kernels as kernels_mod
 import rlora_cli.training.loop as train_mod
+from rlora_cli.adapters import MultiHeadLoRA, fused
 from rlora_cli.cli import main
 from rlora_cli.data.packing import segment_bounds
 from rlora_cli.errors import UserError
@@ -70,6 +72,21 @@ def test_auto_says_why_liger_is_off_and_liger_is_a_user_error_on_cpu(tiny_model_
     with pytest.raises(UserError, match="liger cannot be used: no CUDA device") as e:
         apply_kernels(model, "liger", torch.device("cpu"))
     assert "kernels: auto or none" in e.value.fix
+
+
+def test_fused_adapters_fall_back_to_the_plain_path_and_the_banner_says_why(tmp_path, learnable_model_dir):
+    """train.kernels: fused on the CPU: training runs the plain path and the note names the reason."""
+    model, _ = load_model(str(learnable_model_dir), dtype="fp32")
+    note = apply_kernels(model, "fused", torch.device("cpu")).note
+    why = "triton is not installed" if fused.K is None else "no CUDA device"
+    assert f"fused adapters off: {why} (plain path)" in note
+    assert not any(m.fused_forward for m in model.modules() if isinstance(m, MultiHeadLoRA))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, learnable_model_dir, train={"max_steps": 2, "kernels": "fused"})
+    console = Console(record=True, width=300)
+    train(str(recipe), output=out, console=console)
+    assert f"fused adapters off: {why} (plain path)" in console.export_text()
+    assert [row["step"] for row in metrics(out) if "loss" in row][-1] == 2
 
 
 def test_heads_the_fused_loss_cannot_run_are_named(tiny_model_dir):
