@@ -1,5 +1,6 @@
 """The full-step benchmark in --smoke mode: every variant runs, counts agree with PEFT and rlora,
-ratios are over the anchor (the fastest PEFT variant), and the Liger bookkeeping (module-global RoPE) holds with a stand-in."""
+ratios are over the anchor (the fastest PEFT variant), and the Liger bookkeeping (module-global
+RoPE) holds with a stand-in."""
 
 from __future__ import annotations
 
