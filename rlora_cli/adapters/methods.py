@@ -50,10 +50,11 @@ class AdapterConfig:
     """Heads start random and compensated (rlora: on; hydralora: off). Ablation switch."""
     head_dropout: bool | None = None
     """Independent dropout masks per head on A·x instead of one mask on x (rlora: on)."""
-    gate_lr_ratio: float = 1.0
+    gate_lr_ratio: float | None = None
     """multilora: the scalar gates' learning rate over train.learning_rate (in the spirit of
-    LoRA+'s separate rate for B). Zero-init gates see a gradient of size |B_i·A_i·x| only, so at the
-    adapters' rate they barely move in a short run."""
+    LoRA+'s separate rate for B); default 10 for multilora, else 1. Zero-init gates see a gradient
+    of size |B_i·A_i·x| only, so at the adapters' rate they barely move in a short run (the
+    default comes from a sweep of 1, 10, 30, 100 on the demo recipe: benchmarks/MTL.md)."""
     router_lr_ratio: float = 1.0
     """hydralora/rlora with router: softmax: the router's learning rate over train.learning_rate.
     A zero-init router starts uniform and its gradient is the heads' differences, small at first."""
@@ -72,6 +73,7 @@ class AdapterConfig:
             "init": "paper" if self.type in ROUTER_METHODS else None,
             "random_init": self.type == "rlora",
             "head_dropout": self.type == "rlora",
+            "gate_lr_ratio": 10.0 if self.type == "multilora" else 1.0,
         }
         for key, value in defaults.items():
             if getattr(self, key) is None:

@@ -7,6 +7,7 @@ import math
 import pytest
 import yaml
 
+from rlora_cli.adapters import AdapterConfig
 from rlora_cli.config import (
     DTYPE_NAMES,
     DTYPES,
@@ -128,3 +129,14 @@ def test_bad_quantization_yaml_names_the_key(tmp_path, override, message):
     with pytest.raises(UserError) as info:
         load_recipe(recipe, [override])
     assert message in info.value.problems[0]
+
+
+def test_multilora_gates_train_at_ten_times_the_rate_by_default(tmp_path):
+    """gate_lr_ratio defaults to 10 for multilora (the preset and a config built in code agree),
+    and stays 1 for the methods without scalar gates."""
+    assert AdapterConfig(type="multilora").gate_lr_ratio == 10.0
+    assert AdapterConfig(type="rlora").gate_lr_ratio == 1.0
+    recipe = load_recipe(write_recipe(tmp_path, "m", adapter={"type": "multilora"}))
+    assert recipe.adapter.gate_lr_ratio == 10.0
+    recipe = load_recipe(write_recipe(tmp_path, "m", adapter={"type": "multilora", "gate_lr_ratio": 1}))
+    assert recipe.adapter.gate_lr_ratio == 1.0
