@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fusedkit import CASES, case_id, float64, reference
 from torch import nn
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
@@ -24,21 +25,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 pytest.importorskip("triton")
 fused = pytest.importorskip("rlora_cli.adapters.fused")
 
-CASES = [
-    dict(type="lora", num_heads=1),
-    dict(type="multilora"),
-    dict(type="hydralora", router="softmax"),
-    dict(type="hydralora", router="off"),
-    dict(type="hydralora", random_init=True),
-    dict(type="rlora", router="softmax"),
-    dict(type="rlora", router="off"),
-    dict(type="rlora", mixture=True),
-]
 BF16 = dict(bf16=3e-2, slack=2e-3, ratio=1.5)
 
-
-def case_id(case: dict) -> str:
-    return "-".join(f"{v}" if k == "type" else f"{k}={v}" for k, v in case.items())
 
 
 @pytest.fixture
@@ -66,31 +54,6 @@ def make_layer(case: dict, d_in: int, d_out: int, *, base_dtype=torch.bfloat16, 
     return layer
 
 
-def reference(layer: MultiHeadLoRA, t: dict, x: torch.Tensor, in_mask=None, head_mask=None) -> torch.Tensor:
-    """The per-head loop in float64, with the dropout masks given (1 kept, 0 dropped)."""
-    spec = layer.spec
-    n, r, s = spec.num_heads, spec.r, spec.scaling
-    y = x @ t["W"].t() + t["bias"]
-    x_in = x if in_mask is None else x * in_mask.double() / (1 - spec.input_dropout)
-    if layer.fixed_mixture is not None:
-        omega = layer.fixed_mixture.to(x).expand(x.shape[0], n)
-    elif spec.gate == "router":
-        omega = torch.softmax(x @ t["rlora_router"].t(), dim=-1)
-    for i in range(n):
-        A_i = t["rlora_A"] if spec.shared_a else t["rlora_A"][i * r:(i + 1) * r]
-        h = x_in @ A_i.t()
-        if head_mask is not None:
-            h = h * head_mask[:, i].double() / (1 - spec.head_dropout)
-        gate = {"none": 1.0, "uniform": 1.0 / n}.get(spec.gate)
-        if spec.gate == "scalar":
-            gate = t["rlora_gate"][i]
-        elif spec.gate == "router":
-            gate = omega[:, i:i + 1]
-        y = y + s * gate * (h @ t["rlora_B"][:, i * r:(i + 1) * r].t())
-    if spec.compensate:
-        y = y - s * (x @ t["rlora_A0"].t()) @ t["rlora_B0"].t()
-    return y
-
 
 def trainable(layer: MultiHeadLoRA) -> list[str]:
     return [k for k, p in layer.named_parameters() if k.startswith("rlora_") and p.requires_grad]
@@ -108,11 +71,7 @@ def run(layer, x, up, forward, autocast: bool):
 
 
 def run_float64(layer, x, up, masks=(None, None)):
-    t = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()
-         if k.startswith("rlora_")}
-    t.update({k: v.double() for k, v in layer.named_buffers()})
-    t["W"] = layer.base.weight.double()
-    t["bias"] = layer.base.bias.double()
+    t = float64(layer)
     x64 = x.detach().double().requires_grad_()
     out = reference(layer, t, x64, *masks)
     grads = torch.autograd.grad(out, [t[k] for k in trainable(layer)] + [x64], up.double(), allow_unused=True)

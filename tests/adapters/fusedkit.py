@@ -1,0 +1,62 @@
+"""What the fused-path tests share (CPU interpreter and GPU): the method cases and the float64
+reference, the per-head loop written out plainly with the dropout masks given."""
+
+from __future__ import annotations
+
+import torch
+
+from rlora_cli.adapters import MultiHeadLoRA
+
+CASES = [
+    dict(type="lora", num_heads=1),
+    dict(type="multilora"),
+    dict(type="hydralora", router="softmax"),
+    dict(type="hydralora", router="off"),
+    dict(type="hydralora", random_init=True),
+    dict(type="rlora", router="softmax"),
+    dict(type="rlora", router="off"),
+    dict(type="rlora", init="reference"),
+    dict(type="rlora", mixture=True),
+    dict(type="hydralora", mixture=True),
+]
+
+
+def case_id(case: dict) -> str:
+    return "-".join(f"{v}" if k == "type" else f"{k}={v}" for k, v in case.items())
+
+
+def float64(layer: MultiHeadLoRA) -> dict[str, torch.Tensor]:
+    """The layer's tensors as float64 leaves (the reference's gradients come from these)."""
+    out = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()
+           if k.startswith("rlora_")}
+    for k, v in layer.named_buffers():
+        out[k] = v.double()
+    out["W"] = layer.base.weight.double()
+    out["bias"] = layer.base.bias.double() if layer.base.bias is not None else 0.0
+    return out
+
+
+def reference(layer: MultiHeadLoRA, t: dict, x: torch.Tensor, in_mask=None, head_mask=None) -> torch.Tensor:
+    """The per-head loop in float64, with the dropout masks given (1 kept, 0 dropped)."""
+    spec = layer.spec
+    n, r, s = spec.num_heads, spec.r, spec.scaling
+    y = x @ t["W"].t() + t["bias"]
+    x_in = x if in_mask is None else x * in_mask.double() / (1 - spec.input_dropout)
+    if layer.fixed_mixture is not None:
+        omega = layer.fixed_mixture.to(x).expand(x.shape[0], n)
+    elif spec.gate == "router":
+        omega = torch.softmax(x @ t["rlora_router"].t(), dim=-1)
+    for i in range(n):
+        A_i = t["rlora_A"] if spec.shared_a else t["rlora_A"][i * r:(i + 1) * r]
+        h = x_in @ A_i.t()
+        if head_mask is not None:
+            h = h * head_mask[:, i].double() / (1 - spec.head_dropout)
+        gate = {"none": 1.0, "uniform": 1.0 / n}.get(spec.gate)
+        if spec.gate == "scalar":
+            gate = t["rlora_gate"][i]
+        elif spec.gate == "router":
+            gate = omega[:, i:i + 1]
+        y = y + s * gate * (h @ t["rlora_B"][:, i * r:(i + 1) * r].t())
+    if spec.compensate:
+        y = y - s * (x @ t["rlora_A0"].t()) @ t["rlora_B0"].t()
+    return y
