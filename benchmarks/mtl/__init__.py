@@ -7,14 +7,18 @@ mixture of BIG-bench tasks and scored on each task's held-out examples, over sev
     python -m benchmarks.mtl --smoke --out /tmp/mtl      # CPU, tiny model, two tiny tasks, < 1 min
     python -m benchmarks.mtl ... --fold                  # + router variants folded per task
 
-Learning curves: one run per (variant, seed) to the largest budget at a constant learning rate
-after warm-up, every budget's checkpoint scored (routed, and folded per task for router
-variants), one file per budget as soon as it is scored; k processes share one GPU and one OUT
-(`--shard i/k`), a killed one continues where it stopped when started again, and `--collect`
-writes the report of whatever budget files exist:
+Learning curves: one run per (variant, seed) at a constant learning rate after a fixed warm-up
+(--warmup-steps), trained one budget at a time (max_steps = the next budget, resumed from the
+last one's checkpoint: the same run as one planned to the largest budget) and scored as soon as
+each budget is reached (routed, and folded per task for router variants), one file per budget.
+Each process brings all its (variant, seed) pairs to one budget before any goes further, so a
+call stopped at any time leaves every pair at the same depth; k processes share one GPU and one
+OUT (`--shard i/k`), a killed one continues where it stopped, budgets may grow between calls, and
+`--collect` writes the report of whatever budget files exist (benchmarks/mtl/run_curves.sh runs
+all of it):
 
-    for i in $(seq 1 12); do timeout -s TERM 540 python -m benchmarks.mtl --tasks-dir DIR --model PATH \
-        --budgets 150,300,600,1200 --shard $i/12 --out OUT & done; wait
+    for i in $(seq 1 12); do timeout -k 30 -s TERM 510 python -m benchmarks.mtl --tasks-dir DIR \
+        --model PATH --budgets 150,300,600,1200 --shard $i/12 --out OUT & done; wait
     python -m benchmarks.mtl --collect --out OUT
     python -m benchmarks.mtl --smoke --budgets 2,4 --out /tmp/curves   # CPU, the same end to end
     python -m benchmarks.mtl.report benchmarks/raw/mtl_curves --out /tmp/r   # tables from committed files

@@ -1,6 +1,6 @@
 """python -m benchmarks.mtl --tasks-dir DIR --methods lora,rlora,... --seeds 0,1,2 [--model PATH]
-[--out DIR] [--smoke] [--fold] [--budgets 150,300,...] [--shard i/k] [--collect]: see
-benchmarks/mtl/__init__.py."""
+[--out DIR] [--smoke] [--fold] [--budgets 150,300,... [--warmup-steps 18]] [--shard i/k] [--collect]:
+see benchmarks/mtl/__init__.py (and budgets.py for the learning curves)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fold", action="store_true",
                     help="router variants: also score each task with the router fixed to its fold")
     ap.add_argument("--budgets", default="",
-                    help="learning curves: comma-separated step budgets; one constant-schedule run to the "
-                         "largest, every budget's checkpoint scored (router variants also folded)")
+                    help="learning curves: comma-separated step budgets, each trained to (resuming from the "
+                         "one before, constant learning rate) and scored at once (router variants also "
+                         "folded); every run reaches one budget before any goes on; may grow between calls")
+    ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                    help="learning curves: warm-up steps before the constant learning rate, the same "
+                         "whatever the budgets")
     ap.add_argument("--shard", default="",
                     help="i/k: only every k-th (variant, seed) from the i-th, for k processes on one GPU; "
                          "no report (--collect writes it)")
@@ -63,6 +67,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if not all(b.isdigit() and int(b) > 0 for b in budgets):
         raise UserError(f"--budgets: {args.budgets!r} is not a list of positive step counts",
                         "write e.g. --budgets 150,300,600,1200")
+    if args.warmup_steps < 0:
+        raise UserError(f"--warmup-steps: must be >= 0, got {args.warmup_steps}",
+                        "write e.g. --warmup-steps 18")
     if budgets and args.max_steps != -1:
         raise UserError("--max-steps and --budgets both set the number of steps",
                         "give --budgets alone: the run trains to the largest budget")
@@ -74,7 +81,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_train=args.max_train, max_length=args.max_length, num_epochs=args.epochs,
         max_steps=args.max_steps, micro_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
-        eval_batch_size=args.eval_batch_size, budgets=tuple(sorted({int(b) for b in budgets})))
+        eval_batch_size=args.eval_batch_size, budgets=tuple(sorted({int(b) for b in budgets})),
+        warmup_steps=args.warmup_steps)
 
 
 def shard_from(text: str) -> tuple[int, int] | None:

@@ -1,26 +1,39 @@
-"""Learning curves: each (variant, seed) trained once to the largest budget, each budget's checkpoint
-scored, one result file per budget written as soon as it is scored.
+"""Learning curves: each (variant, seed) trained a segment at a time, one budget per segment, and
+each budget scored as soon as it is reached, its result file written at once.
 
     python -m benchmarks.mtl --tasks-dir DIR --model PATH --budgets 150,300,600,1200 [--shard i/k] --out OUT
 
-    OUT/train/<variant>-seed<s>/                the rlora run folder: checkpoint-<N>/ at every multiple
-                                                of the budgets' gcd, all kept (plan.recipe)
+    OUT/train/<variant>-seed<s>/                the rlora run folder: checkpoint-<N>/ at every budget
+                                                (and every plan.checkpoint_every steps), all kept
     OUT/runs/<variant>-seed<s>/budget-<N>.json  budget N: per task accuracy, n, correct and
                                                 example_keys (held-out order), "folded" (router
                                                 variants: the same with the router fixed to each
                                                 task's fold, the folds and their per-module usage),
-                                                trainable parameters, the training loss logged at N,
-                                                provenance (host, GPU, RLORA_BENCH_CALL, time, versions)
+                                                trainable parameters, the training loss logged at N
+                                                and the held-out loss per task at N, provenance
+                                                (host, GPU, RLORA_BENCH_CALL, time, versions)
     OUT/runs/<variant>-seed<s>/metrics.jsonl, run_info.json   copies of the run's own (small)
+
+Breadth first (`run_curves`): a process brings every (variant, seed) it holds to its smallest
+budget, trained and scored, before any goes to the next, so a process stopped at any moment leaves
+every run at the same depth, the earlier budgets scored for every variant. A segment trains the
+recipe with train.max_steps set to the budget, resuming the run folder from the previous budget's
+checkpoint (train.max_steps may change on resume); the warm-up is a fixed number of steps and the
+learning rate constant after it, so the segments give the run planned to the largest budget
+(tests/benchmarks/test_mtl.py checks it on the CPU), and a budget added later (OUT's budgets may
+grow) continues from the largest one trained.
 
 The files are the queue: a budget with its budget-<N>.json is done and never scored again. A
 process killed while training (`timeout` sends SIGTERM, on which the trainer saves its last
-finished step) resumes from the newest complete checkpoint when started again with the same
-options; one killed while scoring scores the budgets still missing. A run folder with no
-checkpoint before the first missing budget is trained again from step 0: after a move to a new
-machine, say, the budget files copied back into OUT/runs stay, and the budgets still missing are
-trained and scored anew (run_curves.sh's FROM= copies a committed folder's files in). The budgets
-belong to OUT's settings.json like every other setting: other budgets need another OUT.
+finished step) resumes from its newest sound checkpoint before the budget when started again; one
+killed while scoring scores the checkpoint it had reached. A run folder with no checkpoint before
+the first missing budget is trained again from step 0: after a move to a new machine, say, the
+budget files copied back into OUT/runs stay, and the budgets still missing are trained and scored
+anew (run_curves.sh's FROM= copies a committed folder's files in).
+
+A router variant's budget costs two scoring passes over the held-out examples (routed; each task
+with its fold) and one routing pass (a forward per held-out example) whose per-module mixtures give
+both the folds and their per-module usage.
 """
 
 from __future__ import annotations
@@ -38,14 +51,13 @@ import transformers
 
 from rlora_cli.checkpoint import read_adapter_config
 from rlora_cli.eval.recipe_tasks import prepare_recipe, run_recipe
-from rlora_cli.eval.run import score_folds
 from rlora_cli.files import atomic_write_text
-from rlora_cli.fold import Fold, measure_folds, plan_folds
+from rlora_cli.fold import Fold, FoldPlan, measure_folds, plan_folds, set_mixtures
 from rlora_cli.model import load_with_adapter
 from rlora_cli.routing import entropy
 from rlora_cli.runs import CHECKPOINT_PREFIX, checkpoint_step
 from rlora_cli.training.loop import train
-from rlora_cli.training.rundir import complete_checkpoints
+from rlora_cli.training.rundir import checkpoint_damage, complete_checkpoints
 
 from . import plan
 
@@ -56,55 +68,75 @@ def budget_file(budget: int) -> str:
     return f"budget-{budget}.json"
 
 
-def train_and_score(method: str, seed: int, recipe_path: Path, out: Path, settings: plan.Settings,
-                    console: Any) -> list[Path]:
-    """Train one (variant, seed) as far as its missing budgets need, then score each of them;
-    returns the budget files written."""
+def run_curves(pairs: list[tuple[str, int]], recipes: dict[tuple[str, int], Path], out: Path,
+               settings: plan.Settings, console: Any) -> list[Path]:
+    """Every (variant, seed) of `pairs` to each budget in turn, breadth first; the files written."""
+    inputs: dict[Path, dict[str, Any]] = {}  # per recipe: its held-out rows, read once per process
+    written = []
+    for budget in settings.budgets:
+        for method, seed in pairs:
+            path = reach(method, seed, budget, recipes[(method, seed)], out, settings, inputs, console)
+            written += [path] if path else []
+    return written
+
+
+def reach(method: str, seed: int, budget: int, recipe_path: Path, out: Path, settings: plan.Settings,
+          inputs: dict[Path, dict[str, Any]], console: Any) -> Path | None:
+    """Train one (variant, seed) to `budget` and score it; None when it was scored before."""
     name = f"{method}-seed{seed}"
     results, run_dir = out / "runs" / name, out / "train" / name
-    todo = [n for n in settings.budgets if not (results / budget_file(n)).is_file()]
-    if not todo:
-        console.print(f"[dim]{name}: every budget scored before, kept[/]")
-        return []
-    console.rule(f"{method}, seed {seed}: budget{'s' if len(todo) > 1 else ''} {', '.join(map(str, todo))}")
-    train_to(run_dir, recipe_path, todo, console)
+    if (results / budget_file(budget)).is_file():
+        return None
+    console.rule(f"{method}, seed {seed}: budget {budget}")
+    train_to(run_dir, recipe_path, budget, console)
     for log in LOGS:
         if (run_dir / log).is_file():
             atomic_write_text(results / log, (run_dir / log).read_text())
-    return [score_budget(method, seed, n, recipe_path, run_dir, results, settings, console) for n in todo]
+    if recipe_path not in inputs:
+        inputs[recipe_path] = read_inputs(method, recipe_path, run_dir / f"{CHECKPOINT_PREFIX}{budget}")
+    path = score_budget(method, seed, budget, run_dir, results, inputs[recipe_path], settings, console)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the scoring's cached blocks back to the processes sharing the GPU
+    return path
 
 
-def train_to(run_dir: Path, recipe_path: Path, budgets: list[int], console: Any) -> None:
-    """Train until each of `budgets` has its checkpoint in `run_dir`."""
-    have = {checkpoint_step(c): c for c in complete_checkpoints(run_dir)} if run_dir.is_dir() else {}
-    missing = [n for n in budgets if n not in have]
-    if not missing:
+def train_to(run_dir: Path, recipe_path: Path, budget: int, console: Any) -> None:
+    """One segment: train until checkpoint-<budget> is in `run_dir`, from the newest sound
+    checkpoint before it (from step 0 when there is none)."""
+    sound = {checkpoint_step(c): c for c in complete_checkpoints(run_dir) if checkpoint_damage(c) is None} \
+        if run_dir.is_dir() else {}
+    if budget in sound:  # killed while scoring: the checkpoint is there
         return
-    before = [step for step in have if step < missing[0]]
-    if not before:  # nothing to continue from: start over
-        resume, overwrite = "never", True
-    elif max(have) < missing[0]:  # a killed run (auto also steps over a damaged newest checkpoint)
-        resume, overwrite = "auto", False
-    else:  # a budget's checkpoint is gone but later ones are there: retrain from the one before it
-        resume, overwrite = str(have[max(before)]), False
-    train(recipe_path, output=run_dir, resume=resume, overwrite=overwrite, console=console)
+    before = [step for step in sound if step < budget]
+    start = str(sound[max(before)]) if before else None
+    train(recipe_path, (f"train.max_steps={budget}",), output=run_dir, resume=start or "never",
+          overwrite=start is None, console=console)
 
 
-def score_budget(method: str, seed: int, budget: int, recipe_path: Path, run_dir: Path, results: Path,
+def read_inputs(method: str, recipe_path: Path, checkpoint: Path) -> dict[str, Any]:
+    """The recipe's held-out rows as scoring reads them, and for a router variant the rows its
+    folds are measured on; the same at every budget, so read once."""
+    adapter = checkpoint / "adapter"
+    folds = plan_folds(adapter, read_adapter_config(adapter), None, recipe=recipe_path) \
+        if plan.routed(method) else None
+    return {"prepared": prepare_recipe(str(recipe_path), None), "folds": folds}
+
+
+def score_budget(method: str, seed: int, budget: int, run_dir: Path, results: Path, inputs: dict[str, Any],
                  settings: plan.Settings, console: Any) -> Path:
     """Score checkpoint-<budget>'s adapter (and its folds, for a router variant); write its file."""
     adapter = run_dir / f"{CHECKPOINT_PREFIX}{budget}" / "adapter"
     start = time.perf_counter()
     lm, tokenizer, _ = load_with_adapter(None, str(adapter), dtype=settings.dtype)
-    prepared = prepare_recipe(str(recipe_path), None)
+    prepared = inputs["prepared"]
     tasks = run_recipe(lm, tokenizer, prepared, batch_size=settings.eval_batch_size, console=console)
     info = json.loads((run_dir / "run_info.json").read_text())
     record = {"method": method, "seed": seed, "budget": budget,
               "trainable_parameters": info["trainable_parameters"],
               "tasks": tasks, "mean_accuracy": mean_accuracy(tasks),
-              "train_loss": loss_at(run_dir / "metrics.jsonl", budget)}
-    if plan.routed(method):
-        record["folded"] = score_folded(lm, tokenizer, adapter, recipe_path, prepared, settings, console)
+              **logged_at(run_dir / "metrics.jsonl", budget)}
+    if inputs["folds"] is not None:
+        record["folded"] = score_folded(lm, tokenizer, inputs["folds"], prepared, settings, console)
     record["eval_s"] = round(time.perf_counter() - start, 2)
     record["provenance"] = provenance()
     path = results / budget_file(budget)
@@ -112,17 +144,23 @@ def score_budget(method: str, seed: int, budget: int, recipe_path: Path, run_dir
     return path
 
 
-def score_folded(lm: Any, tokenizer: Any, adapter: Path, recipe_path: Path, prepared: dict[str, Any],
+def score_folded(lm: Any, tokenizer: Any, fold_plan: FoldPlan, prepared: dict[str, Any],
                  settings: plan.Settings, console: Any) -> dict[str, Any]:
     """Each task scored with the router fixed to its fold (`rlora eval --compare-routed`'s
     numbers: what `rlora merge --task` would write), the folds' summaries, and their usage per
-    module. score_folds measures the folds itself and keeps only their module-averaged mixtures;
-    they are measured once more here for the per-module ones (one forward per held-out example,
-    small beside the scoring)."""
-    fold_plan = plan_folds(adapter, read_adapter_config(adapter), None, recipe=recipe_path)
-    tasks, infos = score_folds(fold_plan, prepared, lm, tokenizer, settings.eval_batch_size, console)
-    folds = measure_folds(lm, tokenizer, fold_plan, batch_size=settings.eval_batch_size)
-    return {"tasks": tasks, "mean_accuracy": mean_accuracy(tasks), "folds": infos, "usage": usage(folds)}
+    module. The routing is measured once: each fold's per-module mixtures are what the router is
+    fixed to and what the usage is computed from (eval.run.score_folds would measure it again)."""
+    folds = measure_folds(lm, tokenizer, fold_plan, batch_size=settings.eval_batch_size, console=console)
+    tasks: dict[str, Any] = {}
+    for name, fold in folds.items():
+        set_mixtures(lm, fold)
+        try:
+            one = {**prepared, "val": {name: prepared["val"].get(name, [])}}
+            tasks.update(run_recipe(lm, tokenizer, one, batch_size=settings.eval_batch_size, console=console))
+        finally:
+            set_mixtures(lm, None)
+    return {"tasks": tasks, "mean_accuracy": mean_accuracy(tasks),
+            "folds": {name: fold.info() for name, fold in folds.items()}, "usage": usage(folds)}
 
 
 def usage(folds: dict[str, Fold]) -> dict[str, Any]:
@@ -144,17 +182,17 @@ def usage(folds: dict[str, Fold]) -> dict[str, Any]:
                             for i, a in enumerate(names) for b in names[i + 1:]]}
 
 
-def loss_at(metrics: Path, budget: int) -> dict[str, Any] | None:
-    """The last training-loss row logged at or before `budget` (its step, loss, and
-    router_entropy when the log has it)."""
-    if not metrics.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    logged = [r for r in rows if "loss" in r and r.get("step", budget + 1) <= budget]
-    if not logged:
-        return None
-    row = logged[-1]
-    return {k: row[k] for k in ("step", "loss", "router_entropy") if k in row}
+def logged_at(metrics: Path, budget: int) -> dict[str, Any]:
+    """{"train_loss": the last training-loss row logged at or before `budget` (its step, loss, and
+    router_entropy when the log has it), "eval_loss": the held-out loss per task logged at
+    `budget` (the end of its segment)}, each None when the log has none."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+        if metrics.is_file() else []
+    losses = [r for r in rows if "loss" in r and r.get("step", budget + 1) <= budget]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r and r.get("step") == budget]
+    train_loss = {k: losses[-1][k] for k in ("step", "loss", "router_entropy") if k in losses[-1]} \
+        if losses else None
+    return {"train_loss": train_loss, "eval_loss": evals[-1] if evals else None}
 
 
 def provenance() -> dict[str, Any]:

@@ -9,11 +9,13 @@ ten times the adapters' learning rate (`rlora-router-lr`), and a mutual-informat
 task-balancing loss on the router (`rlora-mi`, adapter.router_aux_weight).
 
 Step budgets: without `Settings.budgets` a run trains `max_steps` on a cosine schedule (round 1).
-With budgets (learning curves) it trains once to the largest budget on a constant schedule after
-the warm-up and saves a checkpoint at every multiple of the budgets' gcd: with the learning rate
-flat after warm-up, checkpoint-N is the adapter a run stopped at N would have been (no schedule
-decaying toward a horizon the shorter budgets never had), so one run gives every budget. The
-warm-up is warmup_ratio of the largest budget (36 steps of 1200), the same for every budget.
+With budgets (learning curves) the learning rate is constant after a fixed warm-up of
+`warmup_steps`, whatever the budgets: so checkpoint-N is the adapter a run stopped at N would have
+been (no schedule decaying toward a horizon the shorter budgets never had), a run trained to one
+budget and resumed to the next is the run planned to the largest (budgets.py trains it so, a
+segment per budget), and budgets can be added later without changing the earlier ones. The
+recipe's max_steps is the largest budget (what one run alone would train); each segment ends with
+its budget's checkpoint and saves one every `checkpoint_every` steps on its way, all kept.
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ class Settings:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.03
+    """Warm-up of the one-budget runs (cosine), a fraction of max_steps."""
+    warmup_steps: int = 18
+    """Warm-up of the learning curves, in steps, the same for every budget (18: what warmup_ratio
+    0.03 of 600 steps gave the first GPU call's budgets 150/300/600)."""
     dtype: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 16
     budgets: tuple[int, ...] = ()
-    """Step budgets of the learning curves (ascending): one run to the largest, each budget's
-    checkpoint scored; empty = one budget of max_steps on a cosine schedule."""
+    """Step budgets of the learning curves (ascending), each scored as soon as it is trained to;
+    empty = one budget of max_steps on a cosine schedule."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,8 +113,10 @@ def pairs(settings: Settings, shard: tuple[int, int] | None = None) -> list[tupl
 
 
 def checkpoint_every(budgets: tuple[int, ...]) -> int:
-    """Steps between checkpoints: the budgets' gcd, so every budget has its checkpoint."""
-    return math.gcd(*budgets)
+    """Steps between the checkpoints a segment saves on its way (its last is at its budget): the
+    smallest budget, so a process killed without warning loses fewer steps than that, and a run
+    has at most largest/smallest of them, however many budgets there are."""
+    return min(budgets)
 
 
 # ------------------------------------------------------------------------------------ tasks
@@ -218,14 +226,16 @@ def recipe(method: str, seed: int, settings: Settings, tasks: dict[str, tuple[Pa
     """The recipe (as a YAML mapping) of one variant and seed."""
     lora_r = matched_r if method == "lora-matched" else settings.r
     budgets = settings.budgets
-    if budgets:  # learning curves: constant after warm-up, a checkpoint at every budget, all kept
-        every = checkpoint_every(budgets)
+    if budgets:  # learning curves: constant after a fixed warm-up, a checkpoint at every budget, all kept
         schedule = {"max_steps": max(budgets), "lr_scheduler": "constant"}
-        output = {"save_steps": every, "save_total_limit": 0, "logging_steps": math.gcd(10, every),
-                  "eval_steps": 0}
+        warmup = {"warmup_steps": settings.warmup_steps}
+        # A log window ends at every budget: the loss logged at N is the same window either way.
+        output = {"save_steps": checkpoint_every(budgets), "save_total_limit": 0,
+                  "logging_steps": math.gcd(10, *budgets), "eval_steps": 0}
     else:
         schedule = {"max_steps": settings.max_steps, "lr_scheduler": "cosine"}
         output = {"save_steps": 0, "save_total_limit": 1, "logging_steps": 10, "eval_steps": 0}
+        warmup = {}  # warmup_ratio alone: round 1's recipes as they were
     return {
         "seed": seed,
         "model": {"name_or_path": settings.model, "dtype": settings.dtype},
@@ -238,7 +248,7 @@ def recipe(method: str, seed: int, settings: Settings, tasks: dict[str, tuple[Pa
                   "micro_batch_size": settings.micro_batch_size,
                   "gradient_accumulation_steps": settings.gradient_accumulation_steps,
                   "learning_rate": settings.learning_rate, "lr_scheduler": schedule["lr_scheduler"],
-                  "warmup_ratio": settings.warmup_ratio, "precision": settings.precision,
+                  "warmup_ratio": settings.warmup_ratio, **warmup, "precision": settings.precision,
                   **settings.extra.get("train", {})},
         "output": output,
     }

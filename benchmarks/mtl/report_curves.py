@@ -52,8 +52,8 @@ def _intro(results: dict[str, Any]) -> str:
     return (f"Learning curves: held-out accuracy (%) at {', '.join(map(str, budgets))} steps, mean ± std "
             f"over seeds {', '.join(map(str, seeds))}; model {st.get('model', '?')}; r = {st.get('r', '?')}, "
             f"heads = {st.get('num_heads', '?')}, targets {st.get('target_modules', '?')}. One run per "
-            f"(variant, seed) to {max(budgets)} steps at a constant learning rate after warm-up; each "
-            f"budget is that run's checkpoint. Held-out per task: {held_out}.")
+            f"(variant, seed) at a constant learning rate after warm-up, trained one budget at a time and "
+            f"scored at each; each budget is that run's checkpoint. Held-out per task: {held_out}.")
 
 
 def _budget_section(n: int, summary: dict[str, Any], results: dict[str, Any]) -> list[str]:

@@ -13,7 +13,8 @@ exact match for free-form). Finished runs are kept: run it again to continue aft
 One budget (no --budgets):
     OUT/runs/<variant>-seed<s>/        the run directory; + result.json and eval.json (results shape);
                                        --fold: result.json's "folded" and folded.json (results shape)
-Learning curves (--budgets 150,300,...; budgets.py says how a killed run continues):
+Learning curves (--budgets 150,300,...; budgets.py says how each budget is trained as a segment,
+scored at once, and how a killed run continues; the budgets may grow from call to call):
     OUT/train/<variant>-seed<s>/       the run directory, a checkpoint at every budget
     OUT/runs/<variant>-seed<s>/        budget-<N>.json per budget, metrics.jsonl, run_info.json
     + results.md's paired bootstrap comparisons and router usage per budget, plots/curves.png and,
@@ -27,6 +28,7 @@ files OUT holds (`collect`; `python -m benchmarks.mtl.report` does the same for 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -84,8 +86,7 @@ def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: st
                           console)
             for s in dict.fromkeys(s for _, s in mine)}
     if settings.budgets:
-        for m, s in mine:
-            budgets.train_and_score(m, s, recipes[(m, s)], out, settings, console)
+        budgets.run_curves(mine, recipes, out, settings, console)
         return _shard_done(shard, mine, console) if shard else collect(out, console)
     runs = [train_and_score(m, s, recipes[(m, s)], out / "runs" / f"{m}-seed{s}", settings, console)
             for m, s in mine]
@@ -136,15 +137,32 @@ def _shard_done(shard: tuple[int, int], mine: list[tuple[str, int]], console: An
 
 def _claim(path: Path, wanted: dict[str, Any]) -> None:
     """Write settings.json, or check that OUT's finished runs were made with these settings
-    (methods and seeds may grow: new ones are added to the same benchmark)."""
+    (methods and seeds may grow: new ones are added to the same benchmark; so may the budgets,
+    every one OUT has given again)."""
     if path.is_file():
-        had = {"budgets": [], **json.loads(path.read_text())}  # written before budgets existed
+        had = _older(json.loads(path.read_text()), wanted)
         differ = sorted(k for k in set(had) | set(wanted)
-                        if k not in ("methods", "seeds", "planned_trainable") and had.get(k) != wanted.get(k))
+                        if k not in ("methods", "seeds", "planned_trainable", "budgets")
+                        and had.get(k) != wanted.get(k))
         if differ:
             raise UserError(f"{path.parent} holds a benchmark run with other settings ({', '.join(differ)})",
                             "give another --out, or --overwrite to delete it and start over")
+        old, new = had["budgets"], wanted["budgets"]
+        if not set(old) <= set(new) or bool(old) != bool(new):  # one budget and curves never mix
+            show = lambda b: ",".join(map(str, b)) or "none"  # noqa: E731
+            raise UserError(f"{path.parent} holds the budgets {show(old)}, and --budgets gives {show(new)}",
+                            "give every budget OUT has (more may be added), or another --out")
     _write_json(path, wanted)
+
+
+def _older(had: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """A settings.json written before a setting existed, with the value its runs had: no budgets;
+    learning curves warmed up for warmup_ratio of the largest budget (ceil, as the trainer did)."""
+    had = {"budgets": [], **had}
+    if "warmup_steps" not in had:
+        had["warmup_steps"] = (math.ceil(had.get("warmup_ratio", 0.0) * max(had["budgets"]))
+                               if had["budgets"] else wanted.get("warmup_steps"))
+    return had
 
 
 def score_base(recipe_path: Path, settings: plan.Settings, path: Path, console: Any) -> dict[str, Any]:

@@ -2,16 +2,24 @@
 # The learning curves as K processes sharing one GPU and one OUT (--shard i/K: every K-th
 # (variant, seed) each), each stopped after LIMIT seconds by SIGTERM, on which a training run
 # saves its last finished step; then a --collect pass writes OUT/results.md, results.json and
-# plots/ from whatever budget files exist. Run it again (same options) to continue: finished
-# budgets are kept, killed runs resume from their newest checkpoint.
+# plots/ from whatever budget files exist. Each process brings all its runs to the smallest budget
+# (trained, then scored at once: OUT/runs/<variant>-seed<s>/budget-<N>.json) before any goes on to
+# the next, so a stopped call leaves every run at the same depth with its budgets scored. Run it
+# again (same options, or more budgets) to continue: scored budgets are kept, a killed run resumes
+# from its newest checkpoint, a new larger budget from the largest one trained.
 #
 # FROM=benchmarks/raw/mtl_curves first copies that committed folder's budget files (by_run/) and
-# base scores into OUT, on a fresh machine, so only the budgets still missing are trained.
+# base scores into OUT, on a fresh machine, so only the budgets still missing are trained (from
+# step 0: the checkpoints stay on the machine that made them).
 #
-#   [PYTHON=python3] [K=12] [LIMIT=540] [FROM=DIR] benchmarks/mtl/run_curves.sh TASKS_DIR MODEL OUT \
-#       --budgets 150,300,600,1200 [more python -m benchmarks.mtl options]
+# A process still running GRACE seconds after its SIGTERM (one that lost the signal) is killed;
+# what it had scored stays, and its run resumes from its newest checkpoint. The call takes at most
+# LIMIT + GRACE seconds and the --collect pass.
+#
+#   [PYTHON=python3] [K=12] [LIMIT=510] [GRACE=30] [FROM=DIR] benchmarks/mtl/run_curves.sh TASKS_DIR \
+#       MODEL OUT --budgets 150,300,600,1200 [more python -m benchmarks.mtl options]
 set -u
-py=${PYTHON:-python3} k=${K:-12} limit=${LIMIT:-540}
+py=${PYTHON:-python3} k=${K:-12} limit=${LIMIT:-510} grace=${GRACE:-30}
 tasks=$1 model=$2 out=$3
 shift 3
 mkdir -p "$out/logs" "$out/runs" "$out/base"
@@ -20,7 +28,7 @@ if [ -n "${FROM:-}" ]; then
   [ -d "$FROM/base" ] && cp -n "$FROM/base/"seed*.json "$out/base/"
 fi
 for i in $(seq 1 "$k"); do
-  timeout -s TERM "$limit" "$py" -m benchmarks.mtl --tasks-dir "$tasks" --model "$model" --out "$out" \
+  timeout -s TERM -k "$grace" "$limit" "$py" -m benchmarks.mtl --tasks-dir "$tasks" --model "$model" --out "$out" \
     --shard "$i/$k" "$@" >>"$out/logs/shard$i.log" 2>&1 &
 done
 wait

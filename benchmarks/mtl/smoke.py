@@ -41,7 +41,9 @@ def smoke_settings(settings: Settings, model: str, methods_given: bool) -> Setti
         settings, model=model, methods=settings.methods if methods_given else SMOKE_METHODS,
         seeds=settings.seeds[:1], r=4, num_heads=2, lora_alpha=8.0, target_modules="all-linear",
         val_size=4, max_train=16, max_length=64, num_epochs=1, max_steps=4, micro_batch_size=4,
-        gradient_accumulation_steps=1, learning_rate=5e-3, dtype="fp32", precision="fp32", eval_batch_size=8)
+        gradient_accumulation_steps=1, learning_rate=5e-3, dtype="fp32", precision="fp32", eval_batch_size=8,
+        # a few steps: the benchmark's default warm-up would cover them all (a given one is kept)
+        warmup_steps=1 if settings.warmup_steps == Settings.warmup_steps else settings.warmup_steps)
 
 
 def tiny_model(folder: Path) -> Path:

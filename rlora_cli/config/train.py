@@ -38,6 +38,10 @@ class TrainConfig:
     """linear | cosine | constant, after warmup."""
     warmup_ratio: float = 0.03
     """Fraction of the steps spent warming up linearly from 0."""
+    warmup_steps: int = 0
+    """Steps spent warming up linearly from 0; > 0 overrides warmup_ratio. Unlike the ratio it does
+    not move with max_steps, so a constant-schedule run resumed with a larger max_steps continues
+    as one planned that long from the start."""
     precision: str = "auto"
     """Compute precision: auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32."""
     gradient_checkpointing: bool = False
@@ -73,6 +77,8 @@ class TrainConfig:
             p.append(f"{where}.learning_rate: must be > 0, got {self.learning_rate:g}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             p.append(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio:g}")
+        if self.warmup_steps < 0:
+            p.append(f"{where}.warmup_steps: must be >= 0 (0 = use warmup_ratio), got {self.warmup_steps}")
         p += [f"{where}.{k}: must be >= 0, got {getattr(self, k):g}"
               for k in ("weight_decay", "max_grad_norm") if not getattr(self, k) >= 0]
         for key, allowed in (("lr_scheduler", SCHEDULERS), ("precision", PRECISIONS), ("kernels", KERNELS),

@@ -57,7 +57,6 @@ ALIASES: dict[str, tuple[str, str | None]] = {
     "epochs": ("train.num_epochs", None),
     "lr": ("train.learning_rate", None),
     "lr_scheduler_type": ("train.lr_scheduler", "the transformers Trainer"),
-    "warmup_steps": ("train.warmup_ratio (a fraction of the steps)", "the transformers Trainer"),
     "bf16": ("train.precision: bf16", "the transformers Trainer"),
     "fp16": ("train.precision: fp16", "the transformers Trainer"),
     "output_dir": ("output.dir", "the transformers Trainer"),

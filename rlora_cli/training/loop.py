@@ -14,8 +14,7 @@ adapters, the optimizer, the loader and a checkpoint to resume; `fit` takes the 
 - Resuming is an index skip into a per-epoch permutation, and the RNG state is snapshotted at
   every step boundary, so an interrupted run resumes bit-identically on the CPU (state.py).
 - SIGTERM (a scheduler, `docker stop`, a spot preemption) is handled as Ctrl-C is: a checkpoint,
-  then exit 143. The run folder itself (its lock, a failed start, a full disk, damaged
-  checkpoints) is rundir.py's.
+  then exit 143. The run folder (its lock, a failed start, a full disk) is rundir.py's.
 - The host keeps ahead of the GPU: with a fused optimizer a step's loss is read one step late
   (loss.LossReads), the next step's rows are collated while the GPU works, and the run's objects
   are frozen out of the garbage collector's view. Measured in benchmarks/RESULTS.md.
@@ -58,6 +57,7 @@ from rlora_cli.training.rundir import (
     Terminated,
     full_state,
     plan_output,
+    raise_if_terminated,
     save_checkpoint,
     sigterm_as_interrupt,
 )
@@ -285,8 +285,9 @@ def _epoch(run: Run) -> None:
         grad_norm = _update(run, step_loss, n_tokens)
         state.batch_in_epoch += len(micro)
         run.rng = rng_snapshot()  # where a resume after this step starts (Ctrl-C from here on)
-        # timing and logging, held-out loss, checkpoints
+        # timing and logging, held-out loss, checkpoints; then a SIGTERM whose exception was lost
         _log_eval_save(run, grad_norm)
+        raise_if_terminated()
         micro = upcoming
     if state.batch_in_epoch >= run.micro_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0

@@ -63,9 +63,14 @@ def adamw(model: torch.nn.Module, train: Any, total: int, *, fused: bool,
     groups = param_groups(model, train.weight_decay, train.learning_rate, **ratios)
     optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, fused=fused)
     name = train.lr_scheduler if train.lr_scheduler != "constant" else "constant_with_warmup"
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=math.ceil(train.warmup_ratio * total),
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(train, total),
                               num_training_steps=total)
     return optimizer, scheduler
+
+
+def warmup_steps(train: Any, total: int) -> int:
+    """train.warmup_steps when set, else warmup_ratio of the run's `total` steps (rounded up)."""
+    return train.warmup_steps if train.warmup_steps > 0 else math.ceil(train.warmup_ratio * total)
 
 
 def own_grads(model: torch.nn.Module) -> None:

@@ -371,15 +371,27 @@ def sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = []
 
     def handler(signum: int, frame: Any) -> None:
-        if not fired:
-            fired.append(signum)
+        if not _SIGTERM:
+            _SIGTERM.append(signum)
             raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
+        _SIGTERM.clear()
         signal.signal(signal.SIGTERM, previous)
+
+
+# The SIGTERM seen inside `sigterm_as_interrupt` (empty: none). Raised from the handler, Terminated
+# can land in a garbage-collector callback, which prints and drops it; training checks this list at
+# every step boundary (`raise_if_terminated`), so such a signal still stops the run there.
+_SIGTERM: list[int] = []
+
+
+def raise_if_terminated() -> None:
+    """Raise Terminated when a SIGTERM arrived but its exception was lost."""
+    if _SIGTERM:
+        raise Terminated()

@@ -1,6 +1,7 @@
-"""The multi-task benchmark harness: smoke mode end to end (one budget, and the learning curves
-with a killed run continued), its plans and recipes, the report rebuilt from committed files,
-the BIG-bench extraction, and bad input."""
+"""The multi-task benchmark harness: smoke mode end to end (one budget, and the learning curves:
+breadth first, a killed run continued, budgets that grow, the segments bit-identical to one run),
+its plans and recipes, the report rebuilt from committed files, the BIG-bench extraction, and bad
+input."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import BIGBENCH_FIXTURES, REPO  # noqa: E402
+from safetensors.torch import load_file
 
 from benchmarks.mtl import curves, plan, report
 from benchmarks.mtl.__main__ import main
@@ -22,8 +24,15 @@ from benchmarks.mtl.fetch_bigbench import extract, task_path
 from benchmarks.mtl.run import run_benchmark
 from benchmarks.mtl.stats import paired_bootstrap
 from rlora_cli.adapters import AdapterConfig
+from rlora_cli.checkpoint import WEIGHTS_FILE, read_adapter_config
 from rlora_cli.errors import UserError
+from rlora_cli.eval.recipe_tasks import prepare_recipe
+from rlora_cli.eval.run import score_folds
+from rlora_cli.fold import plan_folds
+from rlora_cli.model import load_with_adapter
 from rlora_cli.recipe.load import load_recipe
+from rlora_cli.testing import metrics
+from rlora_cli.training.loop import train
 
 BIGBENCH = str(BIGBENCH_FIXTURES)
 
@@ -86,18 +95,30 @@ def _json(path: Path):
     return json.loads(path.read_text())
 
 
+def _stamp(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
 def test_learning_curves_smoke_resume_and_collect(tmp_path):
     out = tmp_path / "curves"
-    settings = plan.Settings(budgets=(2, 4))
+    settings = plan.Settings(budgets=(2, 4), warmup_steps=1)
     results = run_benchmark(None, settings, out, smoke=True, methods_given=False)
     assert results["budgets"] == [2, 4] and results["variants"] == ["lora", "rlora"]
     recipe = yaml.safe_load((out / "recipes" / "rlora-seed0.yaml").read_text())
     assert recipe["train"]["lr_scheduler"] == "constant" and recipe["train"]["max_steps"] == 4
+    assert recipe["train"]["warmup_steps"] == 1
+    # Breadth first: both runs trained and scored at budget 2 before either trained on to 4
+    written = sorted(curves.budget_files(out), key=_stamp)
+    assert [(p.parent.name, p.name) for p in written] == [
+        ("lora-seed0", "budget-2.json"), ("rlora-seed0", "budget-2.json"),
+        ("lora-seed0", "budget-4.json"), ("rlora-seed0", "budget-4.json")]
+    assert _stamp(written[1]) < _stamp(out / "train" / "lora-seed0" / "checkpoint-4" / "trainer_state.json")
     base = _json(out / "base" / "seed0.json")["tasks"]
     for name in ("lora-seed0", "rlora-seed0"):
         for n in (2, 4):
             record = _json(out / "runs" / name / f"budget-{n}.json")
             assert record["budget"] == n and record["train_loss"]["step"] == n
+            assert set(record["eval_loss"]) == {"colors", "sizes"}  # the held-out loss at the segment's end
             made = record["provenance"]
             assert made["gpu"] == "cpu" and made["finished_at"].endswith("+00:00") and made["versions"]
             for task, rec in record["tasks"].items():  # every run scored on the base model's examples
@@ -108,6 +129,13 @@ def test_learning_curves_smoke_resume_and_collect(tmp_path):
     assert set(folded["folds"]) == {"colors", "sizes"} and "folded" not in _json(
         out / "runs" / "lora-seed0" / "budget-4.json")
     assert [p["tasks"] for p in folded["usage"]["pairwise_l1"]] == [["colors", "sizes"]]
+    # the folded scores, routing measured once, are eval.run.score_folds's (which measures it itself)
+    recipe_path = out / "recipes" / "rlora-seed0.yaml"
+    adapter = out / "train" / "rlora-seed0" / "checkpoint-4" / "adapter"
+    lm, tokenizer, _ = load_with_adapter(None, str(adapter), dtype="fp32")
+    tasks, infos = score_folds(plan_folds(adapter, read_adapter_config(adapter), None, recipe=recipe_path),
+                               prepare_recipe(str(recipe_path), None), lm, tokenizer, 8, None)
+    assert [folded["tasks"], folded["folds"]] == json.loads(json.dumps([tasks, infos]))
     records = [_json(f) for f in curves.budget_files(out)]
     for n in ("2", "4"):
         summary = results["by_budget"][n]
@@ -169,6 +197,41 @@ def test_learning_curves_smoke_resume_and_collect(tmp_path):
     assert done == {"shard": [2, 2], "runs": ["rlora-seed0"]}
 
 
+def test_budgets_grow_and_the_segments_are_one_run(tmp_path):
+    """Budgets 2,4, then 2,4,6 in the same OUT: 2 and 4 are kept, 6 goes on from checkpoint-4. The
+    run trained a segment per budget (0→2→4→6, each resumed from the one before) is bit-identical
+    on the CPU to the recipe trained to 6 at once, the 3-step warm-up across a segment's end included."""
+    out, name = tmp_path / "grow", "rlora-seed0"
+
+    def run(budgets: tuple[int, ...]) -> dict:
+        settings = plan.Settings(methods=("rlora",), budgets=budgets, warmup_steps=3)
+        return run_benchmark(None, settings, out, smoke=True, shard=(1, 1))  # a shard: no report
+
+    run((2, 4))
+    results, run_dir = out / "runs" / name, out / "train" / name
+    kept = {p: p.read_bytes() for p in (results / "budget-2.json", results / "budget-4.json")}
+    checkpoints = {n: _stamp(run_dir / f"checkpoint-{n}" / "trainer_state.json") for n in (2, 4)}
+    with pytest.raises(UserError, match="holds the budgets 2,4, and --budgets gives 4"):
+        run((4,))  # budgets may grow, never shrink
+    assert run((2, 4, 6)) == {"shard": [1, 1], "runs": [name]}
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert {n: _stamp(run_dir / f"checkpoint-{n}" / "trainer_state.json") for n in (2, 4)} == checkpoints
+    assert _json(results / "budget-6.json")["train_loss"]["step"] == 6
+    recipe = yaml.safe_load((out / "recipes" / f"{name}.yaml").read_text())["train"]
+    assert (recipe["max_steps"], recipe["warmup_steps"], recipe["lr_scheduler"]) == (6, 3, "constant")
+    direct = tmp_path / "direct"
+    train(out / "recipes" / f"{name}.yaml", output=direct)  # checkpoints every 2 steps (the smallest budget)
+    for n in (2, 4, 6):
+        segmented, planned = (load_file(d / f"checkpoint-{n}" / "adapter" / WEIGHTS_FILE)
+                              for d in (run_dir, direct))
+        assert segmented.keys() == planned.keys()
+        assert all(torch.equal(segmented[k], planned[k]) for k in planned), n
+
+    def losses(d: Path) -> dict:
+        return {r["step"]: r["loss"] for r in metrics(d) if "loss" in r}
+
+    assert losses(run_dir) == losses(direct) and list(losses(direct)) == [2, 4, 6]
+
 def test_round_one_raw_files_still_report(tmp_path):
     """The committed single-budget folder rebuilds its committed table from its files alone."""
     raw = REPO / "benchmarks" / "raw" / "mtl_fold"
@@ -221,9 +284,14 @@ def test_recipes_cover_every_variant_and_validate(tmp_path, tiny_model_dir):
     assert load_recipe(tmp_path / "recipes" / "lora-matched-seed1.yaml").adapter.r == r
     fast = load_recipe(tmp_path / "recipes" / "rlora-router-lr-seed1.yaml").adapter
     assert (fast.type, fast.router, fast.router_lr_ratio) == ("rlora", "softmax", 10)
-    # learning curves: one constant-schedule run to the largest budget, a checkpoint at each, all kept
+    # learning curves: a constant schedule to the largest budget, checkpoints every smallest budget,
+    # all kept; log windows that end at every budget
     curve = plan.recipe("rlora", 1, dataclasses.replace(settings, budgets=(150, 300, 600, 1200)), tasks, r)
     assert curve["train"]["max_steps"] == 1200 and curve["train"]["lr_scheduler"] == "constant"
+    assert curve["train"]["warmup_steps"] == 18  # fixed, not a ratio of the largest budget
+    assert "warmup_steps" not in plan.recipe("rlora", 1, settings, tasks, r)["train"]
+    odd = plan.recipe("rlora", 1, dataclasses.replace(settings, budgets=(25, 60, 1000)), tasks, r)["output"]
+    assert (odd["save_steps"], odd["logging_steps"]) == (25, 5)
     assert curve["output"] == {"save_steps": 150, "save_total_limit": 0, "logging_steps": 10, "eval_steps": 0}
     assert plan.recipe("rlora", 1, settings, tasks, r)["train"]["lr_scheduler"] == "cosine"
 
@@ -291,6 +359,7 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
     for bad, message in ((["--seeds", "a,b"], "not a list of integers"),
                          (["--budgets", "100,x"], "not a list of positive step counts"),
                          (["--budgets", "4", "--max-steps", "4"], "both set the number of steps"),
+                         (["--budgets", "4", "--warmup-steps", "-1"], "--warmup-steps: must be >= 0"),
                          (["--shard", "3/2"], "is not i/k")):
         with pytest.raises(SystemExit) as e:
             main(["--smoke", *bad, "--out", str(tmp_path / "o")])
@@ -313,3 +382,11 @@ def test_settings_changes_are_refused_in_a_used_out(tmp_path, monkeypatch):
     assert recipe["adapter"]["type"] == "rlora"
     with pytest.raises(UserError, match="other settings"):
         run_benchmark(None, plan.Settings(lora_dropout=0.3), tmp_path, smoke=True, methods_given=False)
+    # A settings.json from before warmup_steps: its curves warmed up for ceil(0.03 × 600) = 18 steps
+    before = {k: v for k, v in saved.items() if k != "warmup_steps"} | {"budgets": [150, 300, 600]}
+    (tmp_path / "settings.json").write_text(json.dumps(before))
+    grown = {**before, "budgets": [150, 300, 600, 1200], "warmup_steps": 18}
+    with pytest.raises(UserError, match=r"other settings \(warmup_steps\)"):
+        run_mod._claim(tmp_path / "settings.json", {**grown, "warmup_steps": 20})
+    run_mod._claim(tmp_path / "settings.json", grown)
+    assert json.loads((tmp_path / "settings.json").read_text()) == grown

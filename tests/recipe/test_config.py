@@ -231,6 +231,13 @@ def test_max_length_and_ranges(tmp_path, data_file):
     assert len(problems) == 7
 
 
+def test_warmup_steps_must_not_be_negative(tmp_path, data_file):
+    problems = problems_of(tmp_path, minimal(data_file) | {"train": {"warmup_steps": -5}})
+    assert problems == ["train.warmup_steps: must be >= 0 (0 = use warmup_ratio), got -5"]
+    fixed = minimal(data_file) | {"train": {"warmup_steps": 18}}
+    assert load_recipe(write(tmp_path, fixed)).train.warmup_steps == 18
+
+
 def test_numbers_no_run_can_use_are_all_reported_in_every_section(tmp_path, data_file):
     nan, inf = float("nan"), float("inf")
     recipe = minimal(data_file, weight=nan, val_size=inf) | {

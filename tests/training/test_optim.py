@@ -1,19 +1,23 @@
 """The optimizer's groups: weight decay on the factors only, and the gates' and routers' own
-learning rates (adapter.gate_lr_ratio, router_lr_ratio)."""
+learning rates (adapter.gate_lr_ratio, router_lr_ratio); the schedule's warm-up (train.warmup_steps
+or warmup_ratio) against its formula."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from conftest import load
 
 from rlora_cli.adapters import AdapterConfig, inject_adapters
+from rlora_cli.config import TrainConfig
 from rlora_cli.errors import UserError
-from rlora_cli.training.optim import adamw, param_groups
+from rlora_cli.training.optim import adamw, param_groups, warmup_steps
 
 
 class _Train:
-    learning_rate, weight_decay, lr_scheduler, warmup_ratio = 1e-2, 0.1, "constant", 0.0
+    learning_rate, weight_decay, lr_scheduler, warmup_ratio, warmup_steps = 1e-2, 0.1, "constant", 0.0, 0
 
 
 def _model(tiny_model_dir, **adapter):
@@ -66,3 +70,53 @@ def test_ratios_are_checked(adapter, key):
     with pytest.raises(UserError) as e:
         AdapterConfig(**adapter)
     assert key in str(e.value)
+
+
+def _lr(scheduler: str, step: int, total: int, warmup: int) -> float:
+    """The schedule's multiplier of the peak learning rate at `step`, in float64."""
+    if step < warmup:
+        return step / warmup
+    if scheduler == "constant":
+        return 1.0
+    done = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - done) if scheduler == "linear" else max(0.0, 0.5 * (1.0 + math.cos(math.pi * done)))
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup_steps, warmup_ratio, warmup", [(3, 0.5, 3), (0, 0.25, 3), (0, 0.0, 0)])
+def test_lr_at_every_step_follows_the_formula(scheduler, warmup_steps, warmup_ratio, warmup):
+    """warmup_steps > 0 wins over warmup_ratio (0.5 of 10 would be 5 steps); 0 falls back to
+    ceil(ratio × total): 0.25 × 10 → 3."""
+    train = TrainConfig(learning_rate=1e-2, lr_scheduler=scheduler, warmup_ratio=warmup_ratio,
+                        warmup_steps=warmup_steps)
+    total = 10
+    optimizer, schedule = adamw(torch.nn.Linear(2, 2), train, total, fused=False)
+    for step in range(total + 1):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * _lr(scheduler, step, total, warmup),
+                                                                rel=1e-12, abs=1e-15), step
+        optimizer.step()
+        schedule.step()
+
+
+def test_a_fixed_warmup_does_not_move_with_the_run_length():
+    """The constant schedule's lr at each step is the same whatever max_steps is: what lets a run
+    resumed with a larger max_steps continue as one planned that long."""
+    def lrs(total: int) -> list[float]:
+        train = TrainConfig(lr_scheduler="constant", warmup_steps=4)
+        optimizer, schedule = adamw(torch.nn.Linear(2, 2), train, total, fused=False)
+        out = []
+        for _ in range(6):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    assert lrs(6) == lrs(600) and lrs(6) == pytest.approx([0.0, 5e-5, 1e-4, 1.5e-4, 2e-4, 2e-4], rel=1e-12)
+    ratio = TrainConfig(lr_scheduler="constant", warmup_ratio=0.03)
+    assert warmup_steps(ratio, 150) == 5 and warmup_steps(ratio, 600) == 18  # the ratio moves
+
+
+def test_a_negative_warmup_is_refused():
+    with pytest.raises(UserError) as e:
+        TrainConfig(warmup_steps=-1)
+    assert e.value.problems == ["train.warmup_steps: must be >= 0 (0 = use warmup_ratio), got -1"]
