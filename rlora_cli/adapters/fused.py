@@ -14,19 +14,18 @@ Backward:
     [dA; dW_r] = weight_grads(G, x)                x tiles read once, the input mask regenerated
     dx = gemm_lowrank(dy, Wᵀ, G·[A; W_r; A0])      the input-dropout mask applied in the epilogue
 
-No dropout mask is ever stored: each is regenerated from two seeds drawn from torch's generator
-on the input's device (reproducible under torch.manual_seed, and inside CUDA graphs); a test can
-replay them with `dropout_masks`. Saved for backward: x, Z, H [T, r] and the router's P [T, n].
-
-Switches, read at each call: RLORA_FUSED_AUTOTUNE=0 (one fixed tile config per kernel, no tuning
-runs), RLORA_FUSED_TMA=0 (the GEMM loads through pointers, not Hopper's tensor descriptors).
-CPU tests run the kernels in Triton's interpreter: TRITON_INTERPRET=1 (tests/adapters/test_fused.py).
+No dropout mask is stored: each is regenerated from two seeds drawn from torch's generator on
+the input's device (`dropout_masks` replays them). Saved for backward: x, Z, H [T, r], the router's P.
+Switches, read at each call: RLORA_FUSED_AUTOTUNE=0 (one fixed tile config per kernel),
+RLORA_FUSED_TMA=0 (pointer loads, not Hopper's tensor descriptors). CPU tests run the kernels in
+Triton's interpreter (TRITON_INTERPRET=1, tests/adapters/test_fused.py).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +44,7 @@ _HALF = (torch.bfloat16, torch.float16)
 
 
 def _interpreter_index_fix() -> None:
-    """Triton 3.6's interpreter turns a scalar into an index with int() of a one-element array
-    (a loop bound such as range(0, D, BLOCK_K)), which NumPy 2.4 refuses; take the element."""
+    """Triton 3.6's interpreter indexes a loop bound with int() of a 1-element array: NumPy 2.4 refuses."""
     from triton.runtime import interpreter
 
     patch = getattr(interpreter, "_patch_lang_tensor", None)
@@ -101,11 +99,10 @@ def supported(layer: MultiHeadLoRA, x: Tensor) -> str | None:
         return "triton not installed"
     if x.device.type != "cuda" and not K.INTERPRETED:
         return "not CUDA"
+    reason = layer_reason(layer)
+    if reason is not None:
+        return reason
     base = layer.base
-    if type(base) is not nn.Linear:
-        return "base is not a plain nn.Linear"
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return "base weight or bias is trainable"
     if torch.compiler.is_compiling():
         return "torch.compile is tracing (the fused path runs eagerly)"
     if x.shape[-1] != layer.in_features or x.numel() == 0:
@@ -113,15 +110,25 @@ def supported(layer: MultiHeadLoRA, x: Tensor) -> str | None:
     if max(x.numel() // layer.in_features * max(layer.in_features, layer.out_features),
            base.weight.numel()) >= 2**31:
         return "a tensor of 2^31 elements or more (the kernels use 32-bit offsets)"
+    if any(t.device != x.device for t in (base.weight, layer.rlora_A, layer.rlora_B)):
+        return "input and layer on different devices"
+    dtype = _compute_dtype(layer, x)
+    return dtype if isinstance(dtype, str) else None
+
+
+def layer_reason(layer: MultiHeadLoRA) -> str | None:
+    """Why this layer can never take the fused path, whatever its input (None: it can)."""
+    base = layer.base
+    if type(base) is not nn.Linear:
+        return "base is not a plain nn.Linear"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "base weight or bias is trainable"
     if layer.spec.num_heads * layer.spec.r > MAX_COLUMNS:
         return f"rank space of {layer.spec.num_heads * layer.spec.r} columns (at most {MAX_COLUMNS})"
     probe = getattr(layer, "route_probe", None)
     if probe is not None and probe.aux_weight > 0 and layer.fixed_mixture is None:
         return "adapter.router_aux_weight needs the router's weights with their gradient (the plain path)"
-    if any(t.device != x.device for t in (base.weight, layer.rlora_A, layer.rlora_B)):
-        return "input and layer on different devices"
-    dtype = _compute_dtype(layer, x)
-    return dtype if isinstance(dtype, str) else None
+    return None
 
 
 def fused_forward(layer: MultiHeadLoRA, x: Tensor) -> Tensor:
@@ -144,18 +151,18 @@ def fused_forward(layer: MultiHeadLoRA, x: Tensor) -> Tensor:
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
-def maybe_forward(layer: MultiHeadLoRA, x: Tensor) -> Tensor | None:
-    """`fused_forward(layer, x)` where it can run, else None (the layer then runs its plain path)."""
+def maybe_forward(layer: MultiHeadLoRA, x: Tensor) -> Tensor | None:  # None: the plain path runs
     return fused_forward(layer, x) if supported(layer, x) is None else None
 
 
-def enable(model: nn.Module, on: bool = True) -> int:
+def enable(model: nn.Module, on: bool = True) -> tuple[int, dict[str, int]]:
     """Route every MultiHeadLoRA of `model` through the fused path where it can run (`on=False`:
-    back to the plain path); returns how many layers were switched."""
-    layers = [m for m in model.modules() if isinstance(m, MultiHeadLoRA)]
-    for layer in layers:
-        layer.fused_forward = maybe_forward if on else None
-    return len(layers)
+    back to the plain path); returns (layers switched, {reason: layers that never can})."""
+    reasons = {m: layer_reason(m) for m in model.modules() if isinstance(m, MultiHeadLoRA)}
+    for layer, reason in reasons.items():
+        layer.fused_forward = maybe_forward if on and reason is None else None
+    never = Counter(reason for reason in reasons.values() if reason is not None)
+    return len(reasons) - sum(never.values()), dict(never)
 
 
 def draw_seeds(device: torch.device) -> Tensor:
@@ -257,7 +264,7 @@ def _input_grad(dy: Tensor, x: Tensor, W: Tensor, A: Tensor, router: Tensor | No
 
 # ------------------------------------------------------------------------------------ launching
 
-def _cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:  # ceil(a / b)
     return -(-a // b)
 
 

@@ -89,7 +89,9 @@ def fused_adapters(model: Any, device: Any, compiled: bool) -> str:
         return "fused adapters off: no CUDA device (plain path)"
     if compiled:
         return "fused adapters off: train.compile traces the plain path"
-    return f"fused Triton adapters on {fused.enable(model)} layers"
+    on, never = fused.enable(model)
+    rest = "".join(f"; {n} on the plain path ({why})" for why, n in never.items())
+    return f"fused Triton adapters on {on} layers{rest}"
 
 
 def _liger(model: Any, kernels: str, device: Any, compiled: bool) -> Kernels:

@@ -202,3 +202,13 @@ def test_route_probe_reads_the_same_router_weights_on_the_fused_path():
         probe.stop()
         sums.append(probe.stats.clone())
     torch.testing.assert_close(sums[1], sums[0], rtol=1e-5, atol=1e-5)
+
+
+def test_enable_switches_the_layers_that_can_and_names_the_others():
+    plain, routed = make_layer(dict(type="lora", num_heads=1)), make_layer(dict(type="rlora"))
+    routed.route_probe = RouteProbe([routed], 2, aux_weight=0.1)
+    model = nn.ModuleList([plain, routed])
+    on, never = fused.enable(model)
+    assert on == 1 and plain.fused_forward is fused.maybe_forward and routed.fused_forward is None
+    assert list(never.values()) == [1] and "router_aux_weight" in next(iter(never))
+    assert fused.enable(model, on=False)[0] == 1 and plain.fused_forward is None
