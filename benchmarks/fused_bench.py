@@ -141,7 +141,9 @@ def timed(steps: dict[str, Callable[[], None]], rounds: int, device: str) -> dic
     return times
 
 
-IMPLS = ("cublas", "triton", "triton-ptr")
+# cublas-concat (x·Wᵀ + Z·Bᵀ only): one cuBLAS GEMM over [x | Z]·[W | B]ᵀ, the low-rank term as
+# extra K columns; the weight block is built once, as a layer would keep it, the input per call.
+IMPLS = ("cublas", "triton", "triton-ptr", "cublas-concat")
 
 
 def gemm_pairs(fused, d_in: int, d_out: int, args, device: str) -> dict[str, tuple[Callable, ...]]:
@@ -155,6 +157,8 @@ def gemm_pairs(fused, d_in: int, d_out: int, args, device: str) -> dict[str, tup
     Z = torch.randn(args.tokens, rank, device=device, dtype=dt)
     B = torch.randn(d_out, rank, device=device, dtype=dt) * rank ** -0.5
 
+    WB = torch.cat([W, B], 1)
+
     def eager_delta() -> torch.Tensor:
         return torch.mm(x, W.t()).addmm_(Z, B.t())
 
@@ -163,7 +167,8 @@ def gemm_pairs(fused, d_in: int, d_out: int, args, device: str) -> dict[str, tup
             "dy·W": (lambda: torch.mm(dy, W), lambda: fused.gemm_lowrank(dy, W.t()),
                      lambda: fused.gemm_lowrank(dy, W.t(), tma=False)),
             "x·Wᵀ + Z·Bᵀ": (eager_delta, lambda: fused.gemm_lowrank(x, W, terms=((Z, B, 1.0),)),
-                            lambda: fused.gemm_lowrank(x, W, terms=((Z, B, 1.0),), tma=False))}
+                            lambda: fused.gemm_lowrank(x, W, terms=((Z, B, 1.0),), tma=False),
+                            lambda: torch.mm(torch.cat([x, Z], 1), WB.t()))}
 
 
 def gemm_rows(fused, shape: str, d_in: int, d_out: int, args, device: str) -> list[dict]:

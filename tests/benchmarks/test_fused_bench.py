@@ -35,5 +35,5 @@ def test_smoke_runs_every_variant_and_the_fused_rows_match(tmp_path):
             assert r["forward_gap"] < 1e-5, r  # float32 throughout: the same math as the eager layer
     gemm = saved["gemm"]
     assert {(r["op"], r["impl"]) for r in gemm} == {(op, impl) for op in ("x·Wᵀ", "dy·W", "x·Wᵀ + Z·Bᵀ")
-                                                    for impl in IMPLS}
+                                                    for impl in IMPLS[:3]} | {("x·Wᵀ + Z·Bᵀ", IMPLS[3])}
     assert all(r["gap"] < 1e-5 for r in gemm)
