@@ -51,8 +51,9 @@ import transformers
 
 from rlora_cli.checkpoint import read_adapter_config
 from rlora_cli.eval.recipe_tasks import prepare_recipe, run_recipe
+from rlora_cli.eval.run import score_measured_folds
 from rlora_cli.files import atomic_write_text
-from rlora_cli.fold import Fold, FoldPlan, measure_folds, plan_folds, set_mixtures
+from rlora_cli.fold import Fold, FoldPlan, measure_folds, plan_folds
 from rlora_cli.model import load_with_adapter
 from rlora_cli.routing import entropy
 from rlora_cli.runs import CHECKPOINT_PREFIX, checkpoint_step
@@ -149,16 +150,9 @@ def score_folded(lm: Any, tokenizer: Any, fold_plan: FoldPlan, prepared: dict[st
     """Each task scored with the router fixed to its fold (`rlora eval --compare-routed`'s
     numbers: what `rlora merge --task` would write), the folds' summaries, and their usage per
     module. The routing is measured once: each fold's per-module mixtures are what the router is
-    fixed to and what the usage is computed from (eval.run.score_folds would measure it again)."""
+    fixed to and what the usage is computed from."""
     folds = measure_folds(lm, tokenizer, fold_plan, batch_size=settings.eval_batch_size, console=console)
-    tasks: dict[str, Any] = {}
-    for name, fold in folds.items():
-        set_mixtures(lm, fold)
-        try:
-            one = {**prepared, "val": {name: prepared["val"].get(name, [])}}
-            tasks.update(run_recipe(lm, tokenizer, one, batch_size=settings.eval_batch_size, console=console))
-        finally:
-            set_mixtures(lm, None)
+    tasks = score_measured_folds(folds, prepared, lm, tokenizer, settings.eval_batch_size, console)
     return {"tasks": tasks, "mean_accuracy": mean_accuracy(tasks),
             "folds": {name: fold.info() for name, fold in folds.items()}, "usage": usage(folds)}
 

@@ -113,6 +113,14 @@ def score_folds(plan: FoldPlan, prepared: dict[str, Any], lm: Any, tokenizer: An
                  console: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """({task: its held-out record with the router fixed to the task's fold}, {task: fold info})."""
     folds = measure_folds(lm, tokenizer, plan, batch_size=batch_size, console=console)
+    scored = score_measured_folds(folds, prepared, lm, tokenizer, batch_size, console)
+    return scored, {name: fold.info() for name, fold in folds.items()}
+
+
+def score_measured_folds(folds: dict[str, Any], prepared: dict[str, Any], lm: Any, tokenizer: Any,
+                         batch_size: int, console: Any) -> dict[str, dict[str, Any]]:
+    """{task: its held-out record with the router fixed to the task's fold}, for folds already
+    measured (`fold.measure_folds`)."""
     scored = {}
     for name, fold in folds.items():
         set_mixtures(lm, fold)
@@ -121,7 +129,7 @@ def score_folds(plan: FoldPlan, prepared: dict[str, Any], lm: Any, tokenizer: An
             scored.update(run_recipe(lm, tokenizer, one, batch_size=batch_size, console=console))
         finally:
             set_mixtures(lm, None)
-    return scored, {name: fold.info() for name, fold in folds.items()}
+    return scored
 
 
 def default_shots(task: str, shots: int | None, backend: str = "rlora") -> int | None:
