@@ -70,8 +70,7 @@ class RankPlan:
     n: int
     r: int
     shared: bool
-    gate: int
-    """0: none or uniform (folded into alpha) | 1: a fixed vector per head | 2: softmax router."""
+    gate: int  # 0: none or uniform (folded into alpha) | 1: a fixed vector per head | 2: router
     compensate: bool
     alpha: float
     comp_scale: float
@@ -81,13 +80,11 @@ class RankPlan:
     dtype: torch.dtype
 
     @property
-    def ra(self) -> int:
-        """Columns of H = x·Aᵀ."""
+    def ra(self) -> int:  # columns of H = x·Aᵀ
         return self.r if self.shared else self.n * self.r
 
     @property
-    def nl(self) -> int:
-        """Router logits among G's columns."""
+    def nl(self) -> int:  # router logits among G's columns
         return self.n if self.gate == 2 else 0
 
 
@@ -133,9 +130,12 @@ def layer_reason(layer: MultiHeadLoRA) -> str | None:
 
 def fused_forward(layer: MultiHeadLoRA, x: Tensor) -> Tensor:
     """layer.forward(x) on the fused kernels; `supported(layer, x)` must be None."""
-    reason = supported(layer, x)
-    if reason is not None:
+    if (reason := supported(layer, x)) is not None:
         raise ValueError(f"the fused adapter path cannot run here: {reason}")
+    return _run(layer, x)
+
+
+def _run(layer: MultiHeadLoRA, x: Tensor) -> Tensor:
     plan = _plan(layer, x)
     seeds = draw_seeds(x.device) if plan.p_in > 0 or plan.p_head > 0 else None
     gate = getattr(layer, "rlora_gate", None)
@@ -152,7 +152,7 @@ def fused_forward(layer: MultiHeadLoRA, x: Tensor) -> Tensor:
 
 
 def maybe_forward(layer: MultiHeadLoRA, x: Tensor) -> Tensor | None:  # None: the plain path runs
-    return fused_forward(layer, x) if supported(layer, x) is None else None
+    return _run(layer, x) if supported(layer, x) is None else None  # checked once per call
 
 
 def enable(model: nn.Module, on: bool = True) -> tuple[int, dict[str, int]]:
