@@ -134,7 +134,7 @@ def measure(args: argparse.Namespace, names: list[str], device: torch.device,
     def stats(name: str) -> None:
         v, (base, base_bytes) = variants[name], bases[VARIANTS[name][1]]
         held = base_bytes + own_bytes(v, shared_tensors(base))
-        kernels, busy = profile_step(v, ids, labels)
+        kernels, busy, _ = profile_step(v, ids, labels)
         cuda = device.type == "cuda"  # the CPU has no allocator statistics: no memory numbers
         extra[name] = {"peak_gib": peak_gib(v, ids, labels, held), "held_gib": held / 2**30 if cuda else None,
                        "base_gib": base_bytes / 2**30 if cuda else None, "kernels": kernels, "busy_ms": busy,

@@ -16,7 +16,10 @@ A variant that fails (import, OOM, compile) is recorded with its error and the r
 Variant names are a kind and flags: `+liger` (Liger's RoPE, RMSNorm, SwiGLU and fused linear
 cross-entropy), `+ce` (only the fused cross-entropy), `+bf16` (bf16 adapter weights; for PEFT
 `autocast_adapter_dtype=False`, which keeps them in the base's bf16), `+compile`
-(each decoder block torch.compile'd in place, as `train.compile` does).
+(each decoder block torch.compile'd in place, as `train.compile` does), `+graphs` (those compiled
+blocks replayed as CUDA graphs: compile mode reduce-overhead, for this variant alone), `+rN` and
+`+nN` (rank N, N heads; the anchor stays PEFT at r = 8). Every row keeps the GPU time of its
+busiest kernels (`top_kernels`), so a ratio can be read against the trace that explains it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import copy
 import gc
 import importlib.util
 import logging
+import re
 import shlex
 import statistics
 import sys
@@ -73,6 +77,8 @@ class Spec:
     """Adapter dropout 0 instead of 0.05: a diagnostic that shows what the dropout costs."""
     fused: bool = False
     """rlora methods: the fused Triton adapter kernels (adapters/fused.py) wherever they run."""
+    graphs: bool = False
+    """Compiled blocks replay as CUDA graphs (torch.compile mode reduce-overhead)."""
 
     @property
     def fused_ce(self) -> bool:
@@ -97,15 +103,25 @@ class Variant:
     last_loss: torch.Tensor | None = None
 
 
+FLAGS = {"liger", "ce", "compile", "bf16", "nodrop", "fused", "graphs"}
+_SIZE = re.compile(r"^([rn])(\d+)$")  # +r16: rank 16; +n8: 8 heads
+
+
 def parse_name(name: str) -> Spec:
     kind, *flags = name.split("+")
-    if (kind not in KINDS or not set(flags) <= {"liger", "ce", "compile", "bf16", "nodrop", "fused"}
+    sizes = {m[1]: int(m[2]) for f in flags if (m := _SIZE.match(f))}
+    flags = [f for f in flags if not _SIZE.match(f)]
+    if (kind not in KINDS or not set(flags) <= FLAGS or 0 in sizes.values()
             or ("bf16" in flags and kind not in (*METHODS, "peft-lora")) or {"liger", "ce"} <= set(flags)
-            or ("fused" in flags and kind not in METHODS)):
-        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(default_names(False, True))}")
-    r = 32 if kind == "peft-lora-r32" else 8  # n·r of the 4-head methods, alpha 2r as everywhere
+            or ("fused" in flags and kind not in METHODS) or ("graphs" in flags and "compile" not in flags)
+            or ("n" in sizes and kind not in ("multilora", "hydralora", "rlora", "reference"))
+            or (sizes and kind in ("base", "peft-lora-r32"))):
+        raise SystemExit(f"unknown variant {name!r}; known: {', '.join(default_names(False, True))}, "
+                         "each with +rN (rank), +nN (heads), +graphs (with +compile)")
+    r = sizes.get("r", 32 if kind == "peft-lora-r32" else 8)  # n·r of the 4-head methods, alpha 2r
     return Spec("peft-lora" if kind.startswith("peft") else kind, "liger" in flags, "compile" in flags,
-                "bf16" in flags, r, ce="ce" in flags, nodrop="nodrop" in flags, fused="fused" in flags)
+                "bf16" in flags, r, sizes.get("n", 4), ce="ce" in flags, nodrop="nodrop" in flags,
+                fused="fused" in flags, graphs="graphs" in flags)
 
 
 def default_names(smoke: bool, compiled: bool, peft: bool = True) -> list[str]:
@@ -223,7 +239,7 @@ def build_variant(base: nn.Module, spec: Spec, compile_mode: str) -> Variant:
     if spec.compiled:
         # What `train.compile: true` does: each decoder block compiled in place (one graph for
         # all blocks); the embeddings and the loss stay eager.
-        compile_model(hf, compile_mode)
+        compile_model(hf, "reduce-overhead" if spec.graphs else compile_mode)
     backbone = hf.get_decoder()
     # torch.optim.AdamW's default (foreach on CUDA), for every variant alike. `rlora train` itself
     # uses the fused AdamW on CUDA, which is timed end to end by benchmarks.e2e.
@@ -316,10 +332,10 @@ def peak_gib(v: Variant, ids: torch.Tensor, labels: torch.Tensor, held: int) -> 
     return (held + torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def profile_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, float]:
-    """(kernels, busy ms) of one step. On CUDA: device kernels (Triton's included) and the sum of
-    their durations; Memcpy/Memset activities are not kernels and are counted in neither. On the
-    CPU (--smoke) the nearest thing: leaf CPU ops and their summed time."""
+def profile_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, float, list[dict[str, Any]]]:
+    """(kernels, busy ms, the busiest kernels) of one step. On CUDA: device kernels (Triton's
+    included) and the sum of their durations; Memcpy/Memset activities are not kernels and are
+    counted in neither. On the CPU (--smoke) the nearest thing: leaf CPU ops and their summed time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -332,7 +348,16 @@ def profile_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> tuple[i
         work = cuda_kernels(prof)
     else:
         work = [e for e in prof.events() if e.device_type == DeviceType.CPU and not e.cpu_children]
-    return len(work), busy_ms(work)
+    return len(work), busy_ms(work), top_kernels(work)
+
+
+def top_kernels(events: list[Any], keep: int = 20) -> list[dict[str, Any]]:
+    """The `keep` kernel names with the most summed time: name (cut to 160 characters), calls, ms."""
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name[:160], []).append(e.time_range.elapsed_us() / 1e3)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:keep]
+    return [{"name": name, "calls": len(ms), "ms": round(sum(ms), 3)} for name, ms in ranked]
 
 
 def bench(base: nn.Module, specs: dict[str, Spec], batch: tuple[int, int], warmup: int, steps: int,
@@ -378,9 +403,10 @@ def bench(base: nn.Module, specs: dict[str, Spec], batch: tuple[int, int], warmu
         def measure(name: str) -> None:
             v = variants[name]
             held = held_base + own_bytes(v, shared)
-            kernels, busy = profile_step(v, ids, labels)
+            kernels, busy, top = profile_step(v, ids, labels)
             extra[name] = {"peak_gib": peak_gib(v, ids, labels, held), "held_gib": held / 2**30,
-                           "kernels": kernels, "gpu_busy_ms": busy, "loss": float(v.last_loss),
+                           "kernels": kernels, "gpu_busy_ms": busy, "top_kernels": top,
+                           "loss": float(v.last_loss),
                            "trainable": parameter_counts(v.model)[0]}
         for name in list(variants):
             attempt(variants, failures, name, lambda: measure(name))

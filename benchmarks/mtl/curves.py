@@ -27,8 +27,9 @@ FOLDED = " (folded)"
 FOLDED_ROW = "the router fixed to each task's fold (one static LoRA per task)"
 # A − B, each where both sides were scored on at least one common seed.
 COMPARISONS = (("rlora", "hydralora"), ("rlora", "lora"), ("rlora", "lora-matched"), ("lora-matched", "lora"),
-               ("rlora", "rlora-router-off"), ("multilora", "lora"), ("rlora (folded)", "rlora"),
-               ("hydralora (folded)", "hydralora"), ("rlora-router-lr", "rlora"), ("rlora-mi", "rlora"))
+               ("rlora", "rlora-router-off"), ("multilora", "lora"), ("multilora", "multilora-gate1"),
+               ("multilora-gate1", "lora"), ("rlora (folded)", "rlora"), ("hydralora (folded)", "hydralora"),
+               ("rlora-router-lr", "rlora"), ("rlora-mi", "rlora"))
 _BUDGET = re.compile(r"^budget-(\d+)\.json$")
 
 

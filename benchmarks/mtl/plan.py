@@ -32,6 +32,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "lora": ({"type": "lora"}, "LoRA, rank r"),
     "lora-matched": ({"type": "lora"}, "LoRA with rlora's trainable count"),
     "multilora": ({"type": "multilora"}, "MultiLoRA: n parallel LoRAs, scalar gates"),
+    "multilora-gate1": ({"type": "multilora", "gate_lr_ratio": 1.0},
+                        "MultiLoRA with its gates at the adapters' learning rate (the old default)"),
     "hydralora": ({"type": "hydralora", "random_init": False, "head_dropout": False},
                   "HydraLoRA: shared A, n B heads, softmax router"),
     "hydralora-ri": ({"type": "hydralora", "random_init": True, "head_dropout": False},

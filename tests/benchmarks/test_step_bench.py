@@ -40,7 +40,12 @@ def test_variant_names_parse_into_flags():
             == ("rlora", False, True, True, True, True))
     assert parse_name("peft-lora+liger").fused_ce and parse_name("peft-lora-r32").r == 32
     assert parse_name("peft-lora+ce+bf16+compile").bf16
-    for bad in ("rlora+liger+ce", "base+bf16", "rlora+fast", "qlora"):
+    sized = parse_name("rlora+ce+bf16+compile+graphs+n8+r16")
+    assert (sized.r, sized.num_heads, sized.graphs, sized.compiled) == (16, 8, True, True)
+    assert (parse_name("peft-lora+r16").r, parse_name("peft-lora+r16").num_heads) == (16, 1)
+    assert (parse_name("lora").r, parse_name("rlora").num_heads, parse_name("rlora").graphs) == (8, 4, False)
+    for bad in ("rlora+liger+ce", "base+bf16", "rlora+fast", "qlora", "rlora+graphs", "peft-lora+n8",
+                "base+r16", "rlora+r0"):
         with pytest.raises(SystemExit, match="unknown variant"):
             parse_name(bad)
     assert all(parse_name(n) for n in default_names(smoke=False, compiled=True))
@@ -65,6 +70,25 @@ def test_every_variant_runs_with_finite_times_and_losses(smoke):
     assert meta["anchors"] == {"tiny 2x16": rows["peft-lora"]["anchor"]}
     assert meta["kernels_are"] == "leaf CPU ops"
     assert "--smoke" in meta["command"] and meta["environment"]["torch"] == torch.__version__
+
+
+def test_rows_keep_their_busiest_kernels(smoke):
+    for r in smoke["results"]:
+        top = r["top_kernels"]
+        assert 0 < len(top) <= 20 and all(k["calls"] >= 1 and k["ms"] >= 0 for k in top)
+        assert [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True)
+        assert sum(k["ms"] for k in top) <= r["gpu_busy_ms"] + 1e-3 * len(top)
+
+
+def test_rank_and_heads_flags_size_the_adapters(tmp_path):
+    rows = {r["variant"]: r for r in main(["--smoke", "--variants", "peft-lora,peft-lora+r16,rlora,rlora+n2+r16",
+                                           "--json", str(tmp_path / "x.json")])["results"]}
+    assert rows["peft-lora+r16"]["trainable"] == 2 * rows["peft-lora"]["trainable"]
+    model = inject_adapters(build_base("tiny", torch.device("cpu")), AdapterConfig(
+        type="rlora", r=16, lora_alpha=32, lora_dropout=0.05, num_heads=2, target_modules=TARGETS))
+    assert rows["rlora+n2+r16"]["trainable"] == parameter_counts(model)[0] != rows["rlora"]["trainable"]
+    assert (rows["rlora+n2+r16"]["heads"], rows["rlora+n2+r16"]["r"]) == (2, 16)
+    assert {r["anchor"] for r in rows.values()} == {"peft-lora"}  # the anchor is PEFT at r = 8 only
 
 
 def test_trainable_counts_match_peft_and_rlora(smoke):
