@@ -332,7 +332,8 @@ def peak_gib(v: Variant, ids: torch.Tensor, labels: torch.Tensor, held: int) -> 
     return (held + torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def profile_step(v: Variant, ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, float, list[dict[str, Any]]]:
+def profile_step(v: Variant, ids: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[int, float, list[dict[str, Any]]]:
     """(kernels, busy ms, the busiest kernels) of one step. On CUDA: device kernels (Triton's
     included) and the sum of their durations; Memcpy/Memset activities are not kernels and are
     counted in neither. On the CPU (--smoke) the nearest thing: leaf CPU ops and their summed time."""

@@ -81,8 +81,9 @@ def test_rows_keep_their_busiest_kernels(smoke):
 
 
 def test_rank_and_heads_flags_size_the_adapters(tmp_path):
-    rows = {r["variant"]: r for r in main(["--smoke", "--variants", "peft-lora,peft-lora+r16,rlora,rlora+n2+r16",
-                                           "--json", str(tmp_path / "x.json")])["results"]}
+    names = "peft-lora,peft-lora+r16,rlora,rlora+n2+r16"
+    result = main(["--smoke", "--variants", names, "--json", str(tmp_path / "x.json")])
+    rows = {r["variant"]: r for r in result["results"]}
     assert rows["peft-lora+r16"]["trainable"] == 2 * rows["peft-lora"]["trainable"]
     model = inject_adapters(build_base("tiny", torch.device("cpu")), AdapterConfig(
         type="rlora", r=16, lora_alpha=32, lora_dropout=0.05, num_heads=2, target_modules=TARGETS))
