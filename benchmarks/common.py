@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+_ANNOTATION = re.compile(r"^[\w.]+#[\w.]+$")
 
 
 def time_ms(step: Callable[[], Any], device: str) -> float:
@@ -29,9 +32,18 @@ def time_ms(step: Callable[[], Any], device: str) -> float:
 
 
 def cuda_kernels(prof: Any) -> list[Any]:
-    """The CUDA kernels a torch.profiler run recorded (memcpy and memset are not kernels here)."""
+    """The CUDA kernels a torch.profiler run recorded (memcpy and memset are not kernels here).
+
+    A record_function range (the optimizer's "Optimizer.step#AdamW.step") also shows on the GPU
+    timeline, as an annotation spanning the kernels it launched, idle gaps included; it is not a
+    kernel, and counting it would add its whole span to the busy time a second time."""
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-            and not e.name.startswith(("Memcpy", "Memset"))]
+            and not e.name.startswith(("Memcpy", "Memset")) and not _annotation(e)]
+
+
+def _annotation(event: Any) -> bool:
+    # torch marks them (is_user_annotation); "Name#Class.method" is the optimizer's own naming.
+    return bool(getattr(event, "is_user_annotation", False)) or _ANNOTATION.match(event.name) is not None
 
 
 def busy_ms(events: list[Any]) -> float:

@@ -12,11 +12,15 @@
 # base scores into OUT, on a fresh machine, so only the budgets still missing are trained (from
 # step 0: the checkpoints stay on the machine that made them).
 #
+# SNAP=FILE (e.g. $OUT/curves.tgz on the GPU machine) writes OUT's budget files, logs and base
+# scores to FILE every 30 s (a temporary file, then renamed), so a call whose machine is taken back
+# before it ends still returns what it had scored; without it a lost machine loses the whole call.
+#
 # A process still running GRACE seconds after its SIGTERM (one that lost the signal) is killed;
 # what it had scored stays, and its run resumes from its newest checkpoint. The call takes at most
 # LIMIT + GRACE seconds and the --collect pass.
 #
-#   [PYTHON=python3] [K=12] [LIMIT=510] [GRACE=30] [FROM=DIR] benchmarks/mtl/run_curves.sh TASKS_DIR \
+#   [PYTHON=python3] [K=12] [LIMIT=510] [GRACE=30] [FROM=DIR] [SNAP=FILE] benchmarks/mtl/run_curves.sh TASKS_DIR \
 #       MODEL OUT --budgets 150,300,600,1200 [more python -m benchmarks.mtl options]
 set -u
 py=${PYTHON:-python3} k=${K:-12} limit=${LIMIT:-510} grace=${GRACE:-30}
@@ -31,6 +35,18 @@ for i in $(seq 1 "$k"); do
   timeout -s TERM -k "$grace" "$limit" "$py" -m benchmarks.mtl --tasks-dir "$tasks" --model "$model" --out "$out" \
     --shard "$i/$k" "$@" >>"$out/logs/shard$i.log" 2>&1 &
 done
-wait
+snapshot() {
+  tar czf "$SNAP.part" -C "$out" --ignore-failed-read runs logs base $(cd "$out" && ls settings.json 2>/dev/null) \
+    2>/dev/null && mv "$SNAP.part" "$SNAP"
+}
+if [ -n "${SNAP:-}" ]; then
+  (while sleep 30; do snapshot; done) &
+  snapper=$!
+fi
+wait $(jobs -p | grep -vx "${snapper:-none}")
+if [ -n "${SNAP:-}" ]; then
+  kill "$snapper" 2>/dev/null
+  snapshot
+fi
 "$py" -m benchmarks.mtl --collect --out "$out" >"$out/logs/collect.log" 2>&1
 tail -n 40 "$out/results.md"

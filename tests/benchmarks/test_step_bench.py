@@ -198,3 +198,41 @@ def test_liger_rope_is_set_per_variant_and_globals_restored(monkeypatch, tmp_pat
     assert rows["base+liger"]["loss"] == pytest.approx(rows["base"]["loss"], rel=1e-3)
     assert (rows["lora+liger"]["trainable"]
             == rows["base+liger"]["trainable"] + 2 * 8 * (128 + 96 + 96 + 128 + 3 * 192))
+
+
+def test_gpu_annotations_are_not_counted_as_kernels():
+    from types import SimpleNamespace
+
+    from benchmarks.common import busy_ms, cuda_kernels
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, us, device=cuda, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 300),
+              event("void cutlass::Kernel2<cutlass_80_tensorop_s16816gemm_bf16_64x128_tn_align2>(x)", 200),
+              event("Optimizer.step#AdamW.step", 7000),  # the optimizer's range on the GPU timeline
+              event("my_range", 5000, annotation=True), event("Memcpy DtoD", 50), event("aten::mm", 900, cpu)]
+    kernels = cuda_kernels(SimpleNamespace(events=lambda: events))
+    assert [e.name[:6] for e in kernels] == ["nvjet_", "void c"] and busy_ms(kernels) == 0.5
+
+
+def test_cuda_graph_rows_measure_no_peak_and_the_peak_anchor_skips_them():
+    from benchmarks.step_bench import add_ratios
+
+    def row(variant, ms, peak):
+        return {"shape": "s", "batch": "8x1024", "variant": variant, "ok": True, "median_ms": ms,
+                "gpu_busy_ms": ms - 5, "kernels": 1000, "peak_gib": peak}
+
+    rows = [row("peft-lora+ce+bf16+compile+graphs", 100.0, None),
+            row("peft-lora+ce+bf16+compile", 110.0, 16.0),
+            row("rlora+ce+bf16+compile", 99.0, 12.0), row("rlora+ce+bf16+compile+graphs", 90.0, None)]
+    assert add_ratios(rows) == {"s 8x1024": "peft-lora+ce+bf16+compile+graphs"}
+    rlora, graphs = rows[2], rows[3]
+    assert rlora["anchor"] == "peft-lora+ce+bf16+compile+graphs"
+    assert rlora["peak_anchor"] == "peft-lora+ce+bf16+compile"
+    assert rlora["vs_anchor"]["step"] == pytest.approx(0.99)
+    assert rlora["vs_anchor"]["peak"] == pytest.approx(0.75)
+    assert graphs["vs_anchor"]["step"] == pytest.approx(0.90) and graphs["vs_anchor"]["peak"] is None
