@@ -26,10 +26,12 @@ RESULT_FOLDERS = ("runs", "by_run")  # an OUT folder; its committed copy (git ig
 FOLDED = " (folded)"
 FOLDED_ROW = "the router fixed to each task's fold (one static LoRA per task)"
 # A − B, each where both sides were scored on at least one common seed.
-COMPARISONS = (("rlora", "hydralora"), ("rlora", "lora"), ("rlora", "lora-matched"), ("lora-matched", "lora"),
-               ("rlora", "rlora-router-off"), ("multilora", "lora"), ("multilora", "multilora-gate1"),
-               ("multilora-gate1", "lora"), ("rlora (folded)", "rlora"), ("hydralora (folded)", "hydralora"),
-               ("rlora-router-lr", "rlora"), ("rlora-mi", "rlora"))
+COMPARISONS = (
+    ("rlora", "hydralora"), ("rlora", "lora"), ("rlora", "lora-matched"), ("lora-matched", "lora"),
+    ("rlora", "rlora-router-off"), ("multilora", "lora"), ("multilora", "multilora-gate1"),
+    ("multilora-gate1", "lora"),
+    ("rlora (folded)", "rlora"), ("rlora (folded)", "rlora-router-off"), ("hydralora (folded)", "hydralora"),
+    ("rlora-router-lr", "rlora"), ("rlora-mi", "rlora"))
 _BUDGET = re.compile(r"^budget-(\d+)\.json$")
 
 
