@@ -119,20 +119,26 @@ def plots(results: dict[str, Any], analyses: dict[str, dict[str, Any]], folder: 
 
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: accuracy per task and on average, one bar per method (base first), ±std."""
+    """Grouped bars: accuracy per task and on average, one bar per method (base first), ±std. A
+    folded variant shares its routed twin's colour, hatched, so 14 series stay readable."""
     plt = pyplot()
     groups = [*results["tasks"], "average"]
     series = {"base": results["base"], **results["methods"]}
+    twins = list(dict.fromkeys(name.removesuffix(curves.FOLDED) for name in series if name != "base"))
+    palette = plt.get_cmap("tab10" if len(twins) <= 10 else "tab20")
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(groups) * max(1, len(series) / 4)), 4.5))
+    fig, ax = plt.subplots(figsize=(min(18.0, max(7.0, 0.3 * len(groups) * len(series))), 4.5))
     for i, (name, r) in enumerate(series.items()):
         stats = [r["average"] if g == "average" else r["tasks"][g] for g in groups]
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        twin = name.removesuffix(curves.FOLDED)
+        colour = "grey" if name == "base" else palette(twins.index(twin))
         ax.bar(xs, [s["mean"] or 0 for s in stats], width, yerr=[s["std"] or 0 for s in stats],
-               capsize=2, label=name, color="grey" if name == "base" else f"C{i - 1}")
+               capsize=1.5, label=name, color=colour, hatch="//" if twin != name else None,
+               edgecolor="white" if twin != name else None, linewidth=0)
     ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="held-out accuracy", ylim=(0, 1.05), title="Accuracy per task (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2 if len(series) <= 8 else 3)
     ax.grid(axis="y", alpha=0.3)
     return save_png(fig, path)
 

@@ -138,8 +138,9 @@ def plot_router_entropy(results: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.0))
-    for m, s in series.items():
-        ax.plot(s["steps"], s["entropy"], label=m)
+    styles = ("-", "--", ":", "-.")  # variants whose routers stay alike draw on top of each other
+    for i, (m, s) in enumerate(series.items()):
+        ax.plot(s["steps"], s["entropy"], styles[i % len(styles)], label=m, linewidth=1.6)
     ax.set(xlabel="optimizer step", ylabel="router entropy (nats)", title="Router entropy during training")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
