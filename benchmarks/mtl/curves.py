@@ -31,7 +31,7 @@ COMPARISONS = (
     ("rlora", "rlora-router-off"), ("multilora", "lora"), ("multilora", "multilora-gate1"),
     ("multilora-gate1", "lora"),
     ("rlora (folded)", "rlora"), ("rlora (folded)", "rlora-router-off"), ("hydralora (folded)", "hydralora"),
-    ("rlora-router-lr", "rlora"), ("rlora-mi", "rlora"))
+    ("rlora-router-lr", "rlora"), ("rlora-mi", "rlora"), ("rlora-router-lr-mi", "rlora-router-lr"))
 _BUDGET = re.compile(r"^budget-(\d+)\.json$")
 
 

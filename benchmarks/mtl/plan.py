@@ -48,6 +48,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
                         "R-LoRA, the router at 10x the learning rate"),
     "rlora-mi": ({"type": "rlora", "random_init": True, "head_dropout": True, "router_aux_weight": 0.05},
                  "R-LoRA + mutual-information task-balancing router loss (weight 0.05)"),
+    # The MI loss has no gradient at a uniform router, where R-LoRA's zero-init router starts; the
+    # 10x router learning rate moves it off uniform first.
+    "rlora-router-lr-mi": ({"type": "rlora", "random_init": True, "head_dropout": True, "router_lr_ratio": 10,
+                            "router_aux_weight": 0.05},
+                           "R-LoRA, the router at 10x the learning rate + the MI router loss (weight 0.05)"),
 }
 SMOKE_METHODS = ("lora", "rlora")
 
