@@ -159,10 +159,8 @@ class MultiHeadLoRA(nn.Module):
         if self.fused_forward is not None and (out := self.fused_forward(self, x)) is not None:
             return out
         y = self.base(x)
-        lead = y.shape[:-1]
         z, B = self._rank_space(x.reshape(-1, self.in_features))
-        y = _add_delta(y.reshape(-1, self.out_features), z, B, self._alpha)
-        return y.reshape(*lead, self.out_features)
+        return _add_delta(y, z, B, self._alpha)
 
     @property
     def _alpha(self) -> float:
@@ -273,18 +271,21 @@ def router_weights(logits: Tensor) -> Tensor:
 
 
 def _add_delta(y: Tensor, z: Tensor, B: Tensor, alpha: float) -> Tensor:
-    """y + alpha · z · Bᵀ, where y is the base layer's fresh output.
+    """y + alpha · z · Bᵀ, where y [.., d_out] is the base layer's fresh output and z [tokens, n·r].
 
     Eager: one GEMM that accumulates into y in place (out-of-place addmm would first copy y, a
     [T, d_out] read and write per layer). Compiled, or with mixed dtypes outside autocast: a plain
-    add in y's dtype, which the compiler fuses into whatever reads y next (RoPE, SwiGLU, the
-    residual), or turns into the base GEMM's accumulate. alpha scales the [T, n·r] activations,
-    where it fuses into the rank-space kernel: on the [T, d_out] product it was a pass of its own
-    over y's size (measured in benchmarks/RESULTS.md, "alpha scales the rank-space activations").
+    add in y's dtype and y's own shape, which the compiler fuses into whatever reads y next (RoPE,
+    SwiGLU, the residual). Added as two [T, d_out] matrices instead, the sum of two matmuls is
+    rewritten by the compiler into an out-of-place addmm, whose input copy showed in the GPU trace
+    as a memcpy before 80 of a step's GEMMs (benchmarks/RESULTS.md, round 3). alpha scales the
+    [T, n·r] activations, where it fuses into the rank-space kernel: on the [T, d_out] product it was
+    a pass of its own over y's size (RESULTS.md, "alpha scales the rank-space activations").
     """
     if torch.compiler.is_compiling() or not _one_dtype(y, z, B):
-        return y + ((z * alpha).to(B.dtype) @ B.t()).to(y.dtype)
-    return y.addmm_(z.to(y.dtype), B.t().to(y.dtype), alpha=alpha)
+        return y + ((z * alpha).to(B.dtype) @ B.t()).to(y.dtype).view(y.shape)
+    flat = y.reshape(-1, y.shape[-1])  # a view of the fresh output (a copy only if it is not contiguous)
+    return flat.addmm_(z.to(y.dtype), B.t().to(y.dtype), alpha=alpha).view(y.shape)
 
 
 def _one_dtype(y: torch.Tensor, z: torch.Tensor, B: torch.Tensor) -> bool:

@@ -90,9 +90,12 @@ def test_forward_and_gradients_match_reference(case, rslora, compiled_path, monk
         torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled_path", [False, True], ids=["in-place", "add"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_dropout_masks_match_reference(case):
-    """Train mode: same RNG stream → same masks; input masks (shared) or per-head masks."""
+def test_dropout_masks_match_reference(case, compiled_path, monkeypatch):
+    """Train mode: same RNG stream → same masks; input masks (shared) or per-head masks. A 3-D
+    input, whose delta the compiled path adds in the output's own shape."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiled_path)
     p = 0.3
     layer = make_layer(case, dropout=p).train()
     x = torch.randn(2, T // 2, D_IN, dtype=torch.float64, requires_grad=True)  # 3-D input too
@@ -260,3 +263,21 @@ def test_a_router_without_a_mixture_still_raises_and_a_static_gate_takes_none():
     routed, off = make_layer(dict(type="rlora")), make_layer(dict(type="rlora", router="off"))
     uniform = torch.ones(3, dtype=torch.float64) / 3
     torch.testing.assert_close(routed.delta_weight(uniform), off.delta_weight())
+
+
+@pytest.mark.slow
+def test_compiled_forward_adds_the_delta_without_an_addmm():
+    """Inductor rewrites a sum of two 2-D matmuls into an out-of-place addmm, which copies its input
+    first; added in the output's 3-D shape the delta's sum fuses into the next kernel instead, as
+    PEFT's does. The forward's generated code (CPU inductor) runs plain matmuls and no addmm."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    layer = make_layer(dict(type="rlora"), bias=False, dtype=torch.float32).eval()  # no bias: its addmm
+    x = torch.randn(2, T // 2, D_IN, requires_grad=True)
+    fn = torch.compile(lambda x: layer(x).pow(2).mean())
+    out, (code, *_) = run_and_get_code(fn, x)  # the forward's code first
+    torch.testing.assert_close(out, layer(x).pow(2).mean(), rtol=1e-5, atol=1e-5)
+    calls = code[code.index("def call("):]
+    assert "extern_kernels.mm(" in calls and "addmm" not in calls
+
