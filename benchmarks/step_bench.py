@@ -18,8 +18,8 @@ cross-entropy), `+ce` (only the fused cross-entropy), `+bf16` (bf16 adapter weig
 `autocast_adapter_dtype=False`, which keeps them in the base's bf16), `+compile`
 (each decoder block torch.compile'd in place, as `train.compile` does), `+graphs` (those compiled
 blocks replayed as CUDA graphs: compile mode reduce-overhead, for this variant alone), `+rN` and
-`+nN` (rank N, N heads; the anchor stays PEFT at r = 8). Every row keeps the GPU time of its
-busiest kernels (`top_kernels`), so a ratio can be read against the trace that explains it.
+`+nN` (rank N, N heads; the anchor stays PEFT at r = 8). Every row keeps its kernels by name with
+their calls and GPU time (`top_kernels`), so a ratio can be read against the trace that explains it.
 """
 
 from __future__ import annotations
@@ -354,8 +354,9 @@ def profile_step(v: Variant, ids: torch.Tensor,
     return len(work), busy_ms(work), top_kernels(work)
 
 
-def top_kernels(events: list[Any], keep: int = 20) -> list[dict[str, Any]]:
-    """The `keep` kernel names with the most summed time: name (cut to 160 characters), calls, ms."""
+def top_kernels(events: list[Any], keep: int = 200) -> list[dict[str, Any]]:
+    """Kernel names by summed time, busiest first (up to `keep`: in practice every name, so two
+    variants' inventories can be set side by side): name (cut to 160 characters), calls, ms."""
     by_name: dict[str, list[float]] = {}
     for e in events:
         by_name.setdefault(e.name[:160], []).append(e.time_range.elapsed_us() / 1e3)
