@@ -7,7 +7,8 @@ import torch
 
 from rlora_cli.adapters import MultiHeadLoRA
 
-CASES = [
+# Every method, routers softmax and off, and R-LoRA's init switches: the layer tests' cases too.
+METHOD_CASES = [
     dict(type="lora", num_heads=1),
     dict(type="multilora"),
     dict(type="hydralora", router="softmax"),
@@ -16,9 +17,9 @@ CASES = [
     dict(type="rlora", router="softmax"),
     dict(type="rlora", router="off"),
     dict(type="rlora", init="reference"),
-    dict(type="rlora", mixture=True),
-    dict(type="hydralora", mixture=True),
 ]
+# The fused path also serves a routed layer folded to one fixed head mixture.
+CASES = [*METHOD_CASES, dict(type="rlora", mixture=True), dict(type="hydralora", mixture=True)]
 
 
 def case_id(case: dict) -> str:

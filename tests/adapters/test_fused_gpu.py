@@ -122,35 +122,31 @@ def test_fp32_without_autocast_matches_float64(case, fixed_tiles):
         assert err(a, c) <= 1e-5, (name, err(a, c))
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_dropout_masks_replayed_under_autocast(case, fixed_tiles):
-    layer = make_layer(case, 520, 776, dropout=0.1).train()
-    x = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
-    up = torch.randn(300, 776, device="cuda", dtype=torch.bfloat16)
-    torch.manual_seed(5)
+def check_replayed_dropout(layer, tokens: int, seed: int) -> None:
+    """bf16 autocast in train mode: the fused path's in-kernel masks, drawn again from the same
+    seeds, give the float64 reference the same dropout, so output and gradients must agree."""
+    x = torch.randn(tokens, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(tokens, layer.out_features, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(seed)
     out_f, g_f = run(layer, x, up, fused.fused_forward, autocast=True)
-    torch.manual_seed(5)
-    masks = fused.dropout_masks(layer, 300, fused.draw_seeds(torch.device("cuda")))
+    torch.manual_seed(seed)
+    masks = fused.dropout_masks(layer, tokens, fused.draw_seeds(torch.device("cuda")))
     out_r, g_r = run_float64(layer, x, up, masks)
     assert err(out_f, out_r) <= BF16["bf16"]
     for name, a, c in zip(trainable(layer) + ["x"], g_f, g_r):
         assert err(a, c) <= BF16["bf16"], (name, err(a, c))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_dropout_masks_replayed_under_autocast(case, fixed_tiles):
+    check_replayed_dropout(make_layer(case, 520, 776, dropout=0.1).train(), 300, seed=5)
 
 
 @pytest.mark.parametrize("method", ["rlora", "hydralora"])
 def test_llama_mlp_shape_autotuned(method):
     """1024 tokens, 2048 → 8192, r = 8, n = 4, dropout on, fp32 adapters under bf16 autocast."""
     layer = make_layer(dict(type=method), 2048, 8192, dropout=0.05, heads=4, r=8).train()
-    x = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
-    up = torch.randn(1024, 8192, device="cuda", dtype=torch.bfloat16)
-    torch.manual_seed(7)
-    out_f, g_f = run(layer, x, up, fused.fused_forward, autocast=True)
-    torch.manual_seed(7)
-    masks = fused.dropout_masks(layer, 1024, fused.draw_seeds(torch.device("cuda")))
-    out_r, g_r = run_float64(layer, x, up, masks)
-    assert err(out_f, out_r) <= BF16["bf16"]
-    for name, a, c in zip(trainable(layer) + ["x"], g_f, g_r):
-        assert err(a, c) <= BF16["bf16"], (name, err(a, c))
+    check_replayed_dropout(layer, 1024, seed=7)
 
 
 def test_cpu_tensors_are_not_supported_without_the_interpreter():

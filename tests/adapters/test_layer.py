@@ -7,28 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fusedkit import METHOD_CASES, case_id
 from torch import nn
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
 
 D_IN, D_OUT, T = 24, 20, 10
 
-# Every method × {router softmax/off} × {rslora on/off}, plus R-LoRA's ablation switches.
-CASES = [
-    dict(type="lora", num_heads=1),
-    dict(type="multilora"),
-    dict(type="hydralora", router="softmax"),
-    dict(type="hydralora", router="off"),
-    dict(type="hydralora", random_init=True),
-    dict(type="hydralora", random_init=True, head_dropout=True),
-    dict(type="rlora", router="softmax"),
-    dict(type="rlora", router="off"),
-    dict(type="rlora", init="reference"),
-]
-
-
-def case_id(case: dict) -> str:
-    return "-".join(f"{v}" if k == "type" else f"{k}={v}" for k, v in case.items())
+# Every method × {router softmax/off} (× rslora on/off in the tests), plus R-LoRA's ablation switches.
+CASES = [*METHOD_CASES, dict(type="hydralora", random_init=True, head_dropout=True)]
 
 
 def make_layer(case: dict, *, rslora: bool = False, dropout: float = 0.0, bias: bool = True,
