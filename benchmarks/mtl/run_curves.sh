@@ -36,8 +36,8 @@ for i in $(seq 1 "$k"); do
     --shard "$i/$k" "$@" >>"$out/logs/shard$i.log" 2>&1 &
 done
 snapshot() {
-  tar czf "$SNAP.part" -C "$out" --ignore-failed-read runs logs base $(cd "$out" && ls settings.json 2>/dev/null) \
-    2>/dev/null && mv "$SNAP.part" "$SNAP"
+  # --ignore-failed-read: settings.json appears only once a shard has started
+  tar czf "$SNAP.part" -C "$out" --ignore-failed-read runs logs base settings.json 2>/dev/null && mv "$SNAP.part" "$SNAP"
 }
 if [ -n "${SNAP:-}" ]; then
   (while sleep 30; do snapshot; done) &
