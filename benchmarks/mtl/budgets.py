@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import transformers
 
+from rlora_cli.adapters import MultiHeadLoRA
 from rlora_cli.checkpoint import read_adapter_config
 from rlora_cli.eval.recipe_tasks import prepare_recipe, run_recipe
 from rlora_cli.eval.run import score_measured_folds
@@ -136,6 +137,8 @@ def score_budget(method: str, seed: int, budget: int, run_dir: Path, results: Pa
               "trainable_parameters": info["trainable_parameters"],
               "tasks": tasks, "mean_accuracy": mean_accuracy(tasks),
               **logged_at(run_dir / "metrics.jsonl", budget)}
+    if (gates := gate_summary(lm)) is not None:
+        record["gates"] = gates
     if inputs["folds"] is not None:
         record["folded"] = score_folded(lm, tokenizer, inputs["folds"], prepared, settings, console)
     record["eval_s"] = round(time.perf_counter() - start, 2)
@@ -143,6 +146,19 @@ def score_budget(method: str, seed: int, budget: int, run_dir: Path, results: Pa
     path = results / budget_file(budget)
     atomic_write_text(path, dumps(record))
     return path
+
+
+def gate_summary(model: torch.nn.Module) -> dict[str, Any] | None:
+    """MultiLoRA's scalar gates at this budget: per head, the mean |g_i| over the adapted modules,
+    and the largest |g_i| of any (`rlora analyze` shows the same per module). Zero-init gates that
+    never moved read as zeros here, so a MultiLoRA that did not train shows in every budget file.
+    None for a model without scalar gates."""
+    gates = [m.rlora_gate.detach().abs().double().cpu() for m in model.modules()
+             if isinstance(m, MultiHeadLoRA) and m.spec.gate == "scalar"]
+    if not gates:
+        return None
+    stacked = torch.stack(gates)
+    return {"modules": len(gates), "mean_abs": stacked.mean(0).tolist(), "max_abs": stacked.max().item()}
 
 
 def score_folded(lm: Any, tokenizer: Any, fold_plan: FoldPlan, prepared: dict[str, Any],

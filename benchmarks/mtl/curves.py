@@ -1,7 +1,7 @@
 """The learning curves' results, read from the budget files of a benchmark folder: per budget the
 accuracy table, the paired bootstrap comparisons and the ordering of the variants; across budgets
 where that ordering changes; the routers' use of their heads per task; the router entropy logged
-during training. Data only: report_curves.py renders it.
+during training; MultiLoRA's gate magnitudes. Data only: report_curves.py renders it.
 
     python -m benchmarks.mtl.report OUT_OR_RAW [--out DIR]     # what reads this
 
@@ -61,6 +61,7 @@ def build(folder: str | Path, replicates: int = REPLICATES) -> dict[str, Any]:
         "ordering_changes": ordering_changes({n: by_budget[str(n)]["ordering"] for n in budgets}),
         "router_usage": router_usage(records, variants, budgets),
         "router_entropy": router_entropy(folder, variants),
+        "gates": gates(records, variants, budgets),
     }
 
 
@@ -151,6 +152,21 @@ def _usage(folded: list[dict[str, Any]]) -> dict[str, Any]:
             "module_entropy": mean(module) if module else None,
             "max_l1": mean(pairs[widest]) if widest else None,
             "max_l1_tasks": list(widest) if widest else None}
+
+
+def gates(records: list[dict[str, Any]], variants: list[str], budgets: list[int]) -> dict[str, Any]:
+    """{variant: {budget: {"mean_abs": per head, the mean over seeds of the modules' mean |g_i|,
+    "max_abs": the largest |g_i| of any module and seed, "seeds"}}} for the scalar-gate variants
+    whose budget files record their gates (budgets.gate_summary)."""
+    out: dict[str, Any] = {}
+    for m in variants:
+        for n in budgets:
+            mine = [r["gates"] for r in records if r["method"] == m and r["budget"] == n and "gates" in r]
+            if mine:
+                out.setdefault(m, {})[str(n)] = {
+                    "mean_abs": [sum(col) / len(col) for col in zip(*(g["mean_abs"] for g in mine))],
+                    "max_abs": max(g["max_abs"] for g in mine), "seeds": len(mine)}
+    return out
 
 
 def router_entropy(folder: Path, variants: list[str]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("The ordering is the same at every budget." if len(budgets) > 1 else
                      "One budget: no change to see.")
     lines += ["", *_usage_section(results["router_usage"])]
+    lines += _gates_section(results["gates"])
     rows = {m: r for b in by_budget.values() for m, r in b["methods"].items() if FOLDED not in m}
     lines += ["", "Methods: " + "; ".join(f"`{m}` = {r['description']}" for m, r in rows.items()) + "."]
     return "\n".join(lines) + "\n"
@@ -99,6 +100,20 @@ def _usage_section(usage: dict[str, Any]) -> list[str]:
             pair = " / ".join(u["max_l1_tasks"] or [])
             lines.append(f"| {m} | {n} | {u['fold_entropy']:.3f} | {module} | {u['uniform_entropy']:.3f} | "
                          f"{l1} | {pair} |")
+    return lines
+
+
+def _gates_section(gates: dict[str, Any]) -> list[str]:
+    if not gates:
+        return []
+    lines = ["", "## MultiLoRA's gates", "",
+             "Per head, the mean |g_i| over the adapted modules (mean over seeds), and the largest |g_i| "
+             "of any module; the gates start at 0.", "",
+             "| variant | steps | mean \\|g_i\\| per head | largest \\|g_i\\| | seeds |", "|---|---:|---|---:|---:|"]
+    for m, by_budget in gates.items():
+        for n, g in by_budget.items():
+            heads = " / ".join(f"{v:.3g}" for v in g["mean_abs"])
+            lines.append(f"| {m} | {n} | {heads} | {g['max_abs']:.3g} | {g['seeds']} |")
     return lines
 
 
