@@ -109,7 +109,8 @@ def _gates_section(gates: dict[str, Any]) -> list[str]:
     lines = ["", "## MultiLoRA's gates", "",
              "Per head, the mean |g_i| over the adapted modules (mean over seeds), and the largest |g_i| "
              "of any module; the gates start at 0.", "",
-             "| variant | steps | mean \\|g_i\\| per head | largest \\|g_i\\| | seeds |", "|---|---:|---|---:|---:|"]
+             "| variant | steps | mean \\|g_i\\| per head | largest \\|g_i\\| | seeds |",
+             "|---|---:|---|---:|---:|"]
     for m, by_budget in gates.items():
         for n, g in by_budget.items():
             heads = " / ".join(f"{v:.3g}" for v in g["mean_abs"])

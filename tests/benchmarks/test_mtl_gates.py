@@ -32,12 +32,12 @@ def test_gate_summary_reads_every_scalar_gate():
 
 
 def test_the_report_gathers_gates_over_seeds():
-    records = [
-        {"method": "multilora", "budget": 150, "gates": {"modules": 3, "mean_abs": [0.1, 0.3], "max_abs": 0.5}},
-        {"method": "multilora", "budget": 150, "gates": {"modules": 3, "mean_abs": [0.3, 0.1], "max_abs": 0.9}},
-        {"method": "lora", "budget": 150},
-        {"method": "multilora", "budget": 300, "gates": {"modules": 3, "mean_abs": [0.0, 0.0], "max_abs": 0.0}},
-    ]
+    def seed(budget: int, mean_abs: list[float], max_abs: float) -> dict:
+        return {"method": "multilora", "budget": budget,
+                "gates": {"modules": 3, "mean_abs": mean_abs, "max_abs": max_abs}}
+
+    records = [seed(150, [0.1, 0.3], 0.5), seed(150, [0.3, 0.1], 0.9), {"method": "lora", "budget": 150},
+               seed(300, [0.0, 0.0], 0.0)]
     gates = curves.gates(records, ["lora", "multilora"], [150, 300])
     assert list(gates) == ["multilora"]
     assert gates["multilora"]["150"] == {"mean_abs": pytest.approx([0.2, 0.2]), "max_abs": 0.9, "seeds": 2}
