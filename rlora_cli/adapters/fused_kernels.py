@@ -15,8 +15,7 @@ so the backward regenerates what the forward drew. fp32 accumulates everywhere; 
 cast to the compute dtype DT on load (what autocast does to fp32 adapters, without a copy).
 
 Imported only where triton is installed (fused.py guards it). TRITON_INTERPRET=1 runs every kernel
-on the CPU with small tiles (tests/adapters/test_fused.py); on a GPU the tiles are autotuned per
-shape, or fixed with RLORA_FUSED_AUTOTUNE=0 (no tuning runs: quick tests).
+on the CPU (tests/adapters/test_fused*.py); `Tiles` says which tiles run where.
 """
 
 import os
@@ -339,13 +338,18 @@ def _mask_kernel(seed_ptr, out_ptr, rows, cols, p, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------------------ tile choices
 
 class Tiles(NamedTuple):
-    """A kernel and its tile choices: `tuned` (autotuned per shape), `fixed` (one Hopper config,
-    RLORA_FUSED_AUTOTUNE=0: no tuning runs), `small` (the interpreter's)."""
+    """A kernel and its tiles: `configs` (Hopper's) autotuned per shape over `key` as `tuned`, the first
+    `fixed` (RLORA_FUSED_AUTOTUNE=0: no tuning runs), `small` the interpreter's; tests force each one."""
 
     plain: Any
     tuned: Any
-    fixed: dict
+    configs: tuple
+    key: tuple
     small: dict
+
+    @property
+    def fixed(self) -> dict:  # the first config's launch meta: tiles, warps, stages
+        return self.configs[0].all_kwargs()
 
     def pick(self) -> tuple[Any, dict]:
         """(kernel, launch meta) for this process: read at call time, so tests can switch it."""
@@ -358,10 +362,9 @@ class Tiles(NamedTuple):
 
 def _tiles(kernel, configs: list[tuple[dict, int, int]], key: list[str], small: dict, hook=None) -> Tiles:
     """The first of `configs` is the fixed one; `hook` runs before each config's launch."""
-    cfgs = [triton.Config(m, num_warps=w, num_stages=s, pre_hook=hook) for m, w, s in configs]
-    meta, warps, stages = configs[0]
-    tuned = kernel if INTERPRETED else triton.autotune(cfgs, key=key)(kernel)
-    return Tiles(kernel, tuned, {**meta, "num_warps": warps, "num_stages": stages}, small)
+    cfgs = tuple(triton.Config(m, num_warps=w, num_stages=s, pre_hook=hook) for m, w, s in configs)
+    tuned = kernel if INTERPRETED else triton.autotune(list(cfgs), key=key)(kernel)
+    return Tiles(kernel, tuned, cfgs, tuple(key), small)
 
 
 def tma_blocks(args: dict) -> None:
@@ -383,8 +386,7 @@ GEMM = _tiles(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_
 _ROWS = [({"BLOCK_M": m, "BLOCK_K": k}, w, s)
          for m, k, w, s in ((64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3))]
 SUM_ROWS = 32  # rows of tokens per gate-sum row: the smallest BLOCK_M of _ROWS and of the interpreter
-RANK_FWD = _tiles(_rank_fwd_kernel, _ROWS, ["T", "D", "N_HEADS", "R", "GATE"],
-                  {"BLOCK_M": 32, "BLOCK_K": 32})
+RANK_FWD = _tiles(_rank_fwd_kernel, _ROWS, ["T", "D", "N_HEADS", "R", "GATE"], {"BLOCK_M": 32, "BLOCK_K": 32})
 # (64 rows in the interpreter: a tile larger than SUM_ROWS, so the tests see the zero-filled sum rows)
 RANK_BWD = _tiles(_rank_bwd_kernel, _ROWS, ["T", "DO", "N_HEADS", "R", "GATE"],
                   {"BLOCK_M": 64, "BLOCK_K": 32})
