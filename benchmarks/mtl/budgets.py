@@ -9,9 +9,11 @@ each budget scored as soon as it is reached, its result file written at once.
                                                 example_keys (held-out order), "folded" (router
                                                 variants: the same with the router fixed to each
                                                 task's fold, the folds and their per-module usage),
-                                                trainable parameters, the training loss logged at N
-                                                and the held-out loss per task at N, provenance
-                                                (host, GPU, RLORA_BENCH_CALL, time, versions)
+                                                "mean_accuracy", trainable parameters, the training
+                                                loss logged at N and the held-out loss per task at
+                                                N, "gates" (MultiLoRA: |g_i| per head, gate_summary),
+                                                "eval_s", provenance (host, GPU, RLORA_BENCH_CALL,
+                                                time, versions)
     OUT/runs/<variant>-seed<s>/metrics.jsonl, run_info.json   copies of the run's own (small)
 
 Breadth first (`run_curves`): a process brings every (variant, seed) it holds to its smallest
@@ -56,8 +58,9 @@ from rlora_cli.eval.run import score_measured_folds
 from rlora_cli.files import atomic_write_text
 from rlora_cli.fold import Fold, FoldPlan, measure_folds, plan_folds
 from rlora_cli.model import load_with_adapter
+from rlora_cli.report.analyze import gate_stats
 from rlora_cli.routing import entropy
-from rlora_cli.runs import CHECKPOINT_PREFIX, checkpoint_step
+from rlora_cli.runs import CHECKPOINT_PREFIX, checkpoint_step, read_metrics
 from rlora_cli.training.loop import train
 from rlora_cli.training.rundir import checkpoint_damage, complete_checkpoints
 
@@ -71,24 +74,21 @@ def budget_file(budget: int) -> str:
 
 
 def run_curves(pairs: list[tuple[str, int]], recipes: dict[tuple[str, int], Path], out: Path,
-               settings: plan.Settings, console: Any) -> list[Path]:
-    """Every (variant, seed) of `pairs` to each budget in turn, breadth first; the files written."""
+               settings: plan.Settings, console: Any) -> None:
+    """Every (variant, seed) of `pairs` to each budget in turn, breadth first."""
     inputs: dict[Path, dict[str, Any]] = {}  # per recipe: its held-out rows, read once per process
-    written = []
     for budget in settings.budgets:
         for method, seed in pairs:
-            path = reach(method, seed, budget, recipes[(method, seed)], out, settings, inputs, console)
-            written += [path] if path else []
-    return written
+            reach(method, seed, budget, recipes[(method, seed)], out, settings, inputs, console)
 
 
 def reach(method: str, seed: int, budget: int, recipe_path: Path, out: Path, settings: plan.Settings,
-          inputs: dict[Path, dict[str, Any]], console: Any) -> Path | None:
-    """Train one (variant, seed) to `budget` and score it; None when it was scored before."""
+          inputs: dict[Path, dict[str, Any]], console: Any) -> None:
+    """Train one (variant, seed) to `budget` and score it, unless it was scored before."""
     name = f"{method}-seed{seed}"
     results, run_dir = out / "runs" / name, out / "train" / name
     if (results / budget_file(budget)).is_file():
-        return None
+        return
     console.rule(f"{method}, seed {seed}: budget {budget}")
     train_to(run_dir, recipe_path, budget, console)
     for log in LOGS:
@@ -96,10 +96,9 @@ def reach(method: str, seed: int, budget: int, recipe_path: Path, out: Path, set
             atomic_write_text(results / log, (run_dir / log).read_text())
     if recipe_path not in inputs:
         inputs[recipe_path] = read_inputs(method, recipe_path, run_dir / f"{CHECKPOINT_PREFIX}{budget}")
-    path = score_budget(method, seed, budget, run_dir, results, inputs[recipe_path], settings, console)
+    score_budget(method, seed, budget, run_dir, results, inputs[recipe_path], settings, console)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the scoring's cached blocks back to the processes sharing the GPU
-    return path
 
 
 def train_to(run_dir: Path, recipe_path: Path, budget: int, console: Any) -> None:
@@ -153,12 +152,9 @@ def gate_summary(model: torch.nn.Module) -> dict[str, Any] | None:
     and the largest |g_i| of any (`rlora analyze` shows the same per module). Zero-init gates that
     never moved read as zeros here, so a MultiLoRA that did not train shows in every budget file.
     None for a model without scalar gates."""
-    gates = [m.rlora_gate.detach().abs().double().cpu() for m in model.modules()
+    gates = [m.rlora_gate.detach().abs().double().tolist() for m in model.modules()
              if isinstance(m, MultiHeadLoRA) and m.spec.gate == "scalar"]
-    if not gates:
-        return None
-    stacked = torch.stack(gates)
-    return {"modules": len(gates), "mean_abs": stacked.mean(0).tolist(), "max_abs": stacked.max().item()}
+    return {"modules": len(gates), **gate_stats(gates)} if gates else None
 
 
 def score_folded(lm: Any, tokenizer: Any, fold_plan: FoldPlan, prepared: dict[str, Any],
@@ -196,8 +192,7 @@ def logged_at(metrics: Path, budget: int) -> dict[str, Any]:
     """{"train_loss": the last training-loss row logged at or before `budget` (its step, loss, and
     router_entropy when the log has it), "eval_loss": the held-out loss per task logged at
     `budget` (the end of its segment)}, each None when the log has none."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-        if metrics.is_file() else []
+    rows = read_metrics(metrics) if metrics.is_file() else []
     losses = [r for r in rows if "loss" in r and r.get("step", budget + 1) <= budget]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r and r.get("step") == budget]
     train_loss = {k: losses[-1][k] for k in ("step", "loss", "router_entropy") if k in losses[-1]} \

@@ -19,12 +19,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from rlora_cli.report.analyze import gate_stats
+from rlora_cli.runs import read_metrics
+
 from .plan import VARIANTS
 from .stats import REPLICATES, paired_bootstrap, spread
 
 RESULT_FOLDERS = ("runs", "by_run")  # an OUT folder; its committed copy (git ignores runs/)
 FOLDED = " (folded)"
-FOLDED_ROW = "the router fixed to each task's fold (one static LoRA per task)"
+FOLDED_ROW = "the same adapters, the router fixed to each task's fold (one static LoRA per task)"
 # A − B, each where both sides were scored on at least one common seed.
 COMPARISONS = (
     ("rlora", "hydralora"), ("rlora", "lora"), ("rlora", "lora-matched"), ("lora-matched", "lora"),
@@ -82,10 +85,10 @@ def budget_summary(records: list[dict[str, Any]], tasks: list[str], variants: li
         mine = sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"])
         if not mine:
             continue
-        rows[m] = _row(mine, tasks, _description(m, settings))
+        rows[m] = {**row(mine, tasks, description(m, settings)), "train_loss": _train_loss(mine)}
         folded = [{**r, **r["folded"]} for r in mine if "folded" in r]
         if folded:
-            rows[m + FOLDED] = _row(folded, tasks, FOLDED_ROW)
+            rows[m + FOLDED] = {**row(folded, tasks, FOLDED_ROW), "train_loss": _train_loss(folded)}
     comparisons = []
     for a, b in COMPARISONS:
         sa, sb = side(records, a), side(records, b)
@@ -96,12 +99,19 @@ def budget_summary(records: list[dict[str, Any]], tasks: list[str], variants: li
             "ordering": sorted(ranked, key=lambda m: -rows[m]["average"]["mean"])}
 
 
-def _row(records: list[dict[str, Any]], tasks: list[str], description: str) -> dict[str, Any]:
-    return {"description": description, "trainable_parameters": records[0]["trainable_parameters"],
+def row(records: list[dict[str, Any]], tasks: list[str], description: str,
+        trainable: int | None = None) -> dict[str, Any]:
+    """A method's row over its seeds' records: accuracy per task and on average (mean ± std).
+    `trainable` stands in for the records' count when there are none yet."""
+    return {"description": description,
+            "trainable_parameters": records[0]["trainable_parameters"] if records else trainable,
             "seeds": [r["seed"] for r in records],
             "tasks": {t: spread([r["tasks"].get(t, {}).get("accuracy") for r in records]) for t in tasks},
-            "average": spread([r["mean_accuracy"] for r in records]),
-            "train_loss": spread([(r.get("train_loss") or {}).get("loss") for r in records])}
+            "average": spread([r["mean_accuracy"] for r in records])}
+
+
+def _train_loss(records: list[dict[str, Any]]) -> dict[str, Any]:
+    return spread([(r.get("train_loss") or {}).get("loss") for r in records])
 
 
 def side(records: list[dict[str, Any]], name: str) -> dict[int, dict[str, Any]]:
@@ -164,7 +174,7 @@ def gates(records: list[dict[str, Any]], variants: list[str], budgets: list[int]
             mine = [r["gates"] for r in records if r["method"] == m and r["budget"] == n and "gates" in r]
             if mine:
                 out.setdefault(m, {})[str(n)] = {
-                    "mean_abs": [sum(col) / len(col) for col in zip(*(g["mean_abs"] for g in mine))],
+                    "mean_abs": gate_stats([g["mean_abs"] for g in mine])["mean_abs"],
                     "max_abs": max(g["max_abs"] for g in mine), "seeds": len(mine)}
     return out
 
@@ -176,8 +186,7 @@ def router_entropy(folder: Path, variants: list[str]) -> dict[str, Any]:
     for m in variants:
         by_step: dict[int, list[float]] = {}
         for log in (p for name in RESULT_FOLDERS for p in (folder / name).glob(f"{m}-seed*/metrics.jsonl")):
-            for line in log.read_text().splitlines():
-                row = json.loads(line) if line.strip() else {}
+            for row in read_metrics(log):
                 if isinstance(row.get("router_entropy"), (int, float)) and "step" in row:
                     by_step.setdefault(row["step"], []).append(float(row["router_entropy"]))
         if by_step:
@@ -190,7 +199,8 @@ def _held_out(task: str, records: list[dict[str, Any]]) -> int | None:
     return next((r["tasks"][task]["n"] for r in records if task in r["tasks"]), None)
 
 
-def _description(method: str, settings: dict[str, Any]) -> str:
+def description(method: str, settings: dict[str, Any]) -> str:
+    """The variant's description; lora-matched's with its rank."""
     text = VARIANTS[method][1] if method in VARIANTS else method
     r = settings.get("lora_matched_r")
     return text + (f" (r = {r})" if method == "lora-matched" and r else "")

@@ -181,8 +181,8 @@ def trainable_counts(model: str, settings: Settings, methods: tuple[str, ...],
         try:
             counts[m] = count_trainable(
                 model, adapter_section(m, settings, lora_r=matched_r if m == "lora-matched" else None))
-        except UserError as e:  # an adapter key this rlora does not have yet (rlora-mi's)
-            raise UserError(f"variant {m}: {e.problem}", f"leave {m} out of --methods; or {e.fix}") from None
+        except UserError as e:  # name the variant whose adapter section or model failed
+            raise UserError(f"variant {m}: {e.problem}", e.fix) from None
     return counts
 
 

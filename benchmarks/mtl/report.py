@@ -27,76 +27,48 @@ from rlora_cli.report.common import pyplot, save_png
 
 from . import curves, report_curves
 from .plan import VARIANTS, Settings
-from .stats import spread as _stats
+from .stats import spread
 
 
 def summarize(settings: Settings, tasks: dict[str, Any], base: dict[int, dict[str, Any]],
               runs: list[dict[str, Any]], counts: dict[str, int], matched_r: int) -> dict[str, Any]:
-    """results.json: settings, the base model and each method, per task and on average."""
+    """results.json: settings, the base model and each method, per task and on average (the rows
+    of the learning curves, curves.row), with each run's time."""
     names = list(tasks)
     methods: dict[str, Any] = {}
     for m in settings.methods:
         mine = [r for r in runs if r["method"] == m]
-        methods[m] = {
-            "description": VARIANTS[m][1] + (f" (r = {matched_r})" if m == "lora-matched" else ""),
-            "trainable_parameters": mine[0]["trainable_parameters"] if mine else counts.get(m),
-            "seeds": [r["seed"] for r in mine],
-            "tasks": {t: _stats([r["tasks"].get(t, {}).get("accuracy") for r in mine]) for t in names},
-            "average": _stats([r["mean_accuracy"] for r in mine]),
-            "wall_s": _stats([r["wall_s"] for r in mine]),
-            "train_s": _stats([r["train_s"] for r in mine]),
-        }
-        folded = [r for r in mine if "folded" in r]
+        methods[m] = {**curves.row(mine, names, curves.description(m, {"lora_matched_r": matched_r}),
+                                   counts.get(m)),
+                      "wall_s": spread([r["wall_s"] for r in mine]),
+                      "train_s": spread([r["train_s"] for r in mine])}
+        folded = [{**r, **r["folded"]} for r in mine if "folded" in r]
         if folded:
-            methods[f"{m} (folded)"] = _folded(methods[m], folded, names)
+            methods[m + curves.FOLDED] = {**curves.row(folded, names, curves.FOLDED_ROW),
+                                          "wall_s": spread([]), "train_s": spread([])}
     base_runs = list(base.values())
     return {
         "settings": settings.to_dict(), "lora_matched_r": matched_r,
         "tasks": {t: {"held_out": base_runs[0]["tasks"][t]["n"] if base_runs else None} for t in names},
-        "base": {"tasks": {t: _stats([b["tasks"][t]["accuracy"] for b in base_runs]) for t in names},
-                 "average": _stats([b["mean_accuracy"] for b in base_runs])},
+        "base": {"tasks": {t: spread([b["tasks"][t]["accuracy"] for b in base_runs]) for t in names},
+                 "average": spread([b["mean_accuracy"] for b in base_runs])},
         "methods": methods, "runs": runs,
     }
-
-
-def _folded(routed: dict[str, Any], runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """The row of a router variant with its router fixed per task (one static LoRA per task)."""
-    return {
-        "description": "the same adapters, the router fixed to each task's fold (one static LoRA per task)",
-        "trainable_parameters": routed["trainable_parameters"],
-        "seeds": [r["seed"] for r in runs],
-        "tasks": {t: _stats([r["folded"]["tasks"].get(t, {}).get("accuracy") for r in runs]) for t in names},
-        "average": _stats([r["folded"]["mean_accuracy"] for r in runs]),
-        "wall_s": _stats([]), "train_s": _stats([]),
-    }
-
-
-def _pct(s: dict[str, Any]) -> str:
-    if s["mean"] is None:
-        return "-"
-    return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "")
 
 
 def markdown(results: dict[str, Any]) -> str:
     """One table: accuracy (%) per task and on average, mean ± std over seeds, then cost."""
     tasks = list(results["tasks"])
     st = results["settings"]
-    head = ["method", "trainable params", *tasks, "average", "Δ avg vs base", "s / run"]
     held_out = ", ".join(f"{t} {v['held_out']}" for t, v in results["tasks"].items())
+
+    def seconds(r: dict[str, Any]) -> str:
+        return "-" if r["wall_s"]["mean"] is None else str(round(r["wall_s"]["mean"]))
+
     lines = [f"Held-out accuracy (%), mean ± std over seeds {', '.join(map(str, st['seeds']))}; "
              f"model {st['model']}; r = {st['r']}, heads = {st['num_heads']}, "
-             f"targets {st['target_modules']}; held-out per task: {held_out}.",
-             "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    b = results["base"]
-    lines.append("| base model (before training) | 0 | " + " | ".join(_pct(b["tasks"][t]) for t in tasks)
-                 + f" | {_pct(b['average'])} | | |")
-    for m, r in results["methods"].items():
-        delta = (r["average"]["mean"] - b["average"]["mean"]
-                 if r["average"]["mean"] is not None and b["average"]["mean"] is not None else None)
-        cells = " | ".join(_pct(r["tasks"][t]) for t in tasks)
-        lines.append(f"| {m} | {r['trainable_parameters']:,} | " + cells
-                     + f" | {_pct(r['average'])} | {'-' if delta is None else f'{100 * delta:+.1f}'}"
-                     + f" | {'-' if r['wall_s']['mean'] is None else round(r['wall_s']['mean'])} |")
+             f"targets {st['target_modules']}; held-out per task: {held_out}.", "",
+             *report_curves.accuracy_table(tasks, results["base"], results["methods"], "s / run", seconds)]
     methods = "; ".join(f"`{m}` = {r['description']}" for m, r in results["methods"].items())
     lines += ["", f"Methods: {methods}."]
     return "\n".join(lines) + "\n"

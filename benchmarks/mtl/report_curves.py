@@ -1,10 +1,12 @@
 """The learning curves rendered: results.md (per budget the accuracy table, the paired bootstrap
-comparisons and the ordering; where the ordering changes; the routers' use of their heads) and
+comparisons and the ordering; where the ordering changes; the routers' use of their heads;
+MultiLoRA's gates) and
 the plots curves.png (average accuracy against steps) and router_entropy.png (when the training
 logs hold router_entropy). What is shown comes from curves.build."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ from rlora_cli.report.common import pyplot, save_png
 from .curves import FOLDED
 
 
-def _pct(s: dict[str, Any]) -> str:
+def pct(s: dict[str, Any]) -> str:
+    """A spread (stats.spread) as a percentage: mean ± std."""
     if s["mean"] is None:
         return "-"
     return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "")
@@ -21,6 +24,23 @@ def _pct(s: dict[str, Any]) -> str:
 
 def _points(x: float) -> str:
     return f"{100 * x:+.1f}".replace("-", "−")
+
+
+def accuracy_table(tasks: list[str], base: dict[str, Any], methods: dict[str, Any], last: str,
+                   last_cell: Callable[[dict[str, Any]], str]) -> list[str]:
+    """The accuracy table of both reports: per task and on average (%, mean ± std over seeds), the
+    base model first, each row's change of the average against it, and one last column of the
+    caller's (`last`, each row's cell from `last_cell`)."""
+    head = ["method", "trainable params", *tasks, "average", "Δ avg vs base", last]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+             "| base model (before training) | 0 | " + " | ".join(pct(base["tasks"][t]) for t in tasks)
+             + f" | {pct(base['average'])} | | |"]
+    for m, r in methods.items():
+        avg, base_avg = r["average"]["mean"], base["average"]["mean"]
+        cells = [m, f"{r['trainable_parameters']:,}", *(pct(r["tasks"][t]) for t in tasks), pct(r["average"]),
+                 "-" if avg is None or base_avg is None else _points(avg - base_avg), last_cell(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -58,18 +78,11 @@ def _intro(results: dict[str, Any]) -> str:
 
 
 def _budget_section(n: int, summary: dict[str, Any], results: dict[str, Any]) -> list[str]:
-    tasks, b = list(results["tasks"]), results["base"]
-    head = ["method", "trainable params", *tasks, "average", "Δ avg vs base", "train loss"]
-    lines = [f"## {n} steps", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
-             "| base model (before training) | 0 | " + " | ".join(_pct(b["tasks"][t]) for t in tasks)
-             + f" | {_pct(b['average'])} | | |"]
-    for m, r in summary["methods"].items():
-        avg, base, loss = r["average"]["mean"], b["average"]["mean"], r["train_loss"]["mean"]
-        cells = [m, f"{r['trainable_parameters']:,}", *(_pct(r["tasks"][t]) for t in tasks),
-                 _pct(r["average"]), "-" if avg is None or base is None else _points(avg - base),
-                 "-" if loss is None else f"{loss:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    def loss(r: dict[str, Any]) -> str:
+        return "-" if r["train_loss"]["mean"] is None else f"{r['train_loss']['mean']:.3f}"
+
+    lines = [f"## {n} steps", "",
+             *accuracy_table(list(results["tasks"]), results["base"], summary["methods"], "train loss", loss)]
     if summary["comparisons"]:
         lines += ["", f"Paired differences of the average (A − B, points): bootstrap over each task's "
                       f"held-out examples within each seed, {summary['comparisons'][0]['replicates']} "

@@ -17,7 +17,8 @@ Learning curves (--budgets 150,300,...; budgets.py says how each budget is train
 scored at once, and how a killed run continues; the budgets may grow from call to call):
     OUT/train/<variant>-seed<s>/       the run directory, a checkpoint at every budget
     OUT/runs/<variant>-seed<s>/        budget-<N>.json per budget, metrics.jsonl, run_info.json
-    + results.md's paired bootstrap comparisons and router usage per budget, plots/curves.png and,
+    + results.md's paired bootstrap comparisons, router usage and MultiLoRA's gates per budget,
+      plots/curves.png and,
     when the training logs hold router_entropy, plots/router_entropy.png
 
 `--shard i/k` takes every k-th (variant, seed) from the i-th and writes no report, so k processes
@@ -107,7 +108,8 @@ def run_benchmark(tasks_dir: str | Path | None, settings: plan.Settings, out: st
 
 def collect(out: str | Path, console: Any = None) -> dict[str, Any]:
     """--collect: the report of whatever result files OUT holds (results.json, results.md,
-    plots/), after analysing each variant's first-seed adapter still on disk; returns results.json."""
+    plots/); the learning curves' runs (OUT/train/) first get each variant's first-seed adapter
+    analysed again (a single-budget OUT keeps the analysis/ its runs wrote). Returns results.json."""
     from rich.console import Console
 
     console = console or Console()
@@ -115,7 +117,7 @@ def collect(out: str | Path, console: Any = None) -> dict[str, Any]:
     firsts: dict[str, Path] = {}
     for adapter in sorted((out / "train").glob("*-seed*/adapter"), key=lambda p: _seed_of(p.parent.name)):
         firsts.setdefault(adapter.parent.name.rsplit("-seed", 1)[0], adapter)
-    for method, adapter in firsts.items():  # learning curves: the adapter of the largest budget
+    for method, adapter in firsts.items():  # the adapter/ of the largest budget trained so far
         _write_json(out / "analysis" / f"{method}.json", analyze_adapter(adapter))
     results, text = report.rebuild(out)
     console.print(text, markup=False, highlight=False)
@@ -200,7 +202,7 @@ def train_and_score(method: str, seed: int, recipe_path: Path, run_dir: Path, se
               "trainable_parameters": info["trainable_parameters"], "train_s": round(train_s, 2),
               "eval_s": round(eval_s, 2), "wall_s": round(train_s + eval_s, 2),
               "tasks": {t: {"accuracy": r["accuracy"], "n": r["n"]} for t, r in tasks.items()},
-              "mean_accuracy": _mean([r["accuracy"] for r in tasks.values()])}
+              "mean_accuracy": budgets.mean_accuracy(tasks)}
     _write_json(result_path, result)
     return result
 
@@ -226,7 +228,7 @@ def score_folded(run: dict[str, Any], recipe_path: Path, settings: plan.Settings
     _results_file(Path(run["run_dir"]) / "folded.json", settings.model, str(adapter),
                   time.perf_counter() - start, tasks)
     run = {**run, "folded": {"tasks": {t: {"accuracy": r["accuracy"], "n": r["n"]} for t, r in tasks.items()},
-                             "mean_accuracy": _mean([r["accuracy"] for r in tasks.values()]),
+                             "mean_accuracy": budgets.mean_accuracy(tasks),
                              "folds": infos}}
     _write_json(Path(run["run_dir"]) / "result.json", run)
     return run
@@ -259,10 +261,6 @@ def analyze_first_seed(runs: list[dict[str, Any]], folder: Path, console: Any) -
             _write_json(folder / f"{run['method']}.json", analyses[run["method"]])
     return analyses
 
-
-def _mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -41,13 +41,18 @@ def render_analysis(analyses: dict[str, dict[str, Any]], out: Path, plots: list[
     console.print(f"analysis written to {escape(str(out))} ({names})")
 
 
+def gate_stats(gates: list[list[float]]) -> dict[str, Any]:
+    """MultiLoRA's |gᵢ| of several modules (a row of heads each): per head the mean over the rows,
+    and the largest of any: whether its gates moved at all."""
+    return {"mean_abs": [sum(col) / len(col) for col in zip(*gates)], "max_abs": max(max(g) for g in gates)}
+
+
 def _gates_str(modules: list[dict[str, Any]]) -> str:
-    """MultiLoRA's mean |gᵢ| per head over modules, and the largest: whether its gates moved at all."""
     gates = [m["gate_abs"] for m in modules if "gate_abs" in m]
     if not gates:
         return "-"
-    means = [sum(col) / len(col) for col in zip(*gates)]
-    return " ".join(f"{g:.3g}" for g in means) + f" (max {max(max(g) for g in gates):.3g})"
+    stats = gate_stats(gates)
+    return " ".join(f"{g:.3g}" for g in stats["mean_abs"]) + f" (max {stats['max_abs']:.3g})"
 
 
 def _mean_str(values: list[float | None]) -> str:
