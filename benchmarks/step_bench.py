@@ -463,7 +463,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> dict[str, str]:
         peak_ref = refs["peak"].get(key)
         if peak_ref is not None and peak_ref is not ref:
             r["peak_anchor"] = peak_ref["variant"]
-        r["vs_anchor"] = {k: (r[f] / refs[k][key][f] if key in refs[k] and r.get(f) is not None else None)
+        r["vs_anchor"] = {k: (r[f] / refs[k][key][f] if key in refs[k] and r.get(f) is not None
+                              and refs[k][key][f] else None)  # an anchor that measured 0: no ratio
                           for k, f in RATIOS.items()} if r["ok"] else None
     return {f"{shape} {batch}": r["variant"] for (shape, batch), r in refs["step"].items()}
 

@@ -113,9 +113,8 @@ class MultiHeadLoRA(nn.Module):
         # never a parameter or buffer: it is no part of the saved adapter, and `.to()` leaves it alone.
         self.fixed_mixture: Tensor | None = None
         # Training telemetry of a softmax router (probe.RouteProbe, shared by the model's routed
-        # layers; None: nothing recorded) and this forward's mutual-information term for it.
+        # layers, which also keeps their mutual-information terms; None: nothing recorded).
         self.route_probe: Any = None
-        self.route_aux: Tensor | None = None
         # The fused Triton path (fused.enable sets it): a function returning this layer's output,
         # or None where it cannot run (then the plain path below runs). A plain attribute.
         self.fused_forward: Any = None

@@ -49,7 +49,8 @@ class RouteProbe:
 
     def __init__(self, layers: list[nn.Module], n_tasks: int, *, aux_weight: float = 0.0,
                  device: Any = None) -> None:
-        self.layers, self.n_tasks, self.aux_weight = layers, n_tasks, float(aux_weight)
+        self.n_tasks, self.aux_weight = n_tasks, float(aux_weight)
+        self.terms: list[Tensor] = []  # this forward's I(T;E) of each routed module (weight > 0)
         self.n_heads = layers[0].spec.num_heads
         device = device if device is not None else layers[0].rlora_A.device
         # One row per task and a last one that padding tokens land in, never read: no token is
@@ -83,9 +84,7 @@ class RouteProbe:
         at weight 0). Recording stops, so a recomputation in backward (gradient checkpointing)
         adds nothing; the task ids stay for it."""
         self.recording = False
-        found = [layer.route_aux for layer in self.layers if layer.route_aux is not None]
-        for layer in self.layers:
-            layer.route_aux = None
+        found, self.terms = self.terms, []
         if not found:
             return None
         return -self.aux_weight * torch.stack(found).mean()
@@ -107,7 +106,7 @@ class RouteProbe:
         if self.aux_weight > 0:
             mi = mutual_information(weights, self.index, self.counts)
             if self.recording:
-                layer.route_aux = mi
+                self.terms.append(mi)
 
 
 def token_rows(weights: Tensor, ones: Tensor) -> Tensor:

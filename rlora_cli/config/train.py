@@ -48,7 +48,8 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     kernels: str = "auto"
     """auto | liger | fused | none: Liger's fused kernels on CUDA (auto = when installed); fused adds
-    the adapters' Triton kernels (CUDA, eager: not inside train.compile's blocks)."""
+    the adapters' Triton kernels (CUDA or Triton's CPU interpreter, eager: not inside train.compile's
+    blocks)."""
     weight_decay: float = 0.0
     """AdamW weight decay; never applied to gates and routers."""
     max_grad_norm: float = field(default=1.0, metadata={"inf": True})

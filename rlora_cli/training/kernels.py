@@ -2,8 +2,9 @@
 
 `fused` is `auto` plus the adapters' own Triton path (adapters/fused.py): each adapted Linear's
 base GEMM carries the low-rank delta in its epilogue, and dropout masks are drawn in-kernel. It
-runs eagerly on CUDA; on the CPU, without Triton, or inside compiled blocks the layers keep the
-plain path, and the banner says so.
+runs eagerly on CUDA (and on the CPU under Triton's interpreter, TRITON_INTERPRET=1, for tests);
+elsewhere, without Triton, or inside compiled blocks the layers keep the plain path, and the
+banner says so.
 
 Packed rows (data.packing) under sdpa attend through a block-diagonal causal mask that
 transformers builds from the position ids; the attention kernel then computes every masked-out
