@@ -22,6 +22,19 @@ METHOD_CASES = [
 CASES = [*METHOD_CASES, dict(type="rlora", mixture=True), dict(type="hydralora", mixture=True)]
 
 
+def randomize(layer: MultiHeadLoRA, std: float, gate_std: float | None = None) -> MultiHeadLoRA:
+    """Random values in every adapter tensor, so no term hides behind a zero init: N(0, std), the
+    scalar gates N(0, gate_std) when given, the compensation pair too."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith("rlora_"):
+                p.normal_(0, gate_std if gate_std is not None and name == "rlora_gate" else std)
+        if layer.spec.compensate:
+            layer.rlora_A0.normal_(0, std)
+            layer.rlora_B0.normal_(0, std)
+    return layer
+
+
 def case_id(case: dict) -> str:
     return "-".join(f"{v}" if k == "type" else f"{k}={v}" for k, v in case.items())
 

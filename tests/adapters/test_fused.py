@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusedkit import CASES, case_id, float64, reference
+from fusedkit import CASES, case_id, float64, randomize, reference
 from torch import nn
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
@@ -38,14 +38,7 @@ def make_layer(case: dict, *, dropout: float = 0.0, bias: bool = True, seed: int
     mixture = case.pop("mixture", False)
     cfg = AdapterConfig(**{"num_heads": 3, "r": 4, "lora_alpha": 8, **case, "lora_dropout": dropout})
     base = nn.Linear(d_in, d_out, bias=bias, device=DEVICE).requires_grad_(False)
-    layer = MultiHeadLoRA(base, layer_spec(cfg))
-    with torch.no_grad():  # random values everywhere, so no term hides behind a zero init
-        for name, p in layer.named_parameters():
-            if name.startswith("rlora_"):
-                p.normal_(0, 0.3)
-        if layer.spec.compensate:
-            layer.rlora_A0.normal_(0, 0.3)
-            layer.rlora_B0.normal_(0, 0.3)
+    layer = randomize(MultiHeadLoRA(base, layer_spec(cfg)), 0.3)
     if mixture:
         layer.fixed_mixture = torch.tensor([0.5, 0.3, 0.2])
     return layer

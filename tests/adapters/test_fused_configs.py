@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusedkit import case_id, float64, reference
+from fusedkit import case_id, float64, randomize, reference
 from torch import nn
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
@@ -62,14 +62,8 @@ def make_layer(case: dict, d_in: int, d_out: int, heads: int, r: int) -> MultiHe
     cfg = AdapterConfig(**{"num_heads": heads, "r": r, "lora_alpha": 2 * r, **case, "lora_dropout": 0.1})
     base_dtype = torch.float32 if INTERP else torch.bfloat16  # bf16 under autocast, as in training
     base = nn.Linear(d_in, d_out, device=DEVICE, dtype=base_dtype).requires_grad_(False)
-    layer = MultiHeadLoRA(base, layer_spec(cfg))
-    with torch.no_grad():  # random everywhere (no zero init hides a term), scaled like trained adapters
-        for name, p in layer.named_parameters():
-            if name.startswith("rlora_"):
-                p.normal_(0, (0.3 if name == "rlora_gate" else 1.0) / d_in ** 0.5)
-        if layer.spec.compensate:
-            layer.rlora_A0.normal_(0, d_in ** -0.5)
-            layer.rlora_B0.normal_(0, d_in ** -0.5)
+    # random everywhere (no zero init hides a term), scaled like trained adapters
+    layer = randomize(MultiHeadLoRA(base, layer_spec(cfg)), d_in ** -0.5, 0.3 * d_in ** -0.5)
     return layer.train()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusedkit import CASES, case_id, float64, reference
+from fusedkit import CASES, case_id, float64, randomize, reference
 from torch import nn
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
@@ -41,14 +41,9 @@ def make_layer(case: dict, d_in: int, d_out: int, *, base_dtype=torch.bfloat16, 
     mixture = case.pop("mixture", False)
     cfg = AdapterConfig(**{"num_heads": heads, "r": r, "lora_alpha": 2 * r, **case, "lora_dropout": dropout})
     base = nn.Linear(d_in, d_out, device="cuda", dtype=base_dtype).requires_grad_(False)
-    layer = MultiHeadLoRA(base, layer_spec(cfg), dtype=adapter_dtype)
-    with torch.no_grad():  # random values everywhere, scaled like trained adapters (ΔW ~ 0.1·W)
-        for name, p in layer.named_parameters():
-            if name.startswith("rlora_"):
-                p.normal_(0, (0.3 if name == "rlora_gate" else 1.0) / d_in ** 0.5)
-        if layer.spec.compensate:
-            layer.rlora_A0.normal_(0, d_in ** -0.5)
-            layer.rlora_B0.normal_(0, d_in ** -0.5)
+    # random values everywhere, scaled like trained adapters (ΔW ~ 0.1·W)
+    layer = randomize(MultiHeadLoRA(base, layer_spec(cfg), dtype=adapter_dtype), d_in ** -0.5,
+                      0.3 * d_in ** -0.5)
     if mixture:
         layer.fixed_mixture = torch.softmax(torch.randn(heads), 0)
     return layer
