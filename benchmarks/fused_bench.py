@@ -8,7 +8,7 @@ Llama-3.2-1B shapes at 8192 tokens (q_proj 2048→2048, gate_proj 2048→8192, d
 r = 8, n = 4, dropout 0.05, bf16 base under bf16 autocast, fp32 or bf16 adapters. Per shape,
 method and adapter dtype: the eager layer, the torch.compile'd layer and the fused path; per
 shape, the frozen base Linear alone (the floor). Then the base GEMM alone, cuBLAS (torch.mm)
-against gemm_lowrank with no low-rank term (s = 0), forward (x·Wᵀ) and backward (dy·W) layouts,
+against gemm_lowrank with no low-rank term, forward (x·Wᵀ) and backward (dy·W) layouts,
 and with the rank-8·4 delta in the epilogue against cuBLAS's mm + addmm_; the Triton GEMM both
 through tensor descriptors (TMA, as the layer runs it on Hopper) and through plain pointers.
 Rounds are interleaved, CUDA events, median of the rounds. Every fused row also records its

@@ -15,7 +15,7 @@ Backward:
     dx = gemm_lowrank(dy, Wᵀ, G·[A; W_r; A0])      the input-dropout mask applied in the epilogue
 
 No dropout mask is stored: each is regenerated from two seeds drawn from torch's generator on
-the input's device (`dropout_masks` replays them). Saved for backward: x, Z, H [T, r], the router's P.
+the input's device (`dropout_masks` replays them). Saved for backward: x, Z, H [T, ra], the router's P.
 Switches, read at each call: RLORA_FUSED_AUTOTUNE=0 (one fixed tile config per kernel),
 RLORA_FUSED_TMA=0 (pointer loads, not Hopper's tensor descriptors). CPU tests run the kernels in
 Triton's interpreter (TRITON_INTERPRET=1, tests/adapters/test_fused.py).
@@ -74,7 +74,7 @@ class RankPlan:
     compensate: bool
     alpha: float
     comp_scale: float
-    """Z's compensation block is comp_scale·A0·x (−alpha·c; c = n under a uniform gate)."""
+    """Z's compensation block is comp_scale·A0·x (−s)."""
     p_in: float
     p_head: float
     dtype: torch.dtype
@@ -122,7 +122,7 @@ def layer_reason(layer: MultiHeadLoRA) -> str | None:
         return "base weight or bias is trainable"
     if layer.spec.num_heads * layer.spec.r > MAX_COLUMNS:
         return f"rank space of {layer.spec.num_heads * layer.spec.r} columns (at most {MAX_COLUMNS})"
-    probe = getattr(layer, "route_probe", None)
+    probe = layer.route_probe
     if probe is not None and probe.aux_weight > 0 and layer.fixed_mixture is None:
         return "adapter.router_aux_weight needs the router's weights with their gradient (the plain path)"
     return None
@@ -200,10 +200,10 @@ def _plan(layer: MultiHeadLoRA, x: Tensor) -> RankPlan:
     spec, n = layer.spec, layer.spec.num_heads
     routed = 2 if layer.fixed_mixture is None else 1  # a fixed mixture gates like a vector of scalars
     gate = {"none": 0, "uniform": 0, "scalar": 1, "router": routed}[spec.gate]
-    alpha = spec.scaling / (n if spec.gate == "uniform" else 1)
-    c = n if spec.gate == "uniform" else 1  # the compensation keeps its full scale under a uniform gate
-    return RankPlan(n=n, r=spec.r, shared=spec.shared_a, gate=gate, compensate=spec.compensate, alpha=alpha,
-                    comp_scale=-alpha * c, p_in=spec.input_dropout if layer.training else 0.0,
+    # the compensation keeps its full scale s, also where a uniform gate makes alpha s/n
+    return RankPlan(n=n, r=spec.r, shared=spec.shared_a, gate=gate, compensate=spec.compensate,
+                    alpha=layer._alpha, comp_scale=-spec.scaling,
+                    p_in=spec.input_dropout if layer.training else 0.0,
                     p_head=spec.head_dropout if layer.training else 0.0, dtype=_compute_dtype(layer, x))
 
 

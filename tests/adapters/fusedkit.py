@@ -74,3 +74,25 @@ def reference(layer: MultiHeadLoRA, t: dict, x: torch.Tensor, in_mask=None, head
     if spec.compensate:
         y = y - s * (x @ t["rlora_A0"].t()) @ t["rlora_B0"].t()
     return y
+
+
+def trainable(layer: MultiHeadLoRA) -> list[str]:
+    """The layer's trainable adapter tensors, by name (a fixed mixture freezes no router: it is kept)."""
+    return [k for k, p in layer.named_parameters() if k.startswith("rlora_") and p.requires_grad]
+
+
+def run_float64(layer: MultiHeadLoRA, x: torch.Tensor, up: torch.Tensor, masks=(None, None)):
+    """The reference's output for x [T, d_in] and its gradients (trainable tensors, then x) for the
+    output gradient `up`, in float64, with the dropout masks given."""
+    t = float64(layer)
+    x64 = x.detach().double().requires_grad_()
+    out = reference(layer, t, x64, *masks)
+    grads = torch.autograd.grad(out, [t[k] for k in trainable(layer)] + [x64], up.double(), allow_unused=True)
+    return out, grads
+
+
+def err(a: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    """Largest absolute error relative to the float64 tensor's largest entry (NaN stays NaN)."""
+    if ref is None:  # the router under a fixed mixture: zeros, as eager autograd gives
+        return 0.0 if a is None else a.abs().max().item()
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

@@ -29,8 +29,6 @@ DEVICE = "cpu" if fused.K.INTERPRETED else "cuda"
 T, D_IN, D_OUT = 37, 72, 96
 
 
-
-
 def make_layer(case: dict, *, dropout: float = 0.0, bias: bool = True, seed: int = 0, d_in: int = D_IN,
                d_out: int = D_OUT) -> MultiHeadLoRA:
     torch.manual_seed(seed)
@@ -42,8 +40,6 @@ def make_layer(case: dict, *, dropout: float = 0.0, bias: bool = True, seed: int
     if mixture:
         layer.fixed_mixture = torch.tensor([0.5, 0.3, 0.2])
     return layer
-
-
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 2e-5) -> None:

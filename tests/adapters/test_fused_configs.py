@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusedkit import case_id, float64, randomize, reference
+from fusedkit import case_id, err, randomize, run_float64, trainable
 from torch import nn
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
@@ -67,11 +67,6 @@ def make_layer(case: dict, d_in: int, d_out: int, heads: int, r: int) -> MultiHe
     return layer.train()
 
 
-def err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute error relative to the float64 tensor's largest entry (NaN stays NaN)."""
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def check(case: dict, tokens: int, d_in: int, d_out: int, heads: int, r: int, what: str) -> None:
     """One fused forward and backward against float64 with the in-kernel masks replayed; the
     message names every tensor's error, so a failure says which kernel's output is off."""
@@ -80,17 +75,14 @@ def check(case: dict, tokens: int, d_in: int, d_out: int, heads: int, r: int, wh
     x = torch.randn(tokens, d_in, device=DEVICE, dtype=dtype, requires_grad=True)
     up = torch.randn(tokens, d_out, device=DEVICE, dtype=dtype)
     params = dict(layer.named_parameters())
-    names = [k for k, p in params.items() if k.startswith("rlora_") and p.requires_grad]
+    names = trainable(layer)
     torch.manual_seed(5)
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=not INTERP):
         out = fused.fused_forward(layer, x)
     got = torch.autograd.grad(out, [params[k] for k in names] + [x], up.to(out.dtype))
     torch.manual_seed(5)
     masks = fused.dropout_masks(layer, tokens, fused.draw_seeds(torch.device(DEVICE)))
-    t = float64(layer)
-    x64 = x.detach().double().requires_grad_()
-    ref = reference(layer, t, x64, *masks)
-    want = torch.autograd.grad(ref, [t[k] for k in names] + [x64], up.double())
+    ref, want = run_float64(layer, x, up, masks)
     errs = {n: err(g, w) for n, g, w in zip(["out", *names, "x"], (out, *got), (ref, *want))}
     bad = {n: e for n, e in errs.items() if not e <= TOL}  # NaN is bad too
     assert not bad, f"{case_id(case)}, {what}: error vs float64 above {TOL}: {bad}; all: {errs}"

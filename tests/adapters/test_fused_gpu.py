@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fusedkit import CASES, case_id, float64, randomize, reference
+from fusedkit import CASES, case_id, err, randomize, run_float64, trainable
 from torch import nn
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
@@ -26,7 +26,6 @@ pytest.importorskip("triton")
 fused = pytest.importorskip("rlora_cli.adapters.fused")
 
 BF16 = dict(bf16=3e-2, slack=2e-3, ratio=1.5)
-
 
 
 @pytest.fixture
@@ -49,11 +48,6 @@ def make_layer(case: dict, d_in: int, d_out: int, *, base_dtype=torch.bfloat16, 
     return layer
 
 
-
-def trainable(layer: MultiHeadLoRA) -> list[str]:
-    return [k for k, p in layer.named_parameters() if k.startswith("rlora_") and p.requires_grad]
-
-
 def run(layer, x, up, forward, autocast: bool):
     """Output and gradients (trainable adapter tensors, then x) of one forward and backward."""
     x = x.detach().requires_grad_()
@@ -63,20 +57,6 @@ def run(layer, x, up, forward, autocast: bool):
     grads = torch.autograd.grad(out, [params[k] for k in trainable(layer)] + [x], up.to(out.dtype),
                                 allow_unused=True)
     return out, grads
-
-
-def run_float64(layer, x, up, masks=(None, None)):
-    t = float64(layer)
-    x64 = x.detach().double().requires_grad_()
-    out = reference(layer, t, x64, *masks)
-    grads = torch.autograd.grad(out, [t[k] for k in trainable(layer)] + [x64], up.double(), allow_unused=True)
-    return out, grads
-
-
-def err(a: torch.Tensor | None, ref: torch.Tensor | None) -> float:
-    if ref is None:  # the router under a fixed mixture: zeros, as eager autograd gives
-        return 0.0 if a is None else a.abs().max().item()
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def compare(name, fused_t, eager_t, ref_t, tol: dict) -> None:
