@@ -56,6 +56,7 @@ def build(folder: str | Path, replicates: int = REPLICATES) -> dict[str, Any]:
     for n in budgets:
         mine = [r for r in records if r["budget"] == n]
         by_budget[str(n)] = budget_summary(mine, tasks, variants, settings, replicates)
+        by_budget[str(n)]["base"] = base_summary(folder / "base", tasks, by_budget[str(n)]["row_seeds"])
     return {
         "settings": settings, "budgets": budgets, "variants": variants,
         "tasks": {t: {"held_out": _held_out(t, records)} for t in tasks},
@@ -68,9 +69,11 @@ def build(folder: str | Path, replicates: int = REPLICATES) -> dict[str, Any]:
     }
 
 
-def base_summary(folder: Path, tasks: list[str]) -> dict[str, Any]:
-    """The base model's row: base/seed<s>.json (the `rlora eval` results shape) over the seeds."""
-    files = sorted(folder.glob("seed*.json"))
+def base_summary(folder: Path, tasks: list[str], seeds: list[int] | None = None) -> dict[str, Any]:
+    """The base model's row: base/seed<s>.json (the `rlora eval` results shape) over the seeds
+    (default: every seed scored)."""
+    files = sorted(p for p in folder.glob("seed*.json")
+                   if seeds is None or int(p.stem.removeprefix("seed")) in seeds)
     base = [_read(p) for p in files]
     return {"tasks": {t: spread([b["tasks"][t]["accuracy"] for b in base if t in b["tasks"]]) for t in tasks},
             "average": spread([b["mean_accuracy"] for b in base]),
@@ -79,10 +82,17 @@ def base_summary(folder: Path, tasks: list[str]) -> dict[str, Any]:
 
 def budget_summary(records: list[dict[str, Any]], tasks: list[str], variants: list[str],
                    settings: dict[str, Any], replicates: int) -> dict[str, Any]:
-    """One budget: a row per variant (and per folded variant), the comparisons, the ordering."""
+    """One budget: a row per variant (and per folded variant), the comparisons, the ordering.
+
+    The rows and the ordering take only the seeds that every variant at this budget has
+    (`row_seeds`): a seed is a split, so means over different seeds would compare different
+    held-out sets. The paired comparisons take every seed that both of their sides have."""
+    shared = set.intersection(*({r["seed"] for r in records if r["method"] == m} for m in variants
+                                if any(r["method"] == m for r in records)))
     rows: dict[str, Any] = {}
     for m in variants:
-        mine = sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"])
+        mine = sorted((r for r in records if r["method"] == m and r["seed"] in shared),
+                      key=lambda r: r["seed"])
         if not mine:
             continue
         rows[m] = {**row(mine, tasks, description(m, settings)), "train_loss": _train_loss(mine)}
@@ -95,7 +105,7 @@ def budget_summary(records: list[dict[str, Any]], tasks: list[str], variants: li
         if set(sa) & set(sb):
             comparisons.append({"a": a, "b": b, **paired_bootstrap(sa, sb, replicates=replicates)})
     ranked = [m for m in variants if m in rows and rows[m]["average"]["mean"] is not None]
-    return {"methods": rows, "comparisons": comparisons,
+    return {"methods": rows, "comparisons": comparisons, "row_seeds": sorted(shared),
             "ordering": sorted(ranked, key=lambda m: -rows[m]["average"]["mean"])}
 
 

@@ -68,10 +68,11 @@ def markdown(results: dict[str, Any]) -> str:
 def _intro(results: dict[str, Any]) -> str:
     st, budgets = results["settings"], results["budgets"]
     held_out = ", ".join(f"{t} {v['held_out']}" for t, v in results["tasks"].items())
-    seeds = sorted({s for b in results["by_budget"].values() for r in b["methods"].values()
-                    for s in r["seeds"]})
-    return (f"Learning curves: held-out accuracy (%) at {', '.join(map(str, budgets))} steps, mean ± std "
-            f"over seeds {', '.join(map(str, seeds))}; model {st.get('model', '?')}; r = {st.get('r', '?')}, "
+    seeds = sorted({s for b in results["by_budget"].values() for c in b["comparisons"] for s in c["seeds"]}
+                   | {s for b in results["by_budget"].values() for s in b.get("row_seeds", [])})
+    return (f"Learning curves: held-out accuracy (%) at {', '.join(map(str, budgets))} steps, seeds "
+            f"{', '.join(map(str, seeds))} (a seed sets the split, the initialisation and the data order); "
+            f"model {st.get('model', '?')}; r = {st.get('r', '?')}, "
             f"heads = {st.get('num_heads', '?')}, targets {st.get('target_modules', '?')}. One run per "
             f"(variant, seed) at a constant learning rate after warm-up, trained one budget at a time and "
             f"scored at each; each budget is that run's checkpoint. Held-out per task: {held_out}.")
@@ -81,8 +82,12 @@ def _budget_section(n: int, summary: dict[str, Any], results: dict[str, Any]) ->
     def loss(r: dict[str, Any]) -> str:
         return "-" if r["train_loss"]["mean"] is None else f"{r['train_loss']['mean']:.3f}"
 
-    lines = [f"## {n} steps", "",
-             *accuracy_table(list(results["tasks"]), results["base"], summary["methods"], "train loss", loss)]
+    seeds = ", ".join(map(str, summary.get("row_seeds", [])))
+    lines = [f"## {n} steps", "", f"Rows: mean ± std over seeds {seeds}, the seeds every variant has at "
+             "this budget (the same held-out sets); the paired differences below take every seed both "
+             "sides have.", "",
+             *accuracy_table(list(results["tasks"]), summary.get("base", results["base"]), summary["methods"],
+                             "train loss", loss)]
     if summary["comparisons"]:
         lines += ["", f"Paired differences of the average (A − B, points): bootstrap over each task's "
                       f"held-out examples within each seed, {summary['comparisons'][0]['replicates']} "

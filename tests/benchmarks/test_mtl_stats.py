@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from benchmarks.mtl import curves
 from benchmarks.mtl.stats import paired_bootstrap
 from rlora_cli.errors import UserError
 
@@ -102,3 +103,24 @@ def test_refuses_unpaired_results():
         paired_bootstrap(a, side({1: {"x": [1, 0, 1]}}))
     loss_only = {0: {"x": a[0]["x"], "talk": {"correct": None, "example_keys": ["t0"]}}}
     assert list(paired_bootstrap(loss_only, loss_only)["tasks"]) == ["x"]  # no accuracy: not compared
+
+
+def test_curve_rows_take_the_shared_seeds_and_comparisons_every_pair():
+    """A seed is a split: a table row over seeds 0-4 beside one over 0-2 would average other
+    held-out sets, so the rows take the seeds all variants have; rlora − lora pairs all five."""
+    def record(method: str, seed: int, right: int) -> dict:
+        correct = [1] * right + [0] * (4 - right)
+        return {"method": method, "seed": seed, "budget": 10, "trainable_parameters": 1,
+                "mean_accuracy": right / 4, "train_loss": {"loss": 0.5},
+                "tasks": {"t": {"accuracy": right / 4, "correct": correct,
+                                "example_keys": [f"s{seed}e{i}" for i in range(4)]}}}
+
+    records = ([record("lora", s, 1) for s in range(5)] + [record("rlora", s, 3) for s in range(5)]
+               + [record("lora-matched", s, 2) for s in range(3)])
+    summary = curves.budget_summary(records, ["t"], ["lora", "lora-matched", "rlora"], {}, replicates=50)
+    assert summary["row_seeds"] == [0, 1, 2]
+    assert all(row["seeds"] == [0, 1, 2] for row in summary["methods"].values())
+    pairs = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+    assert pairs[("rlora", "lora")]["seeds"] == [0, 1, 2, 3, 4] and pairs[("rlora", "lora")]["diff"] == 0.5
+    assert pairs[("lora-matched", "lora")]["seeds"] == [0, 1, 2]
+    assert summary["ordering"] == ["rlora", "lora-matched", "lora"]
