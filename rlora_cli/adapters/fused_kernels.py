@@ -14,9 +14,8 @@ column j reads A's row j mod r. A dropout mask is never stored: element (row, co
 so the backward regenerates what the forward drew. fp32 accumulates everywhere; operands are
 cast to the compute dtype DT on load (what autocast does to fp32 adapters, without a copy).
 
-Imported only where triton is installed (fused.py guards it). TRITON_INTERPRET=1 runs every kernel
-on the CPU (tests/adapters/test_fused*.py); `Tiles` says which tiles run where.
-"""
+Imported only where triton is installed (fused.py guards it); TRITON_INTERPRET=1 runs every kernel
+on the CPU (tests/adapters/test_fused*.py); `Tiles` says which tiles run where."""
 
 import os
 from typing import Any, NamedTuple
@@ -32,7 +31,6 @@ DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16:
 
 
 # ------------------------------------------------------------------------------------ shared pieces
-
 @triton.jit
 def _keep(seed, rows, cols, ncols, p):
     """The dropout keep mask of elements (rows[:, None], cols[None, :]) of a [*, ncols] tensor."""
@@ -387,9 +385,11 @@ _ROWS = [({"BLOCK_M": m, "BLOCK_K": k}, w, s)
          for m, k, w, s in ((64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3))]
 SUM_ROWS = 32  # rows of tokens per gate-sum row: the smallest BLOCK_M of _ROWS and of the interpreter
 RANK_FWD = _tiles(_rank_fwd_kernel, _ROWS, ["T", "D", "N_HEADS", "R", "GATE"], {"BLOCK_M": 32, "BLOCK_K": 32})
-# (64 rows in the interpreter: a tile larger than SUM_ROWS, so the tests see the zero-filled sum rows)
-RANK_BWD = _tiles(_rank_bwd_kernel, _ROWS, ["T", "DO", "N_HEADS", "R", "GATE"],
-                  {"BLOCK_M": 64, "BLOCK_K": 32})
+# The backward keeps one 32-row tile (mma v2): on the H200 (Triton 3.6) its 64- and 128-row tiles
+# (wgmma) gave a wrong compensation gradient at d_out 8192, at times an illegal memory access. The
+# interpreter's 64 rows are larger than SUM_ROWS, so the tests see the zero-filled sum rows.
+RANK_BWD = _tiles(_rank_bwd_kernel, [({"BLOCK_M": 32, "BLOCK_K": 128}, 4, 3)],
+                  ["T", "DO", "N_HEADS", "R", "GATE"], {"BLOCK_M": 64, "BLOCK_K": 32})
 WEIGHT_GRAD = _tiles(_weight_grad_kernel, [({"BLOCK_T": t, "BLOCK_N": 128}, 4, 3) for t in (64, 128)],
                      ["T", "D", "RA", "NL"], {"BLOCK_T": 32, "BLOCK_N": 32})
 MASK = _mask_kernel
