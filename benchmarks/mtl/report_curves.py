@@ -142,18 +142,20 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
     budgets = results["budgets"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     names = list(dict.fromkeys(m for b in results["by_budget"].values() for m in b["methods"]))
-    for i, name in enumerate(names):
+    routed = [m for m in names if not m.endswith(FOLDED)]  # a fold takes its variant's colour, dashed
+    for name in names:
         points = [(n, results["by_budget"][str(n)]["methods"].get(name)) for n in budgets]
         points = [(n, r["average"]) for n, r in points if r and r["average"]["mean"] is not None]
         xs, mean = [n for n, _ in points], [s["mean"] for _, s in points]
         std = [s["std"] or 0.0 for _, s in points]
-        color = f"C{names.index(name.removesuffix(FOLDED)) % 10}"
+        color = f"C{routed.index(name.removesuffix(FOLDED)) % 10}"
         style = "--" if name.endswith(FOLDED) else "-"
         ax.plot(xs, mean, style, marker="o", color=color, label=name)
         ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=color, alpha=0.12)
-    if results["base"]["average"]["mean"] is not None:
-        ax.axhline(results["base"]["average"]["mean"], color="grey", linestyle=":", label="base model")
+    base = results["by_budget"][str(budgets[0])].get("base", results["base"])  # over the rows' seeds
+    if base["average"]["mean"] is not None:
+        ax.axhline(base["average"]["mean"], color="grey", linestyle=":", label="base model")
     ax.set_xscale("log")
     ax.set_xticks(budgets, [str(n) for n in budgets])
     ax.minorticks_off()
