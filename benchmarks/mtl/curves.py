@@ -60,7 +60,7 @@ def build(folder: str | Path, replicates: int = REPLICATES) -> dict[str, Any]:
     return {
         "settings": settings, "budgets": budgets, "variants": variants,
         "tasks": {t: {"held_out": _held_out(t, records)} for t in tasks},
-        "base": base_summary(folder / "base", tasks),
+        "seeds": sorted({r["seed"] for r in records}),
         "by_budget": by_budget,
         "ordering_changes": ordering_changes({n: by_budget[str(n)]["ordering"] for n in budgets}),
         "router_usage": router_usage(records, variants, budgets),
@@ -69,11 +69,9 @@ def build(folder: str | Path, replicates: int = REPLICATES) -> dict[str, Any]:
     }
 
 
-def base_summary(folder: Path, tasks: list[str], seeds: list[int] | None = None) -> dict[str, Any]:
-    """The base model's row: base/seed<s>.json (the `rlora eval` results shape) over the seeds
-    (default: every seed scored)."""
-    files = sorted(p for p in folder.glob("seed*.json")
-                   if seeds is None or int(p.stem.removeprefix("seed")) in seeds)
+def base_summary(folder: Path, tasks: list[str], seeds: list[int]) -> dict[str, Any]:
+    """The base model's row over `seeds`: base/seed<s>.json (the `rlora eval` results shape)."""
+    files = [folder / f"seed{s}.json" for s in seeds if (folder / f"seed{s}.json").is_file()]
     base = [_read(p) for p in files]
     return {"tasks": {t: spread([b["tasks"][t]["accuracy"] for b in base if t in b["tasks"]]) for t in tasks},
             "average": spread([b["mean_accuracy"] for b in base]),
@@ -87,8 +85,10 @@ def budget_summary(records: list[dict[str, Any]], tasks: list[str], variants: li
     The rows and the ordering take only the seeds that every variant at this budget has
     (`row_seeds`): a seed is a split, so means over different seeds would compare different
     held-out sets. The paired comparisons take every seed that both of their sides have."""
-    shared = set.intersection(*({r["seed"] for r in records if r["method"] == m} for m in variants
-                                if any(r["method"] == m for r in records)))
+    seeds_of: dict[str, set[int]] = {}
+    for r in records:
+        seeds_of.setdefault(r["method"], set()).add(r["seed"])
+    shared = set.intersection(*seeds_of.values())
     rows: dict[str, Any] = {}
     for m in variants:
         mine = sorted((r for r in records if r["method"] == m and r["seed"] in shared),

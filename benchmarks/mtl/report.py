@@ -130,7 +130,7 @@ def rebuild(folder: str | Path, dest: str | Path | None = None) -> tuple[dict[st
         report_curves.plot_curves(results, dest / "plots" / "curves.png")
         report_curves.plot_router_entropy(results, dest / "plots" / "router_entropy.png")
         last = results["by_budget"][str(results["budgets"][-1])]  # the existing plots: at the largest budget
-        plots({"tasks": results["tasks"], "base": results["base"], "methods": last["methods"]}, analyses,
+        plots({"tasks": results["tasks"], "base": last["base"], "methods": last["methods"]}, analyses,
               dest / "plots")
     else:
         results = single_budget(folder)

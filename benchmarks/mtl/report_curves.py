@@ -68,8 +68,7 @@ def markdown(results: dict[str, Any]) -> str:
 def _intro(results: dict[str, Any]) -> str:
     st, budgets = results["settings"], results["budgets"]
     held_out = ", ".join(f"{t} {v['held_out']}" for t, v in results["tasks"].items())
-    seeds = sorted({s for b in results["by_budget"].values() for c in b["comparisons"] for s in c["seeds"]}
-                   | {s for b in results["by_budget"].values() for s in b.get("row_seeds", [])})
+    seeds = results["seeds"]
     return (f"Learning curves: held-out accuracy (%) at {', '.join(map(str, budgets))} steps, seeds "
             f"{', '.join(map(str, seeds))} (a seed sets the split, the initialisation and the data order); "
             f"model {st.get('model', '?')}; r = {st.get('r', '?')}, "
@@ -82,11 +81,11 @@ def _budget_section(n: int, summary: dict[str, Any], results: dict[str, Any]) ->
     def loss(r: dict[str, Any]) -> str:
         return "-" if r["train_loss"]["mean"] is None else f"{r['train_loss']['mean']:.3f}"
 
-    seeds = ", ".join(map(str, summary.get("row_seeds", [])))
+    seeds = ", ".join(map(str, summary["row_seeds"]))
     lines = [f"## {n} steps", "", f"Rows: mean ± std over seeds {seeds}, the seeds every variant has at "
              "this budget (the same held-out sets); the paired differences below take every seed both "
              "sides have.", "",
-             *accuracy_table(list(results["tasks"]), summary.get("base", results["base"]), summary["methods"],
+             *accuracy_table(list(results["tasks"]), summary["base"], summary["methods"],
                              "train loss", loss)]
     if summary["comparisons"]:
         lines += ["", f"Paired differences of the average (A − B, points): bootstrap over each task's "
@@ -153,7 +152,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
         ax.plot(xs, mean, style, marker="o", color=color, label=name)
         ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=color, alpha=0.12)
-    base = results["by_budget"][str(budgets[0])].get("base", results["base"])  # over the rows' seeds
+    base = results["by_budget"][str(budgets[0])]["base"]  # over the first budget's rows' seeds
     if base["average"]["mean"] is not None:
         ax.axhline(base["average"]["mean"], color="grey", linestyle=":", label="base model")
     ax.set_xscale("log")
