@@ -1,5 +1,5 @@
-"""What the fused-path tests share (CPU interpreter and GPU): the method cases and the float64
-reference, the per-head loop written out plainly with the dropout masks given."""
+"""What the layer and fused-path tests share (CPU, interpreter and GPU): the method cases and the
+float64 reference, the per-head loop written out plainly with the dropout masks given."""
 
 from __future__ import annotations
 
@@ -39,15 +39,22 @@ def case_id(case: dict) -> str:
     return "-".join(f"{v}" if k == "type" else f"{k}={v}" for k, v in case.items())
 
 
-def float64(layer: MultiHeadLoRA) -> dict[str, torch.Tensor]:
-    """The layer's tensors as float64 leaves (the reference's gradients come from these)."""
-    out = {k: v.detach().double().requires_grad_() for k, v in layer.named_parameters()
-           if k.startswith("rlora_")}
-    for k, v in layer.named_buffers():
-        out[k] = v.double()
-    out["W"] = layer.base.weight.double()
-    out["bias"] = layer.base.bias.double() if layer.base.bias is not None else 0.0
+def tensors(layer: MultiHeadLoRA) -> dict[str, torch.Tensor | float]:
+    """The reference's inputs by name: the layer's own adapter parameters and buffers (gradients
+    reach the layer through them), its base weight "W" and bias (0.0 without one)."""
+    out: dict[str, torch.Tensor | float] = {k: v for k, v in layer.named_parameters()
+                                            if k.startswith("rlora_")}
+    out.update(layer.named_buffers())
+    out["W"] = layer.base.weight
+    out["bias"] = layer.base.bias if layer.base.bias is not None else 0.0
     return out
+
+
+def float64(layer: MultiHeadLoRA) -> dict[str, torch.Tensor | float]:
+    """`tensors` as float64, the trainable ones as new leaves (the reference's gradients come from these)."""
+    return {k: v if isinstance(v, float) else
+            v.detach().double().requires_grad_(k.startswith("rlora_") and isinstance(v, torch.nn.Parameter))
+            for k, v in tensors(layer).items()}
 
 
 def reference(layer: MultiHeadLoRA, t: dict, x: torch.Tensor, in_mask=None, head_mask=None) -> torch.Tensor:

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from fusedkit import METHOD_CASES, case_id
+from fusedkit import METHOD_CASES, case_id, tensors
+from fusedkit import reference as formula
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 from rlora_cli.adapters import AdapterConfig, MultiHeadLoRA, layer_spec
 
@@ -33,28 +35,12 @@ def make_layer(case: dict, *, rslora: bool = False, dropout: float = 0.0, bias: 
 
 
 def reference(layer: MultiHeadLoRA, x: torch.Tensor, in_mask=None, head_masks=None) -> torch.Tensor:
-    """The per-head loop of the papers' code, written out plainly."""
-    spec = layer.spec
-    n, r, s = spec.num_heads, spec.r, spec.scaling
-    y = x @ layer.base.weight.t() + (layer.base.bias if layer.base.bias is not None else 0)
-    x_in = x * in_mask if in_mask is not None else x
-    if spec.gate == "router":
-        omega = torch.softmax(x @ layer.rlora_router.t(), dim=-1)
-    for i in range(n):
-        A_i = layer.rlora_A if spec.shared_a else layer.rlora_A[i * r:(i + 1) * r]
-        B_i = layer.rlora_B[:, i * r:(i + 1) * r]
-        h = x_in @ A_i.t()
-        if head_masks is not None:
-            h = h * head_masks[:, i]
-        gate = {"none": 1.0, "uniform": 1.0 / n}.get(spec.gate)
-        if spec.gate == "scalar":
-            gate = layer.rlora_gate[i]
-        elif spec.gate == "router":
-            gate = omega[:, i:i + 1]
-        y = y + s * gate * (h @ B_i.t())
-    if spec.compensate:
-        y = y - s * (x @ layer.rlora_A0.t()) @ layer.rlora_B0.t()
-    return y
+    """fusedkit's per-head formula on the layer's own float64 tensors; the masks as F.dropout draws
+    them (kept entries scaled by 1/(1 − p)), so only where they are zero matters."""
+    def kept(mask):
+        return None if mask is None else mask != 0
+
+    return formula(layer, tensors(layer), x, kept(in_mask), kept(head_masks))
 
 
 def grads(out: torch.Tensor, tensors: list[torch.Tensor], upstream: torch.Tensor) -> list[torch.Tensor]:
@@ -257,8 +243,6 @@ def test_compiled_forward_adds_the_delta_without_an_addmm():
     """Inductor rewrites a sum of two 2-D matmuls into an out-of-place addmm, which copies its input
     first; added in the output's 3-D shape the delta's sum fuses into the next kernel instead, as
     PEFT's does. The forward's generated code (CPU inductor) runs plain matmuls and no addmm."""
-    from torch._inductor.utils import run_and_get_code
-
     torch._dynamo.reset()
     layer = make_layer(dict(type="rlora"), bias=False, dtype=torch.float32).eval()  # no bias: its addmm
     x = torch.randn(2, T // 2, D_IN, requires_grad=True)
