@@ -385,8 +385,8 @@ _ROWS = [({"BLOCK_M": m, "BLOCK_K": k}, w, s)
          for m, k, w, s in ((64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3))]
 SUM_ROWS = 32  # rows of tokens per gate-sum row: the smallest BLOCK_M of _ROWS and of the interpreter
 RANK_FWD = _tiles(_rank_fwd_kernel, _ROWS, ["T", "D", "N_HEADS", "R", "GATE"], {"BLOCK_M": 32, "BLOCK_K": 32})
-# The backward keeps one 32-row tile (mma v2): on the H200 (Triton 3.6) its 64- and 128-row tiles
-# (wgmma) gave a wrong compensation gradient at d_out 8192, at times an illegal memory access. The
+# The backward keeps one 32-row tile: on the H200 (Triton 3.6) its 64- and 128-row tiles gave a
+# wrong compensation gradient at d_out 8192, once an illegal memory access (RESULTS.md). The
 # interpreter's 64 rows are larger than SUM_ROWS, so the tests see the zero-filled sum rows.
 RANK_BWD = _tiles(_rank_bwd_kernel, [({"BLOCK_M": 32, "BLOCK_K": 128}, 4, 3)],
                   ["T", "DO", "N_HEADS", "R", "GATE"], {"BLOCK_M": 64, "BLOCK_K": 32})
